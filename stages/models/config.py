@@ -1,0 +1,31 @@
+"""Where each model comes from. Every field takes ``tiny`` (random seeded weights, no download),
+a Hugging Face hub id, a local diffusers directory, or a single checkpoint file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ModelsConfig:
+    sd: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """SD1.5 (UNet, VAE, CLIP-L text encoder, tokenizer, scheduler) for the ISD side."""
+    ip_adapter: str = "h94/IP-Adapter"
+    """Repo/dir holding the IP-Adapter weights, or the weight file itself."""
+    ip_adapter_subfolder: str = "models"
+    ip_adapter_weight_name: str = "ip-adapter_sd15.bin"
+    """``ip-adapter_sd15.bin`` (4 tokens) or ``ip-adapter-plus_sd15.bin`` (16-token resampler)."""
+    image_encoder: str = "h94/IP-Adapter:models/image_encoder"
+    """CLIP ViT-H image encoder; ``repo:subfolder`` form allowed."""
+    mvdream: str = "MVDream/MVDream:sd-v2.1-base-4view.pt"
+    """MVDream multi-view UNet: original checkpoint (converted on load) or a converted directory."""
+    mvdream_text: str = "stabilityai/stable-diffusion-2-1-base"
+    """OpenCLIP-H text encoder + VAE for MVDream (SD2.1-base layout)."""
+    reference: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """Any diffusers text-to-image pipeline for the reference images."""
+    dtype: str = "auto"
+    """``auto`` (fp16 on CUDA, fp32 on CPU) | ``float32`` | ``float16`` | ``bfloat16``."""
+    device: str = "auto"
+    """``auto`` (cuda when available) | ``cpu`` | ``cuda`` | ``cuda:N``."""
+    seed: int = 0
+    """Seed of the random weights of ``tiny`` models."""
