@@ -1,0 +1,77 @@
+"""The library pieces the pipeline wires together, named explicitly (no registry).
+
+:func:`default_components` returns the real ``stages`` classes for a config; tests and the
+benchmark pass their own :class:`Components` with small fakes of the same signatures.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from stages.guidance.losses import loss_spec
+from stages.guidance.protocol import Guidance
+from stages.models.config import ModelsConfig
+from stages.optimize.config import OptimizeConfig
+
+
+@dataclass
+class Components:
+    """``optimize``: :func:`stages.optimize.loop.optimize_asset`; ``export``:
+    :func:`stages.export.export_asset`; the three factories build the models inside their actors
+    (called with no arguments; ``None`` when the method does not use that model)."""
+
+    optimize: Callable[..., Any]
+    export: Callable[..., dict[str, str]]
+    ip_guidance: Callable[[], Guidance] | None = None
+    mvd_guidance: Callable[[], Guidance] | None = None
+    reference_sampler: Callable[[], Any] | None = None
+
+
+def models_needed(method: OptimizeConfig) -> tuple[str, ...]:
+    """Which model actors a method uses, among ``reference``, ``ip``, ``mvd``."""
+    needed = []
+    if method.uses_ip:
+        if loss_spec(method.loss, method.isd.sd_branch).uses_image_prompt:
+            needed.append("reference")
+        needed.append("ip")
+    if method.uses_mvd:
+        needed.append("mvd")
+    return tuple(needed)
+
+
+def build_reference_sampler(models: ModelsConfig) -> Any:
+    """``ReferenceSampler`` on the configured device/dtype (runs inside the reference actor)."""
+    from stages.models.device import resolve_device, resolve_dtype
+    from stages.models.reference import ReferenceSampler
+
+    device = resolve_device(models.device)
+    return ReferenceSampler(models.reference, resolve_dtype(models.dtype, device), device, seed=models.seed)
+
+
+def build_ip_guidance(models: ModelsConfig) -> Guidance:
+    from stages.guidance.ip_guidance import IPGuidance
+
+    return IPGuidance.from_config(models)
+
+
+def build_mvd_guidance(models: ModelsConfig) -> Guidance:
+    from stages.guidance.mvdream_guidance import MVDreamGuidance
+
+    return MVDreamGuidance.from_config(models)
+
+
+def default_components(method: OptimizeConfig, models: ModelsConfig) -> Components:
+    """The real library for ``method``: only the models it uses get a factory."""
+    from stages.export import export_asset
+    from stages.optimize.loop import optimize_asset
+
+    needed = models_needed(method)
+    return Components(
+        optimize=optimize_asset,
+        export=export_asset,
+        ip_guidance=functools.partial(build_ip_guidance, models) if "ip" in needed else None,
+        mvd_guidance=functools.partial(build_mvd_guidance, models) if "mvd" in needed else None,
+        reference_sampler=functools.partial(build_reference_sampler, models) if "reference" in needed else None,
+    )

@@ -1,0 +1,232 @@
+"""The dataset-run config: a structured OmegaConf schema with documented defaults.
+
+``load_config(path, overrides)`` merges a YAML file and dotlist overrides
+(``variants=4 method.iterations=3000``) onto :class:`PipelineConfig`, checks every value that
+can be checked without a cluster, and raises :class:`ConfigError` naming the bad key or file.
+Prompt files named in ``prompts.sources`` are resolved relative to the config file.
+Checks that need the cluster (enough CPUs/GPUs) live in :func:`check_resources`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from stages.models.config import ModelsConfig
+from stages.optimize.config import OptimizeConfig
+
+PROMPT_FORMATS = ("auto", "txt", "jsonl", "json", "csv", "parquet")
+
+
+class ConfigError(ValueError):
+    """A config value, prompt file or resource request is invalid; the message names it."""
+
+
+@dataclass
+class PromptSource:
+    """One prompt file. ``txt``: one prompt per line (blank lines and ``#`` comments skipped);
+    ``jsonl`` / ``csv`` / ``parquet``: the ``column`` field of each record; ``json``: a list of
+    strings or of records with ``column``. ``auto`` picks the format from the file suffix."""
+
+    path: str = "???"
+    """File path (relative paths are resolved against the config file's directory) or URI."""
+    format: str = "auto"
+    column: str = "prompt"
+    limit: Optional[int] = None
+    """Keep only the first ``limit`` prompts of this file."""
+
+
+@dataclass
+class PromptsConfig:
+    sources: list[PromptSource] = field(default_factory=list)
+    inline: list[str] = field(default_factory=list)
+    """Prompts written in the config itself; they come after the files' prompts."""
+
+
+@dataclass
+class ActorResources:
+    """One model actor kind: how many copies, on what, and how it batches requests."""
+
+    replicas: int = 1
+    num_cpus: float = 0.0
+    """CPUs reserved per replica (0: the actor is not counted against the tasks' CPUs)."""
+    num_gpus: float = 0.0
+    """GPUs per replica; a fraction (< 1) packs several replicas/actors on one GPU."""
+    max_batch: int = 8
+    """Largest number of requests answered by one model forward."""
+    max_wait_ms: float = 10.0
+    """How long the first request of a batch waits for more before the forward runs."""
+    max_restarts: int = 3
+    """Ray restarts a dead replica this many times (its clients re-register their assets)."""
+
+
+@dataclass
+class ResourcesConfig:
+    tasks_in_flight: int = 4
+    """Optimiser tasks (assets) running at once."""
+    task_num_cpus: float = 1.0
+    task_num_gpus: float = 0.0
+    """GPU fraction per optimiser task (renders and Adam run there)."""
+    task_max_retries: int = 3
+    """Ray re-runs an optimiser task whose worker died; it resumes from its checkpoint."""
+    reference: ActorResources = field(default_factory=lambda: ActorResources(max_batch=4))
+    ip: ActorResources = field(default_factory=ActorResources)
+    mvd: ActorResources = field(default_factory=ActorResources)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: Optional[str] = None
+    """MLflow tracking URI; default ``sqlite:///<output>/mlflow.db`` (local outputs only)."""
+    experiment: str = "modedreamer-ray"
+    log_models: bool = True
+    """Upload each asset's files (mesh, PLY, checkpoint) as child-run artifacts."""
+
+
+@dataclass
+class PipelineConfig:
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    variants: int = 1
+    """Assets per prompt; each variant has its own reference-image seed."""
+    seed: int = 0
+    """Base seed; every asset's reference and optimiser seeds are derived from it."""
+    method: OptimizeConfig = field(default_factory=OptimizeConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    output: str = "outputs/dataset"
+    """Dataset root: a local path or a pyarrow filesystem URI (``file://``, ``s3://``, ...)."""
+    work_dir: Optional[str] = None
+    """Checkpoints of unfinished assets (must be reachable from every node); default
+    ``<output>/.work`` for local outputs."""
+    ray_address: Optional[str] = None
+    """Ray cluster to join; ``RAY_ADDRESS`` wins when set; neither: start a local Ray."""
+    retry_failed: bool = False
+    """Redo assets recorded as failed (also ``--retry-failed``)."""
+    progress_every_s: float = 5.0
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def _describe(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None)
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"config key '{key}': {first}" if key else first
+
+
+def build_config(
+    base: Any | None = None, overrides: Sequence[str] = (), source: str = "<config>"
+) -> DictConfig:
+    """Merge ``base`` (dict or DictConfig) and dotlist ``overrides`` onto the schema."""
+    schema = OmegaConf.structured(PipelineConfig)
+    try:
+        merged = OmegaConf.merge(schema, base or {})
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{source}: {_describe(error)}") from None
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"command-line override: {_describe(error)}") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"{source}: config key '{missing[0]}' is required")
+    return merged
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Read a YAML config, apply dotlist overrides, validate, and return the typed config.
+
+    Relative prompt paths become absolute (against the YAML's directory); the prompt files
+    are read once here so a missing or empty one fails before any work starts.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as error:  # yaml.YAMLError and friends
+        raise ConfigError(f"{path}: cannot parse YAML: {error}") from None
+    merged = build_config(raw, overrides, source=str(path))
+    config: PipelineConfig = OmegaConf.to_object(merged)
+    for source in config.prompts.sources:
+        source.path = _resolve_prompt_path(source.path, path.parent)
+    validate_config(config)
+    return config
+
+
+def _resolve_prompt_path(value: str, base: Path) -> str:
+    if "://" in value or Path(value).is_absolute():
+        return value
+    return str((base / value).resolve())
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _check_fraction(value: float, key: str) -> None:
+    # Ray accepts fractional resources only below 1; above 1 they must be whole numbers.
+    _require(value >= 0, key, f"must be >= 0, got {value}")
+    _require(value < 1 or float(value).is_integer(), key, f"must be < 1 or a whole number, got {value}")
+
+
+def validate_config(config: PipelineConfig) -> None:
+    """Checks that need no cluster; reads the prompt files (so their errors surface now)."""
+    from pipeline.prompts import read_prompts  # local: prompts imports this module
+
+    _require(config.variants >= 1, "variants", f"must be >= 1, got {config.variants}")
+    _require(config.progress_every_s > 0, "progress_every_s", "must be > 0")
+    _require(bool(config.output.strip()), "output", "must not be empty")
+    res = config.resources
+    _require(res.tasks_in_flight >= 1, "resources.tasks_in_flight", f"must be >= 1, got {res.tasks_in_flight}")
+    _require(res.task_max_retries >= -1, "resources.task_max_retries", "must be >= -1 (-1: forever)")
+    _check_fraction(res.task_num_cpus, "resources.task_num_cpus")
+    _check_fraction(res.task_num_gpus, "resources.task_num_gpus")
+    for name in ("reference", "ip", "mvd"):
+        actor: ActorResources = getattr(res, name)
+        key = f"resources.{name}"
+        _require(actor.replicas >= 1, f"{key}.replicas", f"must be >= 1, got {actor.replicas}")
+        _require(actor.max_batch >= 1, f"{key}.max_batch", f"must be >= 1, got {actor.max_batch}")
+        _require(actor.max_wait_ms >= 0, f"{key}.max_wait_ms", f"must be >= 0, got {actor.max_wait_ms}")
+        _require(actor.max_restarts >= -1, f"{key}.max_restarts", "must be >= -1 (-1: forever)")
+        _check_fraction(actor.num_cpus, f"{key}.num_cpus")
+        _check_fraction(actor.num_gpus, f"{key}.num_gpus")
+    for index, source in enumerate(config.prompts.sources):
+        key = f"prompts.sources[{index}]"
+        _require(source.format in PROMPT_FORMATS, f"{key}.format", f"must be one of {PROMPT_FORMATS}, got '{source.format}'")
+        _require(source.limit is None or source.limit >= 1, f"{key}.limit", "must be >= 1 or null")
+    read_prompts(config.prompts)
+
+
+def check_resources(config: PipelineConfig, cluster: dict[str, float], models_needed: Sequence[str]) -> None:
+    """Raise when the cluster (``ray.cluster_resources()``) cannot ever place what the config asks.
+
+    ``models_needed`` names the actor kinds this method uses (``reference``, ``ip``, ``mvd``).
+    """
+    res = config.resources
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    _require(res.task_num_cpus <= cpus, "resources.task_num_cpus", f"{res.task_num_cpus} CPUs per task but the cluster has {cpus}")
+    _require(res.task_num_gpus <= gpus, "resources.task_num_gpus", f"{res.task_num_gpus} GPUs per task but the cluster has {gpus}")
+    actor_cpus = actor_gpus = 0.0
+    for name in models_needed:
+        actor: ActorResources = getattr(res, name)
+        key = f"resources.{name}"
+        _require(actor.num_gpus <= gpus, f"{key}.num_gpus", f"{actor.num_gpus} GPUs per replica but the cluster has {gpus}")
+        actor_cpus += actor.replicas * actor.num_cpus
+        actor_gpus += actor.replicas * actor.num_gpus
+    _require(actor_cpus + res.task_num_cpus <= cpus, "resources", f"actors reserve {actor_cpus} CPUs, leaving less than one task's {res.task_num_cpus} of the cluster's {cpus}")
+    _require(actor_gpus + res.task_num_gpus <= gpus, "resources", f"actors reserve {actor_gpus} GPUs, leaving less than one task's {res.task_num_gpus} of the cluster's {gpus}")
+
+
+def to_yaml(config: PipelineConfig) -> str:
+    """The resolved config as YAML (logged with the MLflow parent run)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_container(node: Any) -> Any:
+    """A dataclass config (or part of one) as plain dicts/lists, for hashing and logging."""
+    return OmegaConf.to_container(OmegaConf.structured(node), resolve=True)

@@ -1,0 +1,216 @@
+"""The dataset on disk: atomic asset commits and Parquet manifest shards.
+
+Layout (CONTRACTS.md): ``<output>/assets/<asset_id>/`` holds one finished asset;
+``<output>/manifest/part-<timestamp>-<uuid>.parquet`` one row per finished asset (later rows
+for an asset_id supersede earlier ones). An asset is staged in ``<output>/.tmp/`` and renamed
+into place, so it is either complete or absent. Its ``asset.json`` (written last) repeats its
+manifest row, so a committed asset whose row was never written (driver died between the two)
+gets its row back on the next run (:meth:`DatasetWriter.reconcile`).
+
+``output`` is a local path or a pyarrow filesystem URI. On object stores a directory rename
+does not exist: files are uploaded with ``asset.json`` last, and only assets with an
+``asset.json`` count as committed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+ASSET_RECORD = "asset.json"
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("asset_id", pa.string()),
+        ("prompt", pa.string()),
+        ("prompt_index", pa.int64()),
+        ("variant", pa.int64()),
+        ("reference_seed", pa.int64()),
+        ("seed", pa.int64()),
+        ("method", pa.string()),
+        ("representation", pa.string()),
+        ("config_digest", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("asset_dir", pa.string()),
+        ("files", pa.string()),
+        ("metrics", pa.string()),
+        ("iterations", pa.int64()),
+        ("duration_s", pa.float64()),
+        ("started_at", pa.string()),
+        ("finished_at", pa.string()),
+        ("mlflow_run_id", pa.string()),
+    ]
+)
+MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC timestamp with microseconds (sorts lexically in time order)."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _filesystem(output: str) -> tuple[pafs.FileSystem, str, bool]:
+    """(filesystem, root path inside it, is_local)."""
+    if "://" in output:
+        fs, root = pafs.FileSystem.from_uri(output)
+        return fs, root.rstrip("/"), isinstance(fs, pafs.LocalFileSystem)
+    root = str(Path(output).expanduser().resolve())
+    return pafs.LocalFileSystem(), root, True
+
+
+class DatasetWriter:
+    """Reads and writes one dataset. Safe to construct on any worker that can reach ``output``."""
+
+    def __init__(self, output: str) -> None:
+        self.output = output
+        self.fs, self.root, self.is_local = _filesystem(output)
+
+    # ---------------------------------------------------------------- paths
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def local_root(self) -> Path | None:
+        """The dataset root as a local Path (local outputs), else None."""
+        return Path(self.root) if self.is_local else None
+
+    # ---------------------------------------------------------------- assets
+    def staging_dir(self, asset_id: str) -> Path:
+        """A fresh local directory to write an asset into before :meth:`commit`."""
+        if self.is_local:
+            tmp = Path(self.root) / ".tmp"
+            tmp.mkdir(parents=True, exist_ok=True)
+            path = tmp / f"{asset_id}-{uuid.uuid4().hex[:8]}"
+            path.mkdir()
+            return path
+        return Path(tempfile.mkdtemp(prefix=f"{asset_id}-"))
+
+    def is_committed(self, asset_id: str) -> bool:
+        info = self.fs.get_file_info(self.path("assets", asset_id, ASSET_RECORD))
+        return info.type == pafs.FileType.File
+
+    def commit(self, asset_id: str, staged: Path) -> bool:
+        """Move a staged asset (which must hold ``asset.json``) to ``assets/<asset_id>/``.
+
+        Returns False, and deletes ``staged``, when the asset was already committed (a retried
+        task finishing twice); the first commit wins, so an asset is never written twice.
+        """
+        staged = Path(staged)
+        if not (staged / ASSET_RECORD).is_file():
+            raise ValueError(f"staged asset {staged} has no {ASSET_RECORD}")
+        final = self.path("assets", asset_id)
+        try:
+            if self.is_committed(asset_id):
+                return False
+            if self.is_local:
+                Path(final).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    # rename(2) of a directory is atomic and fails on a non-empty target.
+                    Path(staged).rename(final)
+                except OSError:
+                    if self.is_committed(asset_id):
+                        return False
+                    shutil.rmtree(final, ignore_errors=True)  # an empty leftover: retry once
+                    Path(staged).rename(final)
+                return True
+            self._upload(staged, final)
+            return True
+        finally:
+            if staged.exists():
+                shutil.rmtree(staged, ignore_errors=True)
+
+    def _upload(self, staged: Path, final: str) -> None:
+        files = sorted(p for p in staged.rglob("*") if p.is_file() and p.name != ASSET_RECORD)
+        for file in [*files, staged / ASSET_RECORD]:  # the record last: it marks the commit
+            target = f"{final}/{file.relative_to(staged).as_posix()}"
+            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            with open(file, "rb") as src, self.fs.open_output_stream(target) as dst:
+                shutil.copyfileobj(src, dst)
+
+    def committed_ids(self) -> set[str]:
+        selector = pafs.FileSelector(self.path("assets"), allow_not_found=True)
+        ids = set()
+        for info in self.fs.get_file_info(selector):
+            if info.type == pafs.FileType.Directory:
+                asset_id = info.base_name
+                if self.is_committed(asset_id):
+                    ids.add(asset_id)
+        return ids
+
+    def read_record(self, asset_id: str) -> dict[str, Any]:
+        with self.fs.open_input_stream(self.path("assets", asset_id, ASSET_RECORD)) as stream:
+            return json.loads(stream.read().decode("utf-8"))
+
+    def clean_staging(self) -> None:
+        """Delete leftovers of staged assets whose writer died before the rename."""
+        if self.is_local:
+            shutil.rmtree(Path(self.root) / ".tmp", ignore_errors=True)
+
+    # ---------------------------------------------------------------- manifest
+    def write_manifest(self, rows: Iterable[dict[str, Any]]) -> str | None:
+        """Write rows as one new shard (temp name, then rename); returns its path or None."""
+        rows = [normalise_row(row) for row in rows]
+        if not rows:
+            return None
+        table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        name = f"part-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
+        directory = self.path("manifest")
+        self.fs.create_dir(directory, recursive=True)
+        final = f"{directory}/{name}"
+        if self.is_local:
+            tmp = f"{directory}/.{name}.tmp"
+            pq.write_table(table, tmp, filesystem=self.fs)
+            self.fs.move(tmp, final)  # os.rename: readers never see a half-written footer
+        else:
+            pq.write_table(table, final, filesystem=self.fs)  # object stores publish on close
+        return final
+
+    def manifest_rows(self) -> list[dict[str, Any]]:
+        """Every row of every shard (temp files ignored), oldest first by finished_at."""
+        selector = pafs.FileSelector(self.path("manifest"), allow_not_found=True)
+        rows: list[dict[str, Any]] = []
+        for info in self.fs.get_file_info(selector):
+            if info.type == pafs.FileType.File and info.base_name.startswith("part-") and info.base_name.endswith(".parquet"):
+                rows.extend(pq.read_table(info.path, filesystem=self.fs).to_pylist())
+        rows.sort(key=lambda row: row["finished_at"] or "")
+        return rows
+
+    def latest_rows(self) -> dict[str, dict[str, Any]]:
+        """asset_id → its latest row (later rows supersede earlier ones)."""
+        latest: dict[str, dict[str, Any]] = {}
+        for row in self.manifest_rows():
+            latest[row["asset_id"]] = row
+        return latest
+
+    def reconcile(self) -> list[dict[str, Any]]:
+        """Give every committed asset a succeeded manifest row; returns the rows written."""
+        latest = self.latest_rows()
+        missing = []
+        for asset_id in sorted(self.committed_ids()):
+            row = latest.get(asset_id)
+            if row is None or row["status"] != "succeeded":
+                record = self.read_record(asset_id)
+                missing.append({**record, "mlflow_run_id": record.get("mlflow_run_id")})
+        self.write_manifest(missing)
+        return missing
+
+
+def normalise_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Keep exactly the manifest columns (extra keys are dropped); JSON-encode ``files`` / ``metrics`` if given as dicts."""
+    out = {name: row.get(name) for name in MANIFEST_COLUMNS}
+    for name in ("files", "metrics"):
+        if isinstance(out[name], (dict, list)):
+            out[name] = json.dumps(out[name], sort_keys=True)
+    if out["asset_id"] is None or out["status"] not in ("succeeded", "failed"):
+        raise ValueError(f"manifest row needs asset_id and status succeeded|failed, got {row!r}")
+    return out

@@ -1,0 +1,105 @@
+"""Atomic training checkpoints: scene + optimiser + RNG state + iteration.
+
+A checkpoint is written to a temporary file in the same directory, flushed to disk and
+``os.replace``d over the previous one, so a reader sees either the old or the new file, never
+a partial one. The previous checkpoint is kept as ``<name>.prev.pt`` until the next write, and
+:func:`load_checkpoint` falls back to it when the newest file cannot be read. Files are read
+with ``torch.load(weights_only=True)``: only tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_NAME = "optimize.pt"
+PREVIOUS_NAME = "optimize.prev.pt"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but does not belong to this run (other config, seed or asset)."""
+
+
+def _write_synced(obj: Any, path: Path) -> None:
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _temporary_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary sibling file, fsync, then ``os.replace`` onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(path)
+    try:
+        _write_synced(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_checkpoint(checkpoint_dir: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` as the newest checkpoint of ``checkpoint_dir``; returns its path.
+
+    ``state`` must hold only tensors, numbers, strings and lists/dicts of them. The new file is
+    complete on disk before the old one is renamed to ``.prev``; a failure while writing leaves
+    the old checkpoint untouched.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_dir / CHECKPOINT_NAME
+    tmp = _temporary_sibling(path)
+    try:
+        _write_synced({"format_version": FORMAT_VERSION, **state}, tmp)
+        if path.exists():
+            os.replace(path, checkpoint_dir / PREVIOUS_NAME)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is skipped with a warning
+        warnings.warn(f"ignoring unreadable checkpoint {path}: {type(error).__name__}: {error}", stacklevel=3)
+        return None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "iteration" not in state:
+        warnings.warn(f"ignoring checkpoint {path}: not an optimiser checkpoint of format {FORMAT_VERSION}", stacklevel=3)
+        return None
+    return state
+
+
+def load_checkpoint(checkpoint_dir: Path) -> dict[str, Any] | None:
+    """The newest readable checkpoint of ``checkpoint_dir`` (or its predecessor), else ``None``."""
+    checkpoint_dir = Path(checkpoint_dir)
+    candidates = [checkpoint_dir / CHECKPOINT_NAME, checkpoint_dir / PREVIOUS_NAME]
+    states = [s for s in (_read(p) for p in candidates if p.exists()) if s is not None]
+    if not states:
+        return None
+    return max(states, key=lambda s: int(s["iteration"]))
+
+
+def save_scene_state(scene: torch.nn.Module, path: Path) -> None:
+    """The final scene parameters as plain tensors (``checkpoint.pt`` of an asset), atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in scene.state_dict().items()}
+    atomic_torch_save(state, Path(path))
+
+
+def load_scene_state(path: Path) -> dict[str, torch.Tensor]:
+    """Read a file written by :func:`save_scene_state` (``weights_only=True``)."""
+    return torch.load(Path(path), map_location="cpu", weights_only=True)

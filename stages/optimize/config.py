@@ -1,0 +1,304 @@
+"""Configuration of one asset's optimisation (nested dataclasses, OmegaConf-structured friendly).
+
+Defaults are the paper's setting (DESIGN.md): 6000 iterations of α·ISD + β·SDS-MVD with α
+0.4→0.8 and β 0.6→0.02, MVDream-threestudio's timestep anneal, 8 views at 64² then 4 views at
+256² from half-way, AdamW (0.9, 0.99), eps 1e-15. :meth:`OptimizeConfig.tiny` is a CPU-sized
+preset for tests and the quickstart. Build from YAML / dotlist overrides with
+:func:`load_optimize_config`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from stages.guidance.losses import LOSS_NAMES, SD_BRANCHES
+from stages.guidance.schedules import ScheduleConfig
+from stages.scene.cameras import CameraConfig
+from stages.scene.nerf import NeRFConfig
+from stages.scene.splats import SplatConfig
+
+REPRESENTATIONS = ("nerf", "splats")
+MVDREAM_ONLY = ("mvdream", "sds_mvd")
+"""Loss names that use MVDream alone (no SD1.5 / IP-Adapter side)."""
+OPTIMIZE_LOSSES = tuple(n for n in LOSS_NAMES if n != "sds_mvd") + MVDREAM_ONLY
+SHADINGS = ("albedo", "diffuse", "textureless")
+
+MVDREAM_NEGATIVE_PROMPT = (
+    "ugly, bad anatomy, blurry, pixelated obscure, unnatural colors, poor lighting, dull, and unclear, "
+    "cropped, lowres, low quality, artifacts, duplicate, morbid, mutilated, poorly drawn face, deformed, "
+    "dehydrated, bad proportions"
+)
+"""MVDream-threestudio's negative prompt (``configs/mvdream-sd21.yaml``)."""
+
+
+@dataclass
+class IsdConfig:
+    """The SD1.5 + IP-Adapter side (ISD and the other 2D losses)."""
+
+    sd_branch: str = "vanilla"
+    """Reading of ε_SD: ``vanilla`` (IP scale 0) | ``ip_null`` (adapter with a zero image embedding)."""
+    ip_scale: float = 0.5
+    """IP-Adapter scale of the reference-conditioned branch."""
+    guidance_scale: float = 7.5
+    """CFG scale of the SD1.5 / IP-Adapter predictions."""
+    cv_guidance_scale: float = 100.0
+    """CFG of the SD control variate in the ``cv_cfg100`` ablation."""
+    delta_t: int = 20
+    """Timestep offset of the ``cv_t_delta`` ablation."""
+    negative_prompt: str = ""
+    """Negative prompt of the SD1.5 side (threestudio's default: empty)."""
+
+
+@dataclass
+class MvdConfig:
+    """The MVDream side (SDS-MVD, Eq. 8)."""
+
+    enabled: bool = True
+    """Add β·SDS-MVD to the IP-side loss (ignored for ``loss: mvdream``, which is MVDream alone)."""
+    guidance_scale: float = 50.0
+    """MVDream CFG (MVDream-threestudio: 50)."""
+    recon_loss: bool = True
+    """MVDream-threestudio's x0-reconstruction form of SDS."""
+    recon_std_rescale: float = 0.5
+    """Blend of the std-rescaled x0 estimate (their default 0.5)."""
+    weight: float = 1.0
+    """Weight of the MVDream term for ``loss: mvdream`` (threestudio ``lambda_sds``)."""
+    negative_prompt: str = MVDREAM_NEGATIVE_PROMPT
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW over the scene's parameter groups."""
+
+    lr: dict[str, float] = field(default_factory=dict)
+    """Learning-rate overrides by parameter-group name (the scene's ``param_groups`` defaults otherwise)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-15
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+@dataclass
+class ShadingConfig:
+    """Shading drawn per iteration (threestudio diffuse-with-point-light material)."""
+
+    albedo: float = 1.0
+    """Relative probability of ``albedo`` shading (MVDream default: always albedo)."""
+    diffuse: float = 0.0
+    """Relative probability of lambertian ``diffuse`` shading."""
+    textureless: float = 0.0
+    """Relative probability of ``textureless`` shading."""
+    albedo_only_fraction: float = 0.0
+    """Fraction of the run (from the start) that always uses albedo (threestudio ``ambient_only_steps``)."""
+
+
+@dataclass
+class ExportConfig:
+    """What :func:`stages.export.export_asset` writes."""
+
+    preview_resolution: int = 256
+    """Pixels per side of each view of ``preview.png`` (eight views, 2 × 4 grid)."""
+    turntable_frames: int = 60
+    turntable_fps: int = 20
+    turntable_resolution: int = 256
+    video_format: str = "mp4"
+    """``mp4`` (falls back to ``gif`` when ffmpeg is missing) | ``gif``."""
+    mesh: bool = True
+    """Write ``mesh.glb`` (+ OBJ) for NeRF scenes (and for splats when ``splat_mesh``)."""
+    mesh_resolution: int = 128
+    """Marching-cubes grid resolution."""
+    mesh_obj: bool = True
+    """Also write ``mesh.obj`` + ``mesh.mtl``."""
+    splat_mesh: bool = False
+    """Also extract a mesh from a splat scene."""
+    render_chunk: int = 8
+    """Views rendered per call while exporting (memory bound)."""
+
+
+@dataclass
+class OptimizeConfig:
+    """One asset's optimisation: representation, loss, schedules, optimiser, checkpoints, export."""
+
+    representation: str = "nerf"
+    """``nerf`` | ``splats``."""
+    nerf: NeRFConfig = field(default_factory=NeRFConfig)
+    splats: SplatConfig = field(default_factory=SplatConfig)
+    iterations: int = 6000
+    loss: str = "isd"
+    """IP-side loss (α-weighted): ``isd`` | ``sds`` | ``ip_sds`` | ``cv_random`` | ``cv_cfg100`` |
+    ``cv_t_delta`` | ``cv_same_t``; or ``mvdream`` (MVDream SDS alone)."""
+    isd: IsdConfig = field(default_factory=IsdConfig)
+    mvd: MvdConfig = field(default_factory=MvdConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    cameras: CameraConfig = field(default_factory=CameraConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    regularizers: dict[str, float] = field(default_factory=dict)
+    """Weights of the scene's named regularisation terms (see the scene's ``regularizers``);
+    a term without a weight is not used."""
+    shading: ShadingConfig = field(default_factory=ShadingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    checkpoint_every: int = 500
+    """Write a resumable checkpoint every N iterations (0: only at the end)."""
+    preview_every: int = 0
+    """Render preview views for the callback every N iterations (0: never)."""
+    preview_resolution: int = 128
+    device: str = "auto"
+    """``auto`` (cuda when available) | ``cpu`` | ``cuda`` | ``cuda:N``."""
+    progress: bool = False
+    """Show a tqdm progress bar."""
+
+    @staticmethod
+    def tiny(representation: str = "nerf") -> "OptimizeConfig":
+        """CPU-sized preset: 100 iterations at 32² with 4 views, tiny scene, small exports."""
+        cfg = OptimizeConfig(representation=representation, iterations=100)
+        cfg.nerf = _tiny_or_default(NeRFConfig)
+        cfg.splats = _tiny_or_default(SplatConfig)
+        cfg.schedule = ScheduleConfig(milestones=[0.5], resolutions=[32, 32], batch_sizes=[4, 4])
+        cfg.checkpoint_every = 50
+        cfg.preview_resolution = 32
+        cfg.export = ExportConfig(
+            preview_resolution=64, turntable_frames=12, turntable_fps=12, turntable_resolution=64, mesh_resolution=48
+        )
+        cfg.device = "cpu"
+        return cfg
+
+    def scene_config(self) -> NeRFConfig | SplatConfig:
+        """The config of the chosen representation."""
+        return self.nerf if self.representation == "nerf" else self.splats
+
+    @property
+    def uses_ip(self) -> bool:
+        """Whether the SD1.5 / IP-Adapter guidance is needed."""
+        return self.loss not in MVDREAM_ONLY
+
+    @property
+    def uses_mvd(self) -> bool:
+        """Whether the MVDream guidance is needed."""
+        return self.loss in MVDREAM_ONLY or self.mvd.enabled
+
+    def validate(self) -> "OptimizeConfig":
+        """Raise ``ValueError`` naming the first bad key (``method.<key> ...``); returns self."""
+        p = "method"
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(f"{p}.representation must be one of {REPRESENTATIONS}, got {self.representation!r}")
+        if int(self.iterations) <= 0:
+            raise ValueError(f"{p}.iterations must be > 0, got {self.iterations}")
+        if self.loss not in OPTIMIZE_LOSSES:
+            raise ValueError(f"{p}.loss: unknown loss {self.loss!r}; expected one of {OPTIMIZE_LOSSES}")
+        if self.isd.sd_branch not in SD_BRANCHES:
+            raise ValueError(f"{p}.isd.sd_branch must be one of {SD_BRANCHES}, got {self.isd.sd_branch!r}")
+        for key, value in (
+            ("isd.ip_scale", self.isd.ip_scale),
+            ("isd.guidance_scale", self.isd.guidance_scale),
+            ("isd.cv_guidance_scale", self.isd.cv_guidance_scale),
+            ("mvd.guidance_scale", self.mvd.guidance_scale),
+            ("mvd.weight", self.mvd.weight),
+        ):
+            _require(math.isfinite(float(value)) and float(value) >= 0, f"{p}.{key} must be a finite number >= 0, got {value}")
+        _require(0 <= self.mvd.recon_std_rescale <= 1, f"{p}.mvd.recon_std_rescale must be in [0, 1], got {self.mvd.recon_std_rescale}")
+        _require(int(self.isd.delta_t) >= 0, f"{p}.isd.delta_t must be >= 0, got {self.isd.delta_t}")
+        self._validate_schedule(p)
+        self.cameras.validate(f"{p}.cameras")
+        scene_validate = getattr(self.scene_config(), "validate", None)
+        if callable(scene_validate):
+            scene_validate()
+        for key, weight in self.regularizers.items():
+            _require(math.isfinite(float(weight)) and float(weight) >= 0, f"{p}.regularizers.{key} must be >= 0, got {weight}")
+        opt = self.optimizer
+        for key, lr in opt.lr.items():
+            _require(math.isfinite(float(lr)) and float(lr) >= 0, f"{p}.optimizer.lr.{key} must be >= 0, got {lr}")
+        _require(len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas), f"{p}.optimizer.betas must be two numbers in [0, 1), got {list(opt.betas)}")
+        _require(opt.eps > 0, f"{p}.optimizer.eps must be > 0, got {opt.eps}")
+        _require(opt.weight_decay >= 0, f"{p}.optimizer.weight_decay must be >= 0, got {opt.weight_decay}")
+        _require(opt.grad_clip >= 0, f"{p}.optimizer.grad_clip must be >= 0 (0 disables), got {opt.grad_clip}")
+        probs = [self.shading.albedo, self.shading.diffuse, self.shading.textureless]
+        for name, value in zip(SHADINGS, probs):
+            _require(value >= 0, f"{p}.shading.{name} must be >= 0, got {value}")
+        _require(sum(probs) > 0, f"{p}.shading: albedo + diffuse + textureless must be > 0")
+        _require(0 <= self.shading.albedo_only_fraction <= 1, f"{p}.shading.albedo_only_fraction must be in [0, 1], got {self.shading.albedo_only_fraction}")
+        _require(self.checkpoint_every >= 0, f"{p}.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        _require(self.preview_every >= 0, f"{p}.preview_every must be >= 0, got {self.preview_every}")
+        _require(self.preview_resolution > 0, f"{p}.preview_resolution must be > 0, got {self.preview_resolution}")
+        ex = self.export
+        for key in ("preview_resolution", "turntable_frames", "turntable_fps", "turntable_resolution", "mesh_resolution", "render_chunk"):
+            _require(int(getattr(ex, key)) > 0, f"{p}.export.{key} must be > 0, got {getattr(ex, key)}")
+        _require(ex.video_format in ("mp4", "gif"), f"{p}.export.video_format must be 'mp4' or 'gif', got {ex.video_format!r}")
+        return self
+
+    def _validate_schedule(self, p: str) -> None:
+        s = self.schedule
+        try:
+            s.validate()
+        except ValueError as error:  # re-word "ScheduleConfig.x" as the config key
+            raise ValueError(str(error).replace("ScheduleConfig.", f"{p}.schedule.")) from error
+        for key in ("alpha_start", "alpha_end", "beta_start", "beta_end"):
+            value = float(getattr(s, key))
+            _require(0.0 <= value <= 1.0, f"{p}.schedule.{key} must be in [0, 1], got {value}")
+        for batch in s.batch_sizes:
+            _require(int(batch) % self.cameras.n_view == 0, f"{p}.schedule.batch_sizes must be multiples of cameras.n_view={self.cameras.n_view}, got {list(s.batch_sizes)}")
+
+    def digest(self) -> str:
+        """Short stable hash of the whole config (for asset ids)."""
+        return _digest(asdict(self))
+
+    def resume_digest(self) -> str:
+        """Hash of the fields that change the optimisation result (a checkpoint written under
+        another value of these cannot be resumed); logging, export and device are left out."""
+        fields = asdict(self)
+        for key in RUNTIME_KEYS:
+            fields.pop(key, None)
+        return _digest(fields)
+
+
+RUNTIME_KEYS = ("checkpoint_every", "preview_every", "preview_resolution", "device", "progress", "export")
+"""Keys that do not change the optimised scene."""
+
+
+def _digest(fields: dict[str, Any]) -> str:
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _tiny_or_default(cls: type) -> Any:
+    tiny = getattr(cls, "tiny", None)
+    return tiny() if callable(tiny) else cls()
+
+
+def load_optimize_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), base: OptimizeConfig | None = None
+) -> OptimizeConfig:
+    """``base`` (default: paper defaults) ← YAML file ``path`` ← ``key=value`` dotlist overrides.
+
+    A YAML file may hold the keys at top level or under ``method:``. The special override
+    ``preset=tiny`` (or ``preset: tiny`` in the file) starts from :meth:`OptimizeConfig.tiny`.
+    Unknown keys raise ``ValueError`` naming them; the result is validated.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    file_cfg = OmegaConf.load(path) if path is not None else OmegaConf.create({})
+    if "method" in file_cfg:
+        file_cfg = file_cfg.method
+    dotlist = OmegaConf.from_dotlist(list(overrides))
+    preset = dotlist.pop("preset", None) or file_cfg.pop("preset", None)
+    if base is None:
+        if preset not in (None, "tiny", "paper"):
+            raise ValueError(f"method.preset must be 'tiny' or 'paper', got {preset!r}")
+        base = OptimizeConfig.tiny() if preset == "tiny" else OptimizeConfig()
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(base), file_cfg, dotlist)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ValueError(f"invalid optimisation config: {error}") from error
+    return config.validate()

@@ -1,0 +1,372 @@
+"""The per-asset optimisation loop: render → guidance gradients → backward → step → checkpoint.
+
+Every iteration renders ONE batch of views (groups of ``cameras.n_view``) and uses that same
+render for both terms: the IP side (one t per image) and MVDream (one t per view group). The
+renders receive ``α·grad_ip + β·grad_mvd`` (DESIGN.md), plus the weighted scene regularisers.
+
+Determinism: all randomness of iteration ``i`` comes from generators seeded by ``(seed, i,
+stream)`` (cameras, shading, timesteps, the guidance noise seeds), and the global torch RNG
+(used by scene internals such as sample jitter or background augmentation) is re-seeded
+from ``(seed, i)`` inside :func:`torch.random.fork_rng`, so the caller's RNG is untouched and
+a run resumed from a checkpoint repeats an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from stages.guidance.losses import loss_spec
+from stages.guidance.protocol import GuidanceRequest, GuidanceResponse
+from stages.guidance.schedules import sample_timesteps
+from stages.guidance.set import GuidanceSet, Registration, grad_with_reregister
+from stages.models.device import resolve_device
+from stages.optimize.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from stages.optimize.config import MVDREAM_ONLY, SHADINGS, OptimizeConfig
+from stages.scene.base import Cameras
+from stages.scene.cameras import preview_cameras, sample_cameras
+from stages.scene.factory import build_scene
+
+Callback = Callable[[int, dict[str, float], "Tensor | None"], None]
+"""``callback(step, metrics, previews)``: ``previews`` is (V, 3, H, W) in [0, 1] every
+``preview_every`` iterations, else ``None``. An exception raised here stops the run (the last
+checkpoint stays valid)."""
+
+
+@dataclass
+class OptimizeResult:
+    scene: torch.nn.Module
+    iterations: int
+    """Iterations completed (== config.iterations on success)."""
+    metrics: dict[str, float]
+    """Final metrics: means of the last iterations' loss terms, timings, peak memory."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    """One dict of scalars per iteration (restored from the checkpoint on resume)."""
+    seconds: float = 0.0
+    """Wall time of this call (not counting iterations done before a resume)."""
+    resumed_from: int = 0
+    """Iteration the run resumed from (0: fresh start)."""
+
+
+def derive_seed(seed: int, iteration: int, stream: str) -> int:
+    """A 63-bit seed for one random stream of one iteration (stable across processes)."""
+    digest = hashlib.blake2b(f"{int(seed)}/{int(iteration)}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _generator(seed: int, iteration: int, stream: str) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(derive_seed(seed, iteration, stream))
+
+
+def choose_shading(config: OptimizeConfig, step: int, generator: torch.Generator) -> str:
+    """``albedo`` during ``albedo_only_fraction`` of the run, then drawn by the shading weights."""
+    cfg = config.shading
+    if step < cfg.albedo_only_fraction * config.iterations:
+        return "albedo"
+    weights = torch.tensor([cfg.albedo, cfg.diffuse, cfg.textureless], dtype=torch.float64)
+    return SHADINGS[int(torch.multinomial(weights / weights.sum(), 1, generator=generator))]
+
+
+def make_optimizer(scene: torch.nn.Module, config: OptimizeConfig) -> torch.optim.Optimizer:
+    """AdamW over ``scene.param_groups(lr)`` with the configured betas / eps / weight decay."""
+    opt = config.optimizer
+    groups = scene.param_groups(dict(opt.lr))
+    return torch.optim.AdamW(
+        groups, betas=(float(opt.betas[0]), float(opt.betas[1])), eps=float(opt.eps), weight_decay=float(opt.weight_decay)
+    )
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated CUDA memory on ``device``, or the process' peak RSS on the CPU (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def check_guidance(config: OptimizeConfig, guidance: GuidanceSet, reference: Any | None) -> None:
+    """Raise ``ValueError`` when the configured loss needs a guidance (or reference) that is missing."""
+    if config.uses_ip and guidance.ip is None:
+        raise ValueError(f"method.loss={config.loss!r} needs the IP / SD1.5 guidance, but GuidanceSet.ip is None")
+    if config.uses_mvd and guidance.mvd is None:
+        hint = "set method.mvd.enabled=false to drop the MVDream term" if config.loss not in MVDREAM_ONLY else ""
+        raise ValueError(
+            f"method.loss={config.loss!r} with the MVDream term needs GuidanceSet.mvd, but it is None; {hint}".rstrip("; ")
+        )
+    if config.uses_ip and loss_spec(config.loss, config.isd.sd_branch).uses_image_prompt and reference is None:
+        raise ValueError(f"method.loss={config.loss!r} uses the image prompt and needs a reference image, got None")
+
+
+def _term_weights(config: OptimizeConfig, step: int) -> tuple[float, float]:
+    """(α, β) of this step: α on the IP side, β on MVDream."""
+    if config.loss in MVDREAM_ONLY:
+        return 0.0, float(config.mvd.weight)
+    alpha, beta = config.schedule.weights(step, config.iterations)
+    return float(alpha), float(beta) if config.mvd.enabled else 0.0
+
+
+def render_views(scene: torch.nn.Module, cameras: Cameras, resolution: int, chunk: int = 8, shading: str = "albedo") -> dict[str, Tensor]:
+    """Eval-mode renders of ``cameras`` in chunks, no grad, on the CPU: rgb / opacity (V, C, R, R)."""
+    device = next(iter(scene.parameters())).device
+    was_training = scene.training
+    scene.eval()
+    outputs: dict[str, list[Tensor]] = {"rgb": [], "opacity": []}
+    try:
+        with torch.no_grad():
+            for start in range(0, len(cameras), chunk):
+                out = scene.render(cameras[start : start + chunk].to(device), resolution, resolution, shading=shading)
+                for key in outputs:
+                    outputs[key].append(out[key].detach().float().cpu())
+    finally:
+        scene.train(was_training)
+    return {k: torch.cat(v).clamp(0, 1) for k, v in outputs.items()}
+
+
+class _Run:
+    """State of one optimisation call (kept small: everything persistent is in the checkpoint)."""
+
+    def __init__(self, config: OptimizeConfig, guidance: GuidanceSet, seed: int, asset_id: str, prompt: str, reference: Any | None, scene: torch.nn.Module, device: torch.device) -> None:
+        self.config, self.guidance, self.seed, self.asset_id = config, guidance, int(seed), asset_id
+        self.scene, self.device = scene, device
+        self.ip_registration = Registration(asset_id, prompt, reference, config.isd.negative_prompt)
+        self.mvd_registration = Registration(asset_id, prompt, None, config.mvd.negative_prompt)
+        self.optimizer = make_optimizer(scene, config)
+        self.checked_regularizers = False
+
+    def register(self) -> None:
+        if self.config.uses_ip:
+            self.ip_registration.apply(self.guidance.ip)
+        if self.config.uses_mvd:
+            self.mvd_registration.apply(self.guidance.mvd)
+
+    def _request(self, rgb: Tensor, cameras: Cameras, timesteps: Tensor, step: int, stream: str, **kwargs: Any) -> GuidanceRequest:
+        options = dict(kwargs.pop("options", {}))
+        options["fovy"] = cameras.fovy.tolist()
+        return GuidanceRequest(
+            asset_id=self.asset_id,
+            rgb=rgb,
+            timesteps=timesteps,
+            seed=derive_seed(self.seed, step, stream),
+            c2w=cameras.c2w,
+            elevation=cameras.elevation,
+            azimuth=cameras.azimuth,
+            options=options,
+            **kwargs,
+        )
+
+    def _ask(self, slot: str, request: GuidanceRequest) -> GuidanceResponse:
+        guidance = self.guidance.ip if slot == "ip" else self.guidance.mvd
+        registration = self.ip_registration if slot == "ip" else self.mvd_registration
+        (response,) = grad_with_reregister(guidance, [request], registration)
+        if tuple(response.grad_rgb.shape) != tuple(request.rgb.shape):
+            raise ValueError(
+                f"{slot} guidance returned grad_rgb of shape {tuple(response.grad_rgb.shape)} for rgb {tuple(request.rgb.shape)}"
+            )
+        return response
+
+    def _regularizer_loss(self, out: dict[str, Tensor], metrics: dict[str, float]) -> Tensor | None:
+        weights = {k: float(v) for k, v in self.config.regularizers.items() if float(v) > 0}
+        if not weights:
+            return None
+        terms = self.scene.regularizers(out)
+        missing = sorted(set(weights) - set(terms))
+        if missing:
+            raise ValueError(
+                f"method.regularizers.{missing[0]}: {type(self.scene).__name__} has no regulariser "
+                f"{missing[0]!r} (it offers {sorted(terms)})"
+            )
+        total = None
+        for name, weight in weights.items():
+            metrics[f"reg_{name}"] = float(terms[name].detach())
+            total = weight * terms[name] if total is None else total + weight * terms[name]
+        return total
+
+    def iteration(self, step: int) -> dict[str, float]:
+        cfg, total = self.config, self.config.iterations
+        resolution = cfg.schedule.resolution(step, total)
+        batch = cfg.schedule.batch_size(step, total)
+        cameras = sample_cameras(_generator(self.seed, step, "cameras"), batch, cfg.cameras)
+        shading = choose_shading(cfg, step, _generator(self.seed, step, "shading"))
+        out = self.scene.render(cameras.to(self.device), resolution, resolution, shading=shading)
+        rgb = out["rgb"]
+        alpha, beta = _term_weights(cfg, step)
+        t_min, t_max = cfg.schedule.timestep_range(step, total)
+        metrics: dict[str, float] = {
+            "step": float(step), "alpha": alpha, "beta": beta, "t_min": t_min, "t_max": t_max,
+            "resolution": float(resolution), "batch": float(batch), "shading": float(SHADINGS.index(shading)),
+        }
+        rgb_detached = rgb.detach()
+        grad = torch.zeros_like(rgb_detached, dtype=torch.float32)
+        if alpha > 0:
+            timesteps = sample_timesteps(_generator(self.seed, step, "t_ip"), batch, t_min, t_max, group=1)
+            request = self._request(
+                rgb_detached, cameras, timesteps, step, "noise_ip", loss=cfg.loss,
+                guidance_scale=cfg.isd.guidance_scale, ip_scale=cfg.isd.ip_scale,
+                options={"sd_branch": cfg.isd.sd_branch, "cv_guidance_scale": cfg.isd.cv_guidance_scale, "delta_t": int(cfg.isd.delta_t)},
+            )
+            response = self._ask("ip", request)
+            grad += alpha * response.grad_rgb.to(grad.device, torch.float32)
+            metrics.update(loss_ip=float(response.loss), grad_norm_ip=float(response.grad_norm), t_ip=float(timesteps.float().mean()))
+        if beta > 0:
+            timesteps = sample_timesteps(_generator(self.seed, step, "t_mvd"), batch, t_min, t_max, group=cfg.cameras.n_view)
+            request = self._request(
+                rgb_detached, cameras, timesteps, step, "noise_mvd", loss="sds_mvd",
+                guidance_scale=cfg.mvd.guidance_scale, ip_scale=0.0,
+                options={"recon_loss": bool(cfg.mvd.recon_loss), "recon_std_rescale": float(cfg.mvd.recon_std_rescale), "n_view": int(cfg.cameras.n_view)},
+            )
+            response = self._ask("mvd", request)
+            grad += beta * response.grad_rgb.to(grad.device, torch.float32)
+            metrics.update(loss_mvd=float(response.loss), grad_norm_mvd=float(response.grad_norm), t_mvd=float(timesteps.float().mean()))
+        metrics["loss"] = alpha * metrics.get("loss_ip", 0.0) + beta * metrics.get("loss_mvd", 0.0)
+        metrics["grad_norm_rgb"] = float(grad.norm())
+        # d/dθ of Σ rgb·grad is exactly rgb.backward(grad)
+        surrogate = (rgb * grad.to(rgb.dtype)).sum()
+        regularizer = self._regularizer_loss(out, metrics)
+        if regularizer is not None:
+            surrogate = surrogate + regularizer
+            metrics["loss_reg"] = float(regularizer.detach())
+        self.scene.step_pre_backward(step, out)
+        surrogate.backward()
+        self.scene.step_post_backward(step, out, self.optimizer)
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if cfg.optimizer.grad_clip > 0 and params:
+            metrics["grad_norm_params"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics["opacity_mean"] = float(out["opacity"].detach().float().mean())
+        return metrics
+
+    def state(self, iteration: int, history: list[dict[str, float]]) -> dict[str, Any]:
+        return {
+            "iteration": iteration,
+            "scene": {k: v.detach().cpu() for k, v in self.scene.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"seed": self.seed, "scheme": "derive_seed(seed, iteration, stream)", "torch_cpu": torch.get_rng_state()},
+            "seed": self.seed,
+            "asset_id": self.asset_id,
+            "config_digest": self.config.resume_digest(),
+            "history": history,
+        }
+
+    def restore(self, state: dict[str, Any], where: Path) -> tuple[int, list[dict[str, float]]]:
+        expected = {"seed": self.seed, "asset_id": self.asset_id, "config_digest": self.config.resume_digest()}
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise CheckpointError(
+                    f"checkpoint in {where} was written with {key}={state.get(key)!r}, this run has {value!r}; "
+                    "use another checkpoint_dir or delete it"
+                )
+        self.scene.load_state_dict(state["scene"])
+        self.scene.to(self.device)
+        self.optimizer = make_optimizer(self.scene, self.config)  # the scene may have resized
+        self.optimizer.load_state_dict(state["optimizer"])
+        return int(state["iteration"]), [dict(h) for h in state.get("history", [])]
+
+
+def _final_metrics(history: list[dict[str, float]], seconds: float, iterations_run: int, device: torch.device) -> dict[str, float]:
+    tail = history[-max(1, len(history) // 10):] if history else []
+    keys = sorted({k for h in tail for k in h if k.startswith(("loss", "grad_norm", "reg_", "opacity"))})
+    metrics = {k: float(sum(h[k] for h in tail if k in h) / max(1, sum(k in h for h in tail))) for k in keys}
+    metrics.update(
+        iterations=float(len(history)),
+        seconds=seconds,
+        iterations_per_second=iterations_run / seconds if seconds > 0 and iterations_run else 0.0,
+        peak_memory_mb=peak_memory_mb(device),
+    )
+    return metrics
+
+
+def optimize_asset(
+    config: OptimizeConfig,
+    guidance: GuidanceSet,
+    reference: Any | None,
+    seed: int,
+    checkpoint_dir: Path | str,
+    prompt: str,
+    asset_id: str,
+    callback: Callback | None = None,
+    *,
+    scene: torch.nn.Module | None = None,
+) -> OptimizeResult:
+    """Optimise one asset's scene for ``config.iterations`` steps; resume from ``checkpoint_dir``.
+
+    ``reference`` is the PIL reference image for the IP side (``None`` for losses without
+    image prompt). ``scene`` overrides the scene built from ``config`` (tests, benchmarks).
+    Registers the asset with the guidance, and re-registers when a guidance answers
+    :class:`~stages.guidance.protocol.UnknownAssetError`.
+    """
+    config.validate()
+    check_guidance(config, guidance, reference)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    checkpoint_dir = Path(checkpoint_dir)
+    scene = (build_scene(config, seed) if scene is None else scene).to(device)
+    scene.train()
+    run = _Run(config, guidance, seed, asset_id, prompt, reference, scene, device)
+    start, history = 0, []
+    state = load_checkpoint(checkpoint_dir)
+    if state is not None:
+        start, history = run.restore(state, checkpoint_dir)
+    run.register()
+    total = config.iterations
+    rng_devices = [device] if device.type == "cuda" else []
+    progress = _progress_bar(config.progress, start, total, asset_id)
+    began = time.perf_counter()
+    try:
+        for step in range(start, total):
+            tick = time.perf_counter()
+            with torch.random.fork_rng(devices=rng_devices):
+                torch.manual_seed(derive_seed(seed, step, "global"))
+                metrics = run.iteration(step)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - tick
+            metrics.update(seconds=elapsed, its=1.0 / max(elapsed, 1e-9), peak_memory_mb=peak_memory_mb(device))
+            history.append(metrics)
+            done = step + 1
+            if done == total or (config.checkpoint_every and done % config.checkpoint_every == 0):
+                save_checkpoint(checkpoint_dir, run.state(done, history))
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{metrics['loss']:.4g}", refresh=False)
+            if callback is not None:
+                previews = None
+                if config.preview_every and done % config.preview_every == 0:
+                    previews = render_views(run.scene, preview_cameras(config.cameras), config.preview_resolution)["rgb"]
+                callback(step, metrics, previews)
+    finally:
+        if progress is not None:
+            progress.close()
+    seconds = time.perf_counter() - began
+    return OptimizeResult(
+        scene=run.scene,
+        iterations=total,
+        metrics=_final_metrics(history, seconds, total - start, device),
+        history=history,
+        seconds=seconds,
+        resumed_from=start,
+    )
+
+
+def _progress_bar(enabled: bool, start: int, total: int, asset_id: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=asset_id, unit="it", dynamic_ncols=True)
+
+
+def psnr(a: Tensor, b: Tensor) -> float:
+    """Peak signal-to-noise ratio (dB) of two images in [0, 1]."""
+    mse = float((a.float() - b.float()).pow(2).mean())
+    return math.inf if mse == 0 else -10.0 * math.log10(mse)

@@ -1,0 +1,74 @@
+"""Backgrounds: a neural environment map (MLP on SH-encoded view direction) or a solid colour,
+both with MVDream-threestudio's ``random_aug`` (a random solid colour with probability p while
+training)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import BackgroundConfig
+from .field import make_mlp
+
+
+def sh_encode(dirs: Tensor, degree: int) -> Tensor:
+    """Real spherical harmonics of unit directions (N, 3) → (N, degree²), tiny-cuda-nn's
+    ``SphericalHarmonics`` convention (bands 0..degree−1, same signs and order)."""
+    x, y, z = dirs.unbind(-1)
+    out = [torch.full_like(x, 0.28209479177387814)]
+    if degree > 1:
+        out += [-0.48860251190291987 * y, 0.48860251190291987 * z, -0.48860251190291987 * x]
+    if degree > 2:
+        xy, xz, yz, x2, y2, z2 = x * y, x * z, y * z, x * x, y * y, z * z
+        out += [
+            1.0925484305920792 * xy,
+            -1.0925484305920792 * yz,
+            0.94617469575755997 * z2 - 0.31539156525251999,
+            -1.0925484305920792 * xz,
+            0.54627421529603959 * (x2 - y2),
+        ]
+    if degree > 3:
+        out += [
+            0.59004358992664352 * y * (-3.0 * x2 + y2),
+            2.8906114426405538 * xy * z,
+            0.45704579946446572 * y * (1.0 - 5.0 * z2),
+            0.3731763325901154 * z * (5.0 * z2 - 3.0),
+            0.45704579946446572 * x * (1.0 - 5.0 * z2),
+            1.4453057213202769 * z * (x2 - y2),
+            0.59004358992664352 * x * (-x2 + 3.0 * y2),
+        ]
+    return torch.stack(out, dim=-1)
+
+
+class Background(nn.Module):
+    """Colour (B, H, W, 3) in [0, 1] for unit view directions (B, H, W, 3)."""
+
+    def __init__(self, config: BackgroundConfig, generator: torch.Generator) -> None:
+        super().__init__()
+        self.config = config
+        self.network: nn.Module | None = None
+        if config.kind == "neural":
+            self.network = make_mlp(config.sh_degree**2, 3, config.n_neurons, config.n_hidden_layers, generator)
+        else:
+            color = torch.tensor(config.color, dtype=torch.float32)
+            if config.learned:
+                self.color = nn.Parameter(color)
+            else:
+                self.register_buffer("color", color)
+
+    def forward(self, dirs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``generator`` drives ``random_aug`` (training mode only); None disables it."""
+        if self.network is not None:
+            flat = dirs.reshape(-1, 3)
+            color = torch.sigmoid(self.network(sh_encode(flat, self.config.sh_degree))).reshape(dirs.shape)
+        else:
+            color = self.color.to(dirs).expand(dirs.shape)
+        c = self.config
+        if self.training and c.random_aug and generator is not None:
+            draw = torch.rand(1 + 3 * dirs.shape[0], generator=generator, device=generator.device)
+            if draw[0] < c.random_aug_prob:
+                n_colors = 1 if c.share_aug_bg else dirs.shape[0]
+                random_color = draw[1 : 1 + 3 * n_colors].reshape(n_colors, 1, 1, 3).to(dirs)
+                # `color * 0 +` keeps the parameters in the graph (threestudio does the same)
+                color = color * 0.0 + random_color.expand(dirs.shape)
+        return color

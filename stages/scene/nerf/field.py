@@ -1,0 +1,116 @@
+"""The implicit volume: hash-grid features → density (with blob bias) and albedo (sigmoid)."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import NeRFConfig
+from .hashgrid import TorchHashGrid, make_tcnn_grid, tcnn_available
+
+
+def make_mlp(n_in: int, n_out: int, n_neurons: int, n_hidden_layers: int, generator: torch.Generator) -> nn.Sequential:
+    """threestudio ``VanillaMLP``: bias-free Linear + ReLU layers, no output activation.
+    Weights get PyTorch's default Linear init, drawn from ``generator``."""
+    dims = [n_in] + [n_neurons] * n_hidden_layers + [n_out]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        linear = nn.Linear(a, b, bias=False)
+        nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5), generator=generator)
+        layers.append(linear)
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` → ``tcnn`` when tinycudann imports and CUDA is available, else ``torch``."""
+    if backend == "auto":
+        return "tcnn" if torch.cuda.is_available() and tcnn_available() else "torch"
+    if backend == "tcnn" and not (torch.cuda.is_available() and tcnn_available()):
+        raise ValueError("nerf.backend=tcnn needs CUDA and an importable tinycudann; use nerf.backend=torch or auto")
+    return backend
+
+
+class NeRFField(nn.Module):
+    """Density σ(x) ≥ 0 and albedo a(x) ∈ [0, 1]³ for world points x (…, 3) inside the ball."""
+
+    def __init__(self, config: NeRFConfig, generator: torch.Generator) -> None:
+        super().__init__()
+        self.config = config
+        self.backend = resolve_backend(config.backend)
+        if self.backend == "tcnn":
+            self.encoding = make_tcnn_grid(config.hash_grid, generator)
+        else:
+            self.encoding = TorchHashGrid(config.hash_grid, generator)
+        n_enc = config.hash_grid.n_levels * config.hash_grid.n_features_per_level
+        self.density_network = make_mlp(n_enc, 1, config.mlp.n_neurons, config.mlp.n_hidden_layers, generator)
+        self.feature_network = make_mlp(n_enc, 3, config.mlp.n_neurons, config.mlp.n_hidden_layers, generator)
+
+    def encode(self, points: Tensor) -> Tensor:
+        """World points (N, 3) → hash features (N, L·F); the box [-r, r]³ maps to [0, 1]³."""
+        r = self.config.radius
+        unit = ((points + r) / (2.0 * r)).clamp(0.0, 1.0)
+        return self.encoding(unit).float()
+
+    def density_bias(self, points: Tensor) -> Tensor:
+        """Pre-activation blob bias (N,) at world points (N, 3) (threestudio ``get_activated_density``)."""
+        c = self.config
+        if c.density_bias == "blob_magic3d":
+            return c.density_blob_scale * (1.0 - points.norm(dim=-1) / c.density_blob_std)
+        if c.density_bias == "blob_dreamfusion":
+            return c.density_blob_scale * torch.exp(-0.5 * (points**2).sum(dim=-1) / c.density_blob_std**2)
+        return torch.zeros_like(points[..., 0])
+
+    def activate(self, raw: Tensor) -> Tensor:
+        return F.softplus(raw) if self.config.density_activation == "softplus" else torch.exp(raw)
+
+    def raw_density(self, points: Tensor, enc: Tensor | None = None) -> Tensor:
+        """Pre-activation density (N,) at world points (N, 3)."""
+        if enc is None:
+            enc = self.encode(points)
+        return self.density_network(enc)[:, 0] + self.density_bias(points)
+
+    def density(self, points: Tensor) -> Tensor:
+        """Activated density σ (N,) at world points (N, 3)."""
+        return self.activate(self.raw_density(points))
+
+    def forward(self, points: Tensor, with_normals: bool = False) -> dict[str, Tensor]:
+        """points (N, 3) → ``density`` (N,), ``albedo`` (N, 3), optionally ``normal`` (N, 3) (outward, unit)."""
+        analytic = with_normals and self.config.shading.normal_type == "analytic"
+        grad_enabled = torch.is_grad_enabled()
+        if analytic:
+            points = points.detach().requires_grad_(True)
+        with torch.enable_grad() if analytic else nullcontext():
+            enc = self.encode(points)
+            raw = self.raw_density(points, enc)
+            if analytic:
+                grad = torch.autograd.grad(raw.sum(), points, create_graph=grad_enabled)[0]
+                if not grad_enabled:
+                    enc, raw = enc.detach(), raw.detach()
+        out = {
+            "density": self.activate(raw),
+            "albedo": torch.sigmoid(self.feature_network(enc)),
+        }
+        if with_normals:
+            if analytic:
+                out["normal"] = F.normalize(-grad, dim=-1)
+            else:
+                out["normal"] = self.finite_difference_normal(points)
+        return out
+
+    def finite_difference_normal(self, points: Tensor) -> Tensor:
+        """Outward unit normals −∇σ / |∇σ| (N, 3) by central differences (threestudio's
+        ``finite_difference`` normal: 6 density lookups, clamped to the box)."""
+        eps = self.config.shading.finite_difference_eps
+        r = self.config.radius
+        offsets = torch.eye(3, device=points.device, dtype=points.dtype) * eps
+        offsets = torch.stack([offsets, -offsets], dim=1).reshape(6, 3)  # +x, −x, +y, −y, +z, −z
+        shifted = (points[:, None, :] + offsets).clamp(-r, r).reshape(-1, 3)
+        sigma = self.density(shifted).reshape(-1, 3, 2)
+        grad = (sigma[..., 0] - sigma[..., 1]) / (2.0 * eps)
+        return F.normalize(-grad, dim=-1)

@@ -1,0 +1,175 @@
+"""``AnalyticGuidance``: the analytic teacher behind the guidance protocol.
+
+A drop-in :class:`stages.guidance.protocol.Guidance` for tests and CPU demos. Its "VAE" is the
+identity on colours: latent = 2·rgb − 1 (each pixel a point in R^3), so
+grad_rgb = 2·grad_latent. Everything else is what a UNet guidance does: the same
+:class:`~stages.guidance.losses.LossSpec`, ``add_noise``, w(t) = 1 − ᾱ_t and per-request noise
+``request_noise(seed, shape)``, so a response never depends on its batch mates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from stages.guidance import losses
+from stages.guidance.protocol import GuidanceRequest, GuidanceResponse, UnknownAssetError
+from stages.teacher.mixture import GaussianMixture
+from stages.teacher.model import AnalyticTeacher, TeacherConfig, prompt_mixture
+
+
+def reference_points(reference: Any) -> Tensor:
+    """A reference as data-space colour points (N, 3) in [−1, 1].
+
+    Accepts a PIL image, an (H, W, 3) uint8/float array, a (3, H, W) tensor in [0, 1], or one
+    colour (3,) in [0, 1].
+    """
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        Image = None
+    if Image is not None and isinstance(reference, Image.Image):
+        array = np.asarray(reference.convert("RGB"), dtype=np.float64) / 255.0
+        rgb = torch.from_numpy(array).reshape(-1, 3)
+    elif isinstance(reference, np.ndarray):
+        array = reference.astype(np.float64) / (255.0 if reference.dtype == np.uint8 else 1.0)
+        if array.ndim != 3 or array.shape[-1] != 3:
+            raise ValueError(f"reference array must be (H, W, 3), got {array.shape}")
+        rgb = torch.from_numpy(array).reshape(-1, 3)
+    else:
+        tensor = torch.as_tensor(reference, dtype=torch.float64)
+        if tensor.shape == (3,):
+            rgb = tensor.unsqueeze(0)
+        elif tensor.ndim == 3 and tensor.shape[0] == 3:
+            rgb = tensor.reshape(3, -1).T
+        else:
+            raise ValueError(
+                f"reference must be a PIL image, an (H, W, 3) array, a (3, H, W) tensor or a (3,) "
+                f"colour, got shape {tuple(tensor.shape)}"
+            )
+    if bool((rgb < 0).any()) or bool((rgb > 1).any()):
+        raise ValueError("reference colours must be in [0, 1]")
+    return rgb * 2.0 - 1.0
+
+
+def reference_image(colour: Sequence[float] | Tensor, size: int = 64):
+    """A solid-colour PIL reference image of an RGB colour in [0, 1] (helper for tests/demos)."""
+    from PIL import Image
+
+    rgb = torch.as_tensor(colour, dtype=torch.float64).clamp(0, 1)
+    value = tuple(int(round(float(c) * 255)) for c in rgb)
+    return Image.new("RGB", (size, size), value)
+
+
+@dataclass
+class _Asset:
+    prompt: str
+    negative_prompt: str
+    teacher: AnalyticTeacher
+    has_reference: bool
+
+
+@dataclass
+class AnalyticGuidance:
+    """Guidance protocol over :class:`AnalyticTeacher` (identity VAE, D = 3 colours).
+
+    Request ``options`` read here: ``sd_branch`` ("vanilla" | "ip_null", default the
+    field below), ``delta_t`` (int, for ``cv_t_delta``), ``cv_guidance_scale`` (float, for
+    ``cv_cfg100``). ``info`` of a response holds ``residual_norm``.
+    """
+
+    config: TeacherConfig = field(default_factory=TeacherConfig)
+    sd_branch: str = "vanilla"
+    delta_t: int = 20
+    cv_guidance_scale: float = 100.0
+    _assets: dict[str, _Asset] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.config.dim != 3:
+            raise ValueError(f"AnalyticGuidance works on RGB: TeacherConfig.dim must be 3, got {self.config.dim}")
+        if self.sd_branch not in losses.SD_BRANCHES:
+            raise ValueError(f"unknown sd_branch {self.sd_branch!r}; expected one of {losses.SD_BRANCHES}")
+
+    def register(
+        self, asset_id: str, prompt: str, reference: Any | None = None, negative_prompt: str = ""
+    ) -> None:
+        """Build the asset's teacher (prompt mixture, reference component); idempotent."""
+        cond = prompt_mixture(prompt, self.config)
+        uncond = prompt_mixture(negative_prompt, self.config)
+        points = None
+        if reference is not None:
+            # The reference image selects the cond component most of its pixels belong to;
+            # its mean is the point both mixtures are tilted toward.
+            pixels = reference_points(reference)
+            probe = AnalyticTeacher(cond, uncond, pixels, self.config.tilt, self.config.null_flatten)
+            points = cond.means[probe.reference_index]
+        teacher = AnalyticTeacher(cond, uncond, points, self.config.tilt, self.config.null_flatten)
+        self._assets[asset_id] = _Asset(prompt, negative_prompt, teacher, reference is not None)
+
+    def release(self, asset_id: str) -> None:
+        self._assets.pop(asset_id, None)
+
+    def teacher(self, asset_id: str) -> AnalyticTeacher:
+        """The registered asset's teacher (raises :class:`UnknownAssetError`)."""
+        asset = self._assets.get(asset_id)
+        if asset is None:
+            raise UnknownAssetError(asset_id)
+        return asset.teacher
+
+    def mixture(self, asset_id: str) -> GaussianMixture:
+        """The prompt's mixture of a registered asset (data space, colours in [−1, 1])."""
+        return self.teacher(asset_id).cond
+
+    def mode_colours(self, asset_id: str) -> Tensor:
+        """(K, 3) RGB colours in [0, 1] of the prompt's modes (component means)."""
+        return ((self.mixture(asset_id).means + 1.0) / 2.0).float()
+
+    def reference_colour(self, asset_id: str) -> Tensor:
+        """(3,) RGB colour in [0, 1] of the reference's mode, where IP-guided losses lead."""
+        teacher = self.teacher(asset_id)
+        if teacher.reference_index is None:
+            raise ValueError(f"asset {asset_id!r} was registered without a reference")
+        return self.mode_colours(asset_id)[teacher.reference_index]
+
+    def grad(self, requests: Sequence[GuidanceRequest]) -> list[GuidanceResponse]:
+        """One response per request, each computed from that request alone."""
+        return [self._grad_one(request) for request in requests]
+
+    def _grad_one(self, request: GuidanceRequest) -> GuidanceResponse:
+        asset = self._assets.get(request.asset_id)
+        if asset is None:
+            raise UnknownAssetError(request.asset_id)
+        options = request.options or {}
+        spec = losses.loss_spec(request.loss, str(options.get("sd_branch", self.sd_branch)))
+        if spec.uses_image_prompt and not asset.has_reference:
+            raise ValueError(
+                f"loss {request.loss!r} uses the image prompt but asset {request.asset_id!r} "
+                "was registered without a reference"
+            )
+        latents = request.rgb.detach().cpu().float() * 2.0 - 1.0
+        generator = torch.Generator(device="cpu").manual_seed(int(request.seed))
+        noise = torch.randn(latents.shape, generator=generator)  # == request_noise(seed, shape)
+        independent = torch.randn(latents.shape, generator=generator) if spec.needs_independent_noise else None
+        params = losses.LossParams(
+            guidance_scale=float(request.guidance_scale),
+            cv_guidance_scale=float(options.get("cv_guidance_scale", self.cv_guidance_scale)),
+        )
+        timesteps = request.timesteps.detach().cpu().long()
+        grad_latent = asset.teacher.latent_gradient(
+            spec, latents, timesteps, noise, params, float(request.ip_scale), independent,
+            int(options.get("delta_t", self.delta_t)),
+        )
+        weight = losses.sds_weight(asset.teacher.alphas_cumprod, timesteps).float()
+        residual_norm = float((grad_latent / weight.clamp_min(1e-12).view(-1, 1, 1, 1)).norm())
+        return GuidanceResponse(
+            asset_id=request.asset_id,
+            grad_rgb=(2.0 * grad_latent).to(request.rgb.dtype),
+            loss=float(losses.surrogate_loss(grad_latent)),
+            grad_norm=float(grad_latent.norm()),
+            timesteps=timesteps,
+            info={"residual_norm": residual_norm},
+        )

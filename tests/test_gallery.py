@@ -1,0 +1,260 @@
+"""Gallery: pages built from a synthetic dataset, checked with an HTML parser and in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import trimesh
+from PIL import Image
+
+from pipeline.gallery import build_gallery, json_for_script, log_gallery_to_mlflow, main, read_manifest
+
+XSS_PROMPT = '<script>alert(1)</script> "quotes" & <b>tags</b>'
+FLAG_PROMPT = "<img src=x onerror=\"window.__xss='img'\"><script>window.__xss='script'</script> a mug"
+BOX_EXTENTS = (1.0, 0.5, 0.25)
+FAILED_ERROR = "RuntimeError: CUDA out of memory <while> rendering & \"exporting\""
+
+
+def _png(color: tuple[int, int, int], size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_asset(root: Path, asset_id: str, *, glb: bool, turntable: str, color: tuple[int, int, int]) -> dict[str, str]:
+    import imageio.v3 as iio
+
+    folder = root / "assets" / asset_id
+    folder.mkdir(parents=True)
+    (folder / "reference.png").write_bytes(_png(color, (64, 64)))
+    (folder / "preview.png").write_bytes(_png(color, (256, 64)))
+    frames = np.zeros((8, 64, 64, 3), np.uint8)
+    frames[..., :] = color
+    frames[:, :, :, 1] = (np.arange(8) * 30)[:, None, None]
+    if turntable == "mp4":
+        iio.imwrite(folder / "turntable.mp4", frames, fps=8, codec="libx264")
+    else:
+        iio.imwrite(folder / "turntable.gif", frames, duration=100, loop=0)
+    files = {"reference": "reference.png", "preview": "preview.png", "turntable": f"turntable.{turntable}"}
+    if glb:
+        box = trimesh.creation.box(extents=BOX_EXTENTS)
+        box.visual.face_colors = [*color, 255]
+        (folder / "mesh.glb").write_bytes(box.export(file_type="glb"))
+        files["mesh"] = "mesh.glb"
+    else:
+        (folder / "splats.ply").write_bytes(b"ply\nformat ascii 1.0\nelement vertex 0\nend_header\n")
+        files["splats"] = "splats.ply"
+    # Manifest paths relative to the dataset root (the gallery also accepts paths relative to asset_dir).
+    return {name: f"assets/{asset_id}/{rel}" for name, rel in files.items()}
+
+
+def _row(asset_id: str, prompt: str, prompt_index: int, variant: int, status: str, error, files, metrics) -> dict:
+    return {
+        "asset_id": asset_id, "prompt": prompt, "prompt_index": prompt_index, "variant": variant,
+        "reference_seed": 10 + variant, "seed": 20 + variant, "method": "isd", "representation": "nerf",
+        "config_digest": "abc123", "status": status, "error": error,
+        "asset_dir": f"assets/{asset_id}" if files else None, "files": json.dumps(files),
+        "metrics": json.dumps(metrics), "iterations": 100, "duration_s": 1.5,
+        "started_at": "2026-01-01T00:00:00+00:00", "finished_at": "2026-01-01T00:01:00+00:00", "mlflow_run_id": None,
+    }
+
+
+def _write_shard(root: Path, name: str, rows: list[dict]) -> None:
+    (root / "manifest").mkdir(exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / "manifest" / name)
+
+
+def make_dataset(root: Path) -> dict[str, dict]:
+    """A small dataset in the contract layout; returns the expected latest row per asset_id."""
+    rows = [
+        _row("boxa0", "a red box", 0, 0, "succeeded", None,
+             _write_asset(root, "boxa0", glb=True, turntable="mp4", color=(200, 30, 30)),
+             {"loss": 0.125, "clip_score": 0.31, "note": "</script><script>window.__xss='metric'</script>"}),
+        _row("boxa1", "a red box", 0, 1, "succeeded", None,
+             _write_asset(root, "boxa1", glb=True, turntable="gif", color=(30, 30, 200)), {"loss": 0.25}),
+        _row("xss0", XSS_PROMPT, 1, 0, "succeeded", None,
+             _write_asset(root, "xss0", glb=False, turntable="gif", color=(30, 200, 30)), {"loss": 0.5}),
+        _row("flag0", FLAG_PROMPT, 2, 0, "failed", FAILED_ERROR, {}, {}),
+    ]
+    # "retry0" fails in the first shard and succeeds in the second: the later row wins.
+    first = _row("retry0", "a chair", 3, 0, "failed", "first attempt died", {}, {})
+    retried = _row("retry0", "a chair", 3, 0, "succeeded", None,
+                   _write_asset(root, "retry0", glb=True, turntable="mp4", color=(120, 120, 120)), {"loss": 1.0})
+    _write_shard(root, "part-20260101T000000-aaaa.parquet", rows[:2] + [first])
+    _write_shard(root, "part-20260101T000100-bbbb.parquet", rows[2:] + [retried])
+    return {row["asset_id"]: row for row in rows + [retried]}
+
+
+class _Collector(HTMLParser):
+    """Independent reader of the generated HTML: elements with attributes and their text."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.elements: list[dict] = []
+        self._open: list[dict] = []
+
+    def handle_starttag(self, tag, attrs):
+        element = {"tag": tag, "attrs": dict(attrs), "text": ""}
+        self.elements.append(element)
+        if tag not in {"img", "meta", "input", "br", "source", "link"}:
+            self._open.append(element)
+
+    def handle_endtag(self, tag):
+        for index in range(len(self._open) - 1, -1, -1):
+            if self._open[index]["tag"] == tag:
+                del self._open[index:]
+                break
+
+    def handle_data(self, data):
+        for element in self._open:
+            element["text"] += data
+
+    def find(self, tag: str, **attrs) -> list[dict]:
+        return [e for e in self.elements if e["tag"] == tag and all(e["attrs"].get(k) == v for k, v in attrs.items())]
+
+
+def _parse(path: Path) -> _Collector:
+    parser = _Collector()
+    parser.feed(path.read_text(encoding="utf-8"))
+    parser.close()
+    return parser
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dataset")
+    expected = make_dataset(root)
+    gallery = build_gallery(root)
+    return root, gallery, expected
+
+
+def test_manifest_latest_row_wins(built):
+    root, _, expected = built
+    records = {r.asset_id: r for r in read_manifest(root)}
+    assert set(records) == set(expected)
+    assert records["retry0"].status == "succeeded" and records["retry0"].error is None
+    assert records["flag0"].error == FAILED_ERROR
+    assert records["boxa0"].metrics["loss"] == 0.125
+
+
+def test_index_lists_every_asset_and_escapes_text(built):
+    root, gallery, expected = built
+    assert gallery == root.resolve() / "gallery"
+    page = _parse(gallery / "index.html")
+    cards = {e["attrs"]["data-asset-id"]: e for e in page.find("article")}
+    assert set(cards) == set(expected)
+    for asset_id, row in expected.items():
+        assert cards[asset_id]["attrs"]["data-status"] == row["status"]
+        assert cards[asset_id]["attrs"]["data-prompt"] == row["prompt"]  # attribute decodes to the raw prompt
+        assert (gallery / "assets" / f"{asset_id}.html").is_file()
+    # The failed asset shows its error; the retried one does not show the old error.
+    assert FAILED_ERROR in cards["flag0"]["text"]
+    assert "first attempt died" not in (gallery / "index.html").read_text()
+    # Variants of one prompt share a group; the HTML prompt is literal text, not markup.
+    groups = {e["attrs"]["data-prompt"]: e for e in page.find("section")}
+    assert set(groups) == {row["prompt"] for row in expected.values()}
+    assert groups["a red box"]["text"].count("variant") == 2
+    headings = [e["text"] for e in page.find("h2")]
+    assert XSS_PROMPT in headings and FLAG_PROMPT in headings
+    assert not page.find("b") and not page.find("img", src="x")
+    scripts = page.find("script")
+    assert [s["attrs"].get("type") for s in scripts] == ["application/json", None]
+    assert "alert(1)" not in scripts[1]["text"] and "__xss" not in scripts[1]["text"]
+    data = {item["asset_id"]: item for item in json.loads(scripts[0]["text"])}
+    assert data["xss0"]["prompt"] == XSS_PROMPT
+    assert data["boxa0"]["metrics"]["note"] == json.loads(expected["boxa0"]["metrics"])["note"]
+    # Media are inlined: reference beside preview and turntable, thumbnails decode as images.
+    imgs = [e for e in page.find("img") if e["attrs"].get("class") == "reference"]
+    assert len(imgs) == 4
+    head, payload = imgs[0]["attrs"]["src"].split(",", 1)
+    assert head == "data:image/jpeg;base64"
+    assert Image.open(io.BytesIO(base64.b64decode(payload))).size == (64, 64)
+    assert len(page.find("video")) == 2  # mp4 turntables; the gif ones are <img>
+
+
+def test_asset_page_embeds_the_glb(built):
+    root, gallery, _ = built
+    page = _parse(gallery / "assets" / "boxa0.html")
+    (viewer,) = page.find("model-viewer")
+    assert "camera-controls" in viewer["attrs"]
+    head, payload = viewer["attrs"]["src"].split(",", 1)
+    assert head == "data:model/gltf-binary;base64"
+    glb = base64.b64decode(payload)
+    assert glb == (root / "assets" / "boxa0" / "mesh.glb").read_bytes()
+    mesh = trimesh.load(io.BytesIO(glb), file_type="glb", force="mesh")
+    np.testing.assert_allclose(mesh.extents, BOX_EXTENTS, atol=1e-6)
+    scripts = page.find("script")
+    assert len(scripts) == 2 and "customElements.define(\"model-viewer\"" in scripts[1]["text"]
+    assert "Apache License" in (gallery / "LICENSES" / "model-viewer.LICENSE.txt").read_text()
+
+
+def test_splat_only_and_failed_asset_pages(built):
+    _, gallery, _ = built
+    splat = _parse(gallery / "assets" / "xss0.html")
+    assert not splat.find("model-viewer")
+    links = [e["attrs"]["href"] for e in splat.find("a")]
+    assert "../../assets/xss0/splats.ply" in links
+    assert (gallery / "assets" / "../../assets/xss0/splats.ply").resolve().is_file()
+    assert [e["text"] for e in splat.find("h1")] == [XSS_PROMPT]
+    assert not splat.find("script") and not splat.find("b")
+    failed = _parse(gallery / "assets" / "flag0.html")
+    assert [e["text"] for e in failed.find("pre")] == [FAILED_ERROR]
+
+
+def test_json_for_script_cannot_close_the_block():
+    text = json_for_script({"a": "</script><!-- \u2028 & >"})
+    assert "<" not in text and ">" not in text and "&" not in text and "\u2028" not in text
+    assert json.loads(text) == {"a": "</script><!-- \u2028 & >"}
+
+
+def test_bad_manifests_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        build_gallery(tmp_path)
+    _write_shard(tmp_path, "part-1-x.parquet", [{"asset_id": "a", "status": "succeeded"}])
+    with pytest.raises(ValueError, match=r"part-1-x\.parquet.*prompt"):
+        read_manifest(tmp_path)
+    _write_shard(tmp_path, "part-1-x.parquet", [{"asset_id": "a", "prompt": "p", "status": "succeeded", "metrics": "{oops"}])
+    with pytest.raises(ValueError, match="'metrics'"):
+        read_manifest(tmp_path)
+    _write_shard(tmp_path, "part-1-x.parquet", [{"asset_id": "../evil", "prompt": "p", "status": "failed"}])
+    with pytest.raises(ValueError, match="evil"):
+        build_gallery(tmp_path)
+
+
+def test_uri_dataset_and_cli(built, tmp_path, capsys):
+    root, _, expected = built
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("gallery"))
+    local = build_gallery(copy.as_uri())  # URI path: built locally, then copied next to the dataset
+    assert local != copy / "gallery" and (local / "index.html").is_file()
+    assert (copy / "gallery" / "index.html").read_bytes() == (local / "index.html").read_bytes()
+    assert {p.stem for p in (copy / "gallery" / "assets").iterdir()} == set(expected)
+    main([str(copy), "--gallery-dir", str(tmp_path / "cli")])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "cli" / "index.html")
+
+
+def test_log_gallery_to_mlflow(built, tmp_path, monkeypatch):
+    import mlflow
+
+    _, gallery, expected = built
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a file store keeps the test fast
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    client = mlflow.MlflowClient()
+    run = client.create_run(client.create_experiment("gallery-test"))
+    log_gallery_to_mlflow(gallery, run.info.run_id)
+    logged = {f.path for f in client.list_artifacts(run.info.run_id, "gallery")}
+    assert {"gallery/index.html", "gallery/assets", "gallery/LICENSES"} <= logged
+    pages = {f.path for f in client.list_artifacts(run.info.run_id, "gallery/assets")}
+    assert pages == {f"gallery/assets/{asset_id}.html" for asset_id in expected}
+    with pytest.raises(FileNotFoundError, match="index.html"):
+        log_gallery_to_mlflow(tmp_path, run.info.run_id)
