@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from stages.models.config import ModelsConfig
 from stages.optimize.config import OptimizeConfig
 
+METHOD_PRESETS = ("paper", "tiny")
 PROMPT_FORMATS = ("auto", "txt", "jsonl", "json", "csv", "parquet")
 
 
@@ -89,12 +90,25 @@ class TrackingConfig:
 
 
 @dataclass
+class LocalRayConfig:
+    """Used only when ``pipeline.run`` starts its own Ray (no ``RAY_ADDRESS`` / ``ray_address``)."""
+
+    num_cpus: Optional[int] = None
+    """CPUs of the local Ray (default: all)."""
+    include_dashboard: bool = True
+    """Start the dashboard (bound to 127.0.0.1)."""
+
+
+@dataclass
 class PipelineConfig:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     variants: int = 1
     """Assets per prompt; each variant has its own reference-image seed."""
     seed: int = 0
     """Base seed; every asset's reference and optimiser seeds are derived from it."""
+    method_preset: str = "paper"
+    """Defaults the ``method`` keys start from: ``paper`` (OptimizeConfig()) | ``tiny``
+    (OptimizeConfig.tiny(): CPU-sized scene, 32² renders, small exports)."""
     method: OptimizeConfig = field(default_factory=OptimizeConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
@@ -105,6 +119,7 @@ class PipelineConfig:
     ``<output>/.work`` for local outputs."""
     ray_address: Optional[str] = None
     """Ray cluster to join; ``RAY_ADDRESS`` wins when set; neither: start a local Ray."""
+    local_ray: LocalRayConfig = field(default_factory=LocalRayConfig)
     retry_failed: bool = False
     """Redo assets recorded as failed (also ``--retry-failed``)."""
     progress_every_s: float = 5.0
@@ -121,13 +136,19 @@ def build_config(
     base: Any | None = None, overrides: Sequence[str] = (), source: str = "<config>"
 ) -> DictConfig:
     """Merge ``base`` (dict or DictConfig) and dotlist ``overrides`` onto the schema."""
-    schema = OmegaConf.structured(PipelineConfig)
+    base = base if base is not None else {}
+    dotlist = OmegaConf.from_dotlist(list(overrides))
+    preset = dotlist.get("method_preset", None) or OmegaConf.create(base).get("method_preset", None) or "paper"
+    if preset not in METHOD_PRESETS:
+        raise ConfigError(f"{source}: config key 'method_preset' must be one of {METHOD_PRESETS}, got '{preset}'")
+    method = OptimizeConfig.tiny() if preset == "tiny" else OptimizeConfig()
+    schema = OmegaConf.structured(PipelineConfig(method=method))
     try:
-        merged = OmegaConf.merge(schema, base or {})
+        merged = OmegaConf.merge(schema, base)
     except OmegaConfBaseException as error:
         raise ConfigError(f"{source}: {_describe(error)}") from None
     try:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(merged, dotlist)
     except OmegaConfBaseException as error:
         raise ConfigError(f"command-line override: {_describe(error)}") from None
     missing = sorted(OmegaConf.missing_keys(merged))
@@ -181,6 +202,12 @@ def validate_config(config: PipelineConfig) -> None:
     _require(config.variants >= 1, "variants", f"must be >= 1, got {config.variants}")
     _require(config.progress_every_s > 0, "progress_every_s", "must be > 0")
     _require(bool(config.output.strip()), "output", "must not be empty")
+    remote = "://" in config.output and not config.output.startswith("file://")
+    _require(not remote or config.work_dir is not None, "work_dir", f"required when output is not a local path ({config.output})")
+    try:
+        config.method.validate()
+    except ValueError as error:
+        raise ConfigError(f"config key {error}") from None
     res = config.resources
     _require(res.tasks_in_flight >= 1, "resources.tasks_in_flight", f"must be >= 1, got {res.tasks_in_flight}")
     _require(res.task_max_retries >= -1, "resources.task_max_retries", "must be >= -1 (-1: forever)")

@@ -444,17 +444,19 @@ def build_gallery(output_dir: str | os.PathLike, gallery_dir: str | os.PathLike 
     return target
 
 
-def log_gallery_to_mlflow(gallery_dir: str | os.PathLike, run_id: str, artifact_path: str = "gallery") -> None:
+def log_gallery_to_mlflow(
+    gallery_dir: str | os.PathLike, run_id: str, artifact_path: str = "gallery", tracking_uri: str | None = None
+) -> None:
     """Log the gallery directory as artifacts ``<artifact_path>/...`` of the MLflow run ``run_id``.
 
-    Uses the current tracking URI (``MLFLOW_TRACKING_URI`` or ``mlflow.set_tracking_uri``).
+    ``tracking_uri`` None: MLflow's current one (``mlflow.set_tracking_uri`` / ``MLFLOW_TRACKING_URI``).
     """
-    import mlflow  # imported here: building a gallery does not need MLflow
+    from mlflow import MlflowClient  # imported here: building a gallery does not need MLflow
 
     gallery_dir = Path(gallery_dir)
     if not (gallery_dir / "index.html").is_file():
         raise FileNotFoundError(f"{gallery_dir} has no index.html: build the gallery first")
-    mlflow.MlflowClient().log_artifacts(run_id, str(gallery_dir), artifact_path=artifact_path)
+    MlflowClient(tracking_uri=tracking_uri).log_artifacts(run_id, str(gallery_dir), artifact_path=artifact_path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -462,10 +464,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output_dir", help="dataset output directory or URI (contains manifest/ and assets/)")
     parser.add_argument("--gallery-dir", default=None, help="where to write the pages (default <output_dir>/gallery)")
     parser.add_argument("--mlflow-run-id", default=None, help="also log the gallery as artifacts of this MLflow run")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
     args = parser.parse_args(argv)
     gallery = build_gallery(args.output_dir, args.gallery_dir)
     if args.mlflow_run_id:
-        log_gallery_to_mlflow(gallery, args.mlflow_run_id)
+        log_gallery_to_mlflow(gallery, args.mlflow_run_id, tracking_uri=args.tracking_uri)
     print(gallery / "index.html")
 
 

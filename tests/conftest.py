@@ -12,8 +12,6 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -248,13 +248,169 @@ def test_log_gallery_to_mlflow(built, tmp_path, monkeypatch):
 
     _, gallery, expected = built
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a file store keeps the test fast
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
-    client = mlflow.MlflowClient()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "elsewhere").as_uri())  # the explicit URI must win
+    uri = (tmp_path / "mlruns").as_uri()
+    client = mlflow.MlflowClient(tracking_uri=uri)
     run = client.create_run(client.create_experiment("gallery-test"))
-    log_gallery_to_mlflow(gallery, run.info.run_id)
+    log_gallery_to_mlflow(gallery, run.info.run_id, tracking_uri=uri)
     logged = {f.path for f in client.list_artifacts(run.info.run_id, "gallery")}
     assert {"gallery/index.html", "gallery/assets", "gallery/LICENSES"} <= logged
     pages = {f.path for f in client.list_artifacts(run.info.run_id, "gallery/assets")}
     assert pages == {f"gallery/assets/{asset_id}.html" for asset_id in expected}
     with pytest.raises(FileNotFoundError, match="index.html"):
-        log_gallery_to_mlflow(tmp_path, run.info.run_id)
+        log_gallery_to_mlflow(tmp_path, run.info.run_id, tracking_uri=uri)
+    # Without a URI, MLflow's own setting (MLFLOW_TRACKING_URI) is used, as the CLI does.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    main([str(gallery.parent), "--gallery-dir", str(tmp_path / "cli"), "--mlflow-run-id", run.info.run_id])
+    assert "gallery/index.html" in {f.path for f in client.list_artifacts(run.info.run_id, "gallery")}
+
+
+# ---------------------------------------------------------------- headless Chromium (skipped without it)
+
+CHROMIUM_FLAGS = (
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--no-first-run", "--window-size=1280,900",
+    # WebGL without a GPU: SwiftShader, opted in explicitly (the silent fallback is deprecated).
+    "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+)
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", Path(__file__).parent / "artifacts")) / "gallery"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver") or next(
+        (p for p in ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver") if os.path.exists(p)), None)
+    if binary is None or driver_path is None:
+        pytest.skip("chromium and chromedriver not installed (apt-get install -y chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)  # explicit driver: no Selenium Manager download
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    yield driver
+    driver.quit()
+
+
+def _console_errors(driver) -> list[dict]:
+    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def _screenshot(driver, name: str) -> Path:
+    path = ARTIFACTS / name
+    driver.save_screenshot(str(path))
+    print(f"screenshot: {path}")
+    return path
+
+
+def _assert_no_script_ran(driver) -> None:
+    from selenium.common.exceptions import NoAlertPresentException
+
+    with pytest.raises(NoAlertPresentException):
+        driver.switch_to.alert.text
+    assert driver.execute_script("return window.__xss === undefined")
+
+
+def _wait_for_model(driver, timeout_s: float = 60.0) -> str:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout_s, poll_frequency=0.2).until(
+        lambda d: d.execute_script("return document.body.dataset.modelState || null"))
+    return driver.execute_script("return document.body.dataset.modelState")
+
+
+@pytest.mark.slow
+def test_browser_index(built, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    _, gallery, expected = built
+    browser.get((gallery / "index.html").as_uri())
+    _assert_no_script_ran(browser)
+    cards = {c.get_attribute("data-asset-id"): c for c in browser.find_elements(By.CSS_SELECTOR, "article.asset")}
+    assert set(cards) == set(expected) and all(c.is_displayed() for c in cards.values())
+    assert cards["flag0"].find_element(By.CSS_SELECTOR, "pre.error").text == FAILED_ERROR
+    headings = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "h2.prompt")]
+    assert XSS_PROMPT in headings  # shown as text
+    assert browser.execute_script("return [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+    _screenshot(browser, "index.png")
+
+    browser.find_element(By.ID, "filter-text").send_keys("RED BOX")
+    assert {a for a, c in cards.items() if c.is_displayed()} == {"boxa0", "boxa1"}
+    browser.find_element(By.ID, "filter-text").clear()
+    browser.find_element(By.ID, "filter-text").send_keys(" ")  # fires input after clear()
+    Select(browser.find_element(By.ID, "filter-status")).select_by_value("failed")
+    assert {a for a, c in cards.items() if c.is_displayed()} == {"flag0"}
+    assert browser.find_element(By.ID, "shown-count").text == "1 shown"
+    _screenshot(browser, "index-failed-only.png")
+    _assert_no_script_ran(browser)
+    assert _console_errors(browser) == []
+
+
+@pytest.mark.slow
+def test_browser_asset_page_loads_and_orbits_the_model(built, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    _, gallery, _ = built
+    browser.get((gallery / "assets" / "boxa0.html").as_uri())
+    assert _wait_for_model(browser) == "loaded"
+    viewer = browser.find_element(By.ID, "viewer")
+    loaded, *dims = browser.execute_script(
+        "const v = document.getElementById('viewer'); const d = v.getDimensions(); return [v.loaded, d.x, d.y, d.z]")
+    assert loaded is True
+    np.testing.assert_allclose(dims, BOX_EXTENTS, atol=1e-4)  # the GLB's box, as the component measured it
+    video = browser.execute_script(
+        "const v = document.querySelector('video.turntable'); return [v.error === null, v.videoWidth]")
+    assert video == [True, 64]
+    _screenshot(browser, "asset-boxa0.png")
+    theta = "return document.getElementById('viewer').getCameraOrbit().theta"
+    before = browser.execute_script(theta)
+    ActionChains(browser).move_to_element(viewer).click_and_hold().move_by_offset(150, 0).pause(0.3).release().perform()
+    assert abs(browser.execute_script(theta) - before) > 0.1  # dragging orbits the camera
+    _screenshot(browser, "asset-boxa0-orbited.png")
+    assert _console_errors(browser) == []
+
+
+@pytest.mark.slow
+def test_browser_asset_page_in_sandboxed_blob_iframe(built, browser):
+    """How MLflow's artifact view shows an HTML artifact: a blob: URL in <iframe sandbox="allow-scripts">."""
+    _, gallery, _ = built
+    browser.get((gallery / "assets" / "flag0.html").as_uri())  # any page as the host
+    _assert_no_script_ran(browser)
+    assert FAILED_ERROR in browser.page_source.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&").replace("&quot;", '"')
+    browser.set_script_timeout(60)
+    message = browser.execute_async_script(
+        """
+        const [html, done] = arguments;
+        window.addEventListener('message', e => { if (e.data && e.data.source === 'modedreamer-gallery') done(e.data); });
+        const frame = document.createElement('iframe');
+        frame.setAttribute('sandbox', 'allow-scripts');
+        frame.style.cssText = 'width: 900px; height: 700px';
+        frame.src = URL.createObjectURL(new Blob([html], {type: 'text/html'}));
+        document.body.prepend(frame);
+        """,
+        (gallery / "assets" / "boxa1.html").read_text(encoding="utf-8"),
+    )
+    assert message["state"] == "loaded", message
+    _screenshot(browser, "asset-boxa1-in-blob-iframe.png")
+    assert _console_errors(browser) == []
+
+
+@pytest.mark.slow
+def test_browser_splat_only_page_shows_prompt_as_text(built, browser):
+    from selenium.webdriver.common.by import By
+
+    _, gallery, _ = built
+    browser.get((gallery / "assets" / "xss0.html").as_uri())
+    _assert_no_script_ran(browser)
+    assert browser.find_element(By.CSS_SELECTOR, "h1.prompt").text == XSS_PROMPT
+    assert browser.find_elements(By.TAG_NAME, "model-viewer") == []
+    assert browser.find_element(By.PARTIAL_LINK_TEXT, "splats.ply").get_attribute("href").endswith("/assets/xss0/splats.ply")
+    _screenshot(browser, "asset-xss0-splats.png")
+    assert _console_errors(browser) == []

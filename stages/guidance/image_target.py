@@ -85,3 +85,43 @@ class ImageTargetGuidance:
                 )
             )
         return responses
+
+
+class SphereTarget:
+    """An analytic target: a ball of ``radius`` at the origin coloured by its normal
+    (``0.5 + 0.4·n``), over a solid ``background`` — ray-traced in closed form.
+
+    Pixel rays follow the scenes' convention (pixel centres, OpenGL camera, focal
+    ``H / (2 tan(fovy/2))``).
+    """
+
+    def __init__(self, radius: float = 0.5, background: Sequence[float] = (1.0, 1.0, 1.0)) -> None:
+        self.radius = float(radius)
+        self.background = torch.tensor([float(v) for v in background])
+
+    def __call__(self, cameras: Cameras, height: int, width: int) -> Tensor:
+        c2w = cameras.c2w.float().cpu()
+        batch = c2w.shape[0]
+        focal = 0.5 * height / torch.tan(0.5 * cameras.fovy.float().cpu())
+        ys = torch.arange(height, dtype=torch.float32) + 0.5
+        xs = torch.arange(width, dtype=torch.float32) + 0.5
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        local = torch.stack(
+            [
+                (grid_x - width / 2)[None] / focal[:, None, None],
+                -(grid_y - height / 2)[None] / focal[:, None, None],
+                -torch.ones(batch, height, width),
+            ],
+            dim=-1,
+        )
+        dirs = torch.nn.functional.normalize(local @ c2w[:, None, :3, :3].transpose(-1, -2), dim=-1)
+        origin = c2w[:, None, None, :3, 3]
+        b = (origin * dirs).sum(-1)
+        c = (origin * origin).sum(-1) - self.radius**2
+        disc = b * b - c
+        hit = disc > 0
+        depth = -b - disc.clamp_min(0).sqrt()
+        normal = torch.nn.functional.normalize(origin + depth[..., None] * dirs, dim=-1)
+        colour = 0.5 + 0.4 * normal
+        image = torch.where(hit[..., None], colour, self.background.expand(batch, height, width, 3))
+        return image.permute(0, 3, 1, 2).contiguous()

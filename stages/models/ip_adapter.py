@@ -76,6 +76,7 @@ class PerSampleIPAttnProcessor(IPAdapterAttnProcessor2_0):
     def __init__(self, hidden_size, cross_attention_dim=None, num_tokens=(4,), scale=1.0):
         super().__init__(hidden_size, cross_attention_dim, num_tokens, scale)
         self.sample_scale: Tensor | None = None
+        self.sample_scale_active = True  # False when every sample's scale is 0 (skip the IP attention)
 
     def __call__(
         self,
@@ -126,7 +127,7 @@ class PerSampleIPAttnProcessor(IPAdapterAttnProcessor2_0):
             F.scaled_dot_product_attention(query, heads(key), heads(value), attn_mask=attention_mask)
         )
         sample_scale = self.sample_scale.to(device=hidden_states.device, dtype=hidden_states.dtype).view(-1, 1, 1)
-        if bool((sample_scale != 0).any()):
+        if self.sample_scale_active:
             for ip_states, to_k_ip, to_v_ip in zip(ip_hidden_states, self.to_k_ip, self.to_v_ip):
                 ip_attn = F.scaled_dot_product_attention(query, heads(to_k_ip(ip_states)), heads(to_v_ip(ip_states)))
                 hidden_states = hidden_states + sample_scale * merge(ip_attn)
@@ -146,18 +147,22 @@ def ip_processors(unet: UNet2DConditionModel) -> list[PerSampleIPAttnProcessor]:
 
 @contextlib.contextmanager
 def per_sample_ip_scale(unet: UNet2DConditionModel, scales: Tensor) -> Iterator[None]:
-    """Within the block, UNet forwards scale sample b's image-prompt attention by ``scales[b]``."""
+    """Within the block, UNet forwards scale sample b's image-prompt attention by ``scales[b]``.
+
+    ``scales`` (B,) may live on the UNet's device (saves a copy per attention layer).
+    """
     processors = ip_processors(unet)
     if not processors:
         raise ValueError("the UNet has no IP-Adapter processors; load an IP-Adapter first (load_ip_adapter)")
-    scales = torch.as_tensor(scales, dtype=torch.float32).reshape(-1)
+    scales = torch.as_tensor(scales).reshape(-1)
+    active = bool((scales != 0).any())  # one host sync here instead of one per attention layer
     for p in processors:
-        p.sample_scale = scales
+        p.sample_scale, p.sample_scale_active = scales, active
     try:
         yield
     finally:
         for p in processors:
-            p.sample_scale = None
+            p.sample_scale, p.sample_scale_active = None, True
 
 
 def set_global_ip_scale(unet: UNet2DConditionModel, scale: float) -> None:
@@ -270,13 +275,19 @@ def load_ip_adapter(
         _check_compatible(state, layout, unet, encoder.config, path, ad_src.key)
         weight_file = str(path)
 
-    unet._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
-    _install_per_sample_processors(unet)
+    install_ip_adapter_state(unet, state)
     place(unet, device, dtype)
     size = encoder.config.image_size
     processor = CLIPImageProcessor(size=size, crop_size=size)
     num_tokens = ip_processors(unet)[0].num_tokens[0]
     return IPAdapter(encoder, processor, layout, num_tokens, weight_file)
+
+
+def install_ip_adapter_state(unet: UNet2DConditionModel, state: dict[str, dict[str, Tensor]]) -> None:
+    """Load an original-layout ``{"image_proj", "ip_adapter"}`` state into ``unet`` with diffusers'
+    converter (``_load_ip_adapter_weights``), then swap in :class:`PerSampleIPAttnProcessor`."""
+    unet._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
+    _install_per_sample_processors(unet)
 
 
 def _install_per_sample_processors(unet: UNet2DConditionModel) -> None:

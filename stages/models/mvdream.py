@@ -33,6 +33,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from stages.models.sources import ModelSourceError, hub_errors, hub_file, hub_kwargs, resolve_source
 from stages.models.tiny import tiny_clip_text_config, tiny_tokenizer, tiny_vae_config
 
 NUM_FRAMES = 4
@@ -301,91 +302,82 @@ def load_mvdream(
     device: torch.device | str = "cpu",
     seed: int = 0,
     text_source: str | None = None,
+    key: str = "models.mvdream",
 ) -> MVDreamComponents:
     """MVDream parts from ``source``, frozen, on ``device`` in ``dtype``.
 
     ``source``: ``tiny``; an original checkpoint file (``.pt``/``.ckpt``/``.safetensors``,
     converted on load); a directory written by ``python -m stages.models.mvdream_convert``;
-    or a hub ``owner/repo:filename`` / ``owner/repo`` (needs network or the HF cache).
-    ``text_source`` supplies the tokenizer (the original checkpoint has none): ``tiny``, a
-    hub id or a diffusers directory with a ``tokenizer/`` subfolder (SD2.1-base's). It is
-    not needed for ``tiny`` or for a converted directory that contains ``tokenizer/``.
+    a hub ``org/name:file.pt`` (default ``MVDream/MVDream:sd-v2.1-base-4view.pt``) or a hub
+    repo holding a converted directory. The UNet, VAE and OpenCLIP text encoder all come
+    from ``source`` (the original checkpoint holds all three). ``text_source``
+    (``models.mvdream_text``) supplies the tokenizer, which the original checkpoint lacks:
+    ``tiny``, a hub id or a diffusers directory with ``tokenizer/`` (SD2.1-base's). It is not
+    needed for ``tiny`` or a converted directory that has ``tokenizer/``.
     """
-    if source == "tiny":
+    src = resolve_source(source, key)
+    if src.kind == "tiny":
         components = build_tiny_mvdream(seed)
+    elif src.kind == "directory":
+        components = _load_directory(src.path, text_source, key)
     else:
-        path = _resolve_source(source)
-        if path.is_dir():
-            components = _load_directory(path, text_source)
+        if src.kind == "hub" and src.filename is None:
+            from huggingface_hub import snapshot_download
+
+            with hub_errors(src, "the converted MVDream directory"):
+                path = Path(snapshot_download(src.location, **hub_kwargs()))
+            if src.subfolder:
+                path = path / src.subfolder
+            components = _load_directory(path, text_source, key)
         else:
+            path = hub_file(src) if src.kind == "hub" else src.path
             from stages.models.mvdream_convert import components_from_checkpoint
 
-            components = components_from_checkpoint(path, tokenizer=_load_tokenizer(text_source, path))
+            components = components_from_checkpoint(path, tokenizer=load_tokenizer(text_source, path))
     return _freeze(components, dtype, torch.device(device))
 
 
 def _freeze(components: MVDreamComponents, dtype: torch.dtype, device: torch.device) -> MVDreamComponents:
     for module in (components.unet, components.vae, components.text_encoder):
-        module.requires_grad_(False).eval().to(device=device, dtype=dtype)
+        # nn.Module.to: diffusers' override only adds a warning about fp32-pinned modules (none here)
+        torch.nn.Module.to(module.requires_grad_(False).eval(), device=device, dtype=dtype)
     set_multiview_attention(components.unet)
     return components
 
 
-def _resolve_source(source: str) -> Path:
-    """A local path, or a hub ``repo:filename`` (file) / ``repo`` (snapshot directory)."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        repo, _, filename = source.partition(":")
-        try:
-            from huggingface_hub import hf_hub_download, snapshot_download
-
-            if filename:
-                return Path(hf_hub_download(repo_id=repo, filename=filename))
-            return Path(snapshot_download(repo_id=repo))
-        except Exception as exc:  # offline, unknown repo, missing file: say which source
-            raise FileNotFoundError(
-                f"models.mvdream: cannot fetch {source!r} from the hub ({type(exc).__name__}: {exc})"
-            ) from exc
-    raise FileNotFoundError(
-        f"models.mvdream: {source!r} is neither 'tiny', an existing file/directory, nor a hub "
-        "'owner/repo[:filename]'"
-    )
-
-
-def _load_tokenizer(text_source: str | None, checkpoint: Path) -> CLIPTokenizer:
+def load_tokenizer(text_source: str | None, checkpoint: Path | str, key: str = "models.mvdream_text") -> CLIPTokenizer:
+    """The SD2.1 (OpenCLIP) tokenizer from ``text_source``: ``tiny``, a hub id, or a directory
+    (its ``tokenizer/`` subfolder or itself)."""
     if text_source is None:
-        raise ValueError(
-            f"models.mvdream_text is needed to tokenize prompts for {checkpoint} (the original "
-            "MVDream checkpoint holds no tokenizer); use stabilityai/stable-diffusion-2-1-base "
-            "or a directory with its tokenizer/"
+        raise ModelSourceError(
+            f"{key} is needed to tokenize prompts for {checkpoint} (the original MVDream checkpoint "
+            "holds no tokenizer); use stabilityai/stable-diffusion-2-1-base or a directory with its tokenizer/"
         )
-    if text_source == "tiny":
+    src = resolve_source(text_source, key)
+    if src.kind == "tiny":
         return tiny_tokenizer()
-    path = Path(text_source).expanduser()
-    if path.is_dir():
-        sub = path / "tokenizer"
-        return CLIPTokenizer.from_pretrained(str(sub if sub.is_dir() else path))
-    try:
-        return CLIPTokenizer.from_pretrained(text_source, subfolder="tokenizer")
-    except Exception as exc:
-        raise FileNotFoundError(
-            f"models.mvdream_text: cannot load a tokenizer from {text_source!r} ({exc})"
-        ) from exc
+    if src.kind == "directory":
+        sub = src.path / "tokenizer"
+        with hub_errors(src, "the tokenizer"):
+            return CLIPTokenizer.from_pretrained(str(sub if sub.is_dir() else src.path))
+    if src.kind == "hub":
+        subfolder = "/".join(p for p in (src.subfolder, "tokenizer") if p)
+        with hub_errors(src, "the tokenizer"):
+            return CLIPTokenizer.from_pretrained(src.location, subfolder=subfolder, **hub_kwargs())
+    raise ModelSourceError(f"{key}: a tokenizer cannot come from a single file {src.location!r}")
 
 
-def _load_directory(path: Path, text_source: str | None) -> MVDreamComponents:
+def _load_directory(path: Path, text_source: str | None, key: str) -> MVDreamComponents:
     marker = path / MARKER_FILE
     if not marker.is_file():
-        raise FileNotFoundError(
-            f"{path} is not an MVDream directory (no {MARKER_FILE}); write one with "
+        raise ModelSourceError(
+            f"{key}: {str(path)!r} is not an MVDream directory (no {MARKER_FILE}); write one with "
             "`python -m stages.models.mvdream_convert CHECKPOINT OUT_DIR`"
         )
     meta = json.loads(marker.read_text())
     for sub in ("unet", "vae", "text_encoder"):
         if not (path / sub).is_dir():
-            raise FileNotFoundError(f"MVDream directory {path} lacks {sub}/")
+            raise ModelSourceError(f"{key}: MVDream directory {str(path)!r} lacks {sub}/")
     from safetensors.torch import load_file
 
     unet = set_multiview_attention(UNet2DConditionModel.from_pretrained(str(path / "unet")))
@@ -394,7 +386,7 @@ def _load_directory(path: Path, text_source: str | None) -> MVDreamComponents:
     if (path / "tokenizer").is_dir():
         tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
     else:
-        tokenizer = _load_tokenizer(text_source, path)
+        tokenizer = load_tokenizer(text_source, path)
     schedule = path / SCHEDULE_FILE
     alphas = load_file(str(schedule))["alphas_cumprod"] if schedule.is_file() else mvdream_alphas_cumprod()
     return MVDreamComponents(

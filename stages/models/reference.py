@@ -18,7 +18,7 @@ from diffusers import AutoPipelineForText2Image, DDIMScheduler, DiffusionPipelin
 from PIL import Image
 
 from stages.models.sd import build_tiny_sd, place
-from stages.models.sources import ModelSource, ModelSourceError, hub_errors, hub_kwargs, resolve_source
+from stages.models.sources import SINGLE_FILE_HINT, ModelSource, ModelSourceError, hub_errors, hub_kwargs, resolve_source
 
 
 class ReferenceSampler:
@@ -108,6 +108,7 @@ def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
+
 def _build_pipeline(src: ModelSource, dtype: torch.dtype, seed: int) -> DiffusionPipeline:
     if src.kind == "tiny":
         return tiny_pipeline(seed).to(dtype=dtype)
@@ -122,7 +123,7 @@ def _build_pipeline(src: ModelSource, dtype: torch.dtype, seed: int) -> Diffusio
                 src.location, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **hub_kwargs()
             )
     try:
-        with hub_errors(src, "the text-to-image checkpoint"):
+        with hub_errors(src, "the text-to-image checkpoint", SINGLE_FILE_HINT):
             return StableDiffusionPipeline.from_single_file(
                 src.location, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **hub_kwargs()
             )

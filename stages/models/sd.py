@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from stages.models.sources import ModelSource, ModelSourceError, hub_errors, hub_kwargs, resolve_source
+from stages.models.sources import SINGLE_FILE_HINT, ModelSource, ModelSourceError, hub_errors, hub_kwargs, resolve_source
 from stages.models.tiny import tiny_clip_text_config, tiny_tokenizer, tiny_unet_config, tiny_vae_config
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -31,6 +31,21 @@ SD15_SCHEDULER_CONFIG = {
     "steps_offset": 1,
 }
 """SD1.5's noise schedule (also used for ``tiny``)."""
+
+SD15_UNET_CONFIG = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "norm_num_groups": 32,
+}
+"""SD1.5's UNet config (``unet/config.json`` of stable-diffusion-v1-5), for full-size benchmarks
+with random weights (no download)."""
 
 
 @dataclass
@@ -127,6 +142,7 @@ def seeded(seed: int, build):
         return build()
 
 
+
 def _load_pipeline(src: ModelSource, dtype: torch.dtype) -> StableDiffusionPipeline:
     common = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
     if src.kind in ("hub", "directory"):
@@ -140,7 +156,7 @@ def _load_pipeline(src: ModelSource, dtype: torch.dtype) -> StableDiffusionPipel
                 src.location, subfolder=src.subfolder, **common, **hub_kwargs()
             )
     try:
-        with hub_errors(src, "the Stable Diffusion checkpoint"):
+        with hub_errors(src, "the Stable Diffusion checkpoint", SINGLE_FILE_HINT):
             return StableDiffusionPipeline.from_single_file(src.location, **common, **hub_kwargs())
     except ModelSourceError:
         raise

@@ -30,6 +30,11 @@ from huggingface_hub.errors import EntryNotFoundError
 from torch import Tensor
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE_HINT = (
+    "A single checkpoint file needs the SD1.5 pipeline config, which diffusers takes from the hub "
+    "cache; without hub access, convert the file to a diffusers directory and point the key there."
+)
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -112,9 +117,9 @@ def hub_kwargs() -> dict[str, bool]:
 
 
 @contextlib.contextmanager
-def hub_errors(source: ModelSource, what: str = "model") -> Iterator[None]:
+def hub_errors(source: ModelSource, what: str = "model", hint: str = "") -> Iterator[None]:
     """Turn hub / file-system errors of a load into a :class:`ModelSourceError` that says how
-    to point ``source.key`` at a local path."""
+    to point ``source.key`` at a local path (``hint`` is appended for local sources)."""
     try:
         yield
     except ModelSourceError:
@@ -129,13 +134,13 @@ def hub_errors(source: ModelSource, what: str = "model") -> Iterator[None]:
                 "local diffusers directory or checkpoint file."
             ) from exc
         raise ModelSourceError(
-            f"{source.key}: cannot load {what} from {source.location!r}: {_first_line(exc)}"
+            f"{source.key}: cannot load {what} from {source.location!r}: {_first_line(exc)}. {hint}".rstrip()
         ) from exc
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
+    return text.splitlines()[0].rstrip(".")
 
 
 def load_checkpoint(path: str | Path, key: str) -> dict[str, Tensor]:

@@ -96,8 +96,9 @@ def load_checkpoint(checkpoint_dir: Path) -> dict[str, Any] | None:
 
 def save_scene_state(scene: torch.nn.Module, path: Path) -> None:
     """The final scene parameters as plain tensors (``checkpoint.pt`` of an asset), atomically."""
-    state = {k: v.detach().cpu().contiguous() for k, v in scene.state_dict().items()}
-    atomic_torch_save(state, Path(path))
+    from stages.optimize.loop import to_cpu
+
+    atomic_torch_save(to_cpu(scene.state_dict()), Path(path))
 
 
 def load_scene_state(path: Path) -> dict[str, torch.Tensor]:

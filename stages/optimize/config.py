@@ -14,13 +14,13 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from stages.guidance.losses import LOSS_NAMES, SD_BRANCHES
 from stages.guidance.schedules import ScheduleConfig
 from stages.scene.cameras import CameraConfig
-from stages.scene.nerf import NeRFConfig
-from stages.scene.splats import SplatConfig
+from stages.scene.nerf.config import NeRFConfig
+from stages.scene.splats.config import SplatConfig
 
 REPRESENTATIONS = ("nerf", "splats")
 MVDREAM_ONLY = ("mvdream", "sds_mvd")
@@ -48,8 +48,10 @@ class IsdConfig:
     """CFG scale of the SD1.5 / IP-Adapter predictions."""
     cv_guidance_scale: float = 100.0
     """CFG of the SD control variate in the ``cv_cfg100`` ablation."""
-    delta_t: int = 20
+    delta_t: int = 50
     """Timestep offset of the ``cv_t_delta`` ablation."""
+    view_prompts: bool = True
+    """Append threestudio's view suffix (", front view", ...) to the prompt per view."""
     negative_prompt: str = ""
     """Negative prompt of the SD1.5 side (threestudio's default: empty)."""
 
@@ -110,13 +112,13 @@ class ExportConfig:
     video_format: str = "mp4"
     """``mp4`` (falls back to ``gif`` when ffmpeg is missing) | ``gif``."""
     mesh: bool = True
-    """Write ``mesh.glb`` (+ OBJ) for NeRF scenes (and for splats when ``splat_mesh``)."""
+    """Write ``mesh.glb`` + ``mesh.obj``/``mesh.mtl`` (scenes with a density field: NeRF)."""
     mesh_resolution: int = 128
     """Marching-cubes grid resolution."""
-    mesh_obj: bool = True
-    """Also write ``mesh.obj`` + ``mesh.mtl``."""
-    splat_mesh: bool = False
-    """Also extract a mesh from a splat scene."""
+    mesh_threshold: str = "auto"
+    """Density iso-level: a number, or ``auto`` (mean + 5 std of the grid, threestudio)."""
+    mesh_target_faces: int = 0
+    """Decimate the mesh to about this many faces; 0 keeps all."""
     render_chunk: int = 8
     """Views rendered per call while exporting (memory bound)."""
 
@@ -228,6 +230,7 @@ class OptimizeConfig:
         ex = self.export
         for key in ("preview_resolution", "turntable_frames", "turntable_fps", "turntable_resolution", "mesh_resolution", "render_chunk"):
             _require(int(getattr(ex, key)) > 0, f"{p}.export.{key} must be > 0, got {getattr(ex, key)}")
+        _require(int(ex.mesh_target_faces) >= 0, f"{p}.export.mesh_target_faces must be >= 0, got {ex.mesh_target_faces}")
         _require(ex.video_format in ("mp4", "gif"), f"{p}.export.video_format must be 'mp4' or 'gif', got {ex.video_format!r}")
         return self
 
@@ -276,9 +279,9 @@ def _tiny_or_default(cls: type) -> Any:
 
 
 def load_optimize_config(
-    path: str | Path | None = None, overrides: Sequence[str] = (), base: OptimizeConfig | None = None
+    source: str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = (), base: OptimizeConfig | None = None
 ) -> OptimizeConfig:
-    """``base`` (default: paper defaults) ← YAML file ``path`` ← ``key=value`` dotlist overrides.
+    """``base`` (default: paper defaults) ← YAML file / mapping ``source`` ← ``key=value`` overrides.
 
     A YAML file may hold the keys at top level or under ``method:``. The special override
     ``preset=tiny`` (or ``preset: tiny`` in the file) starts from :meth:`OptimizeConfig.tiny`.
@@ -287,7 +290,14 @@ def load_optimize_config(
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    file_cfg = OmegaConf.load(path) if path is not None else OmegaConf.create({})
+    if source is None:
+        file_cfg = OmegaConf.create({})
+    elif isinstance(source, (str, Path)):
+        if not Path(source).is_file():
+            raise ValueError(f"method config file not found: {source}")
+        file_cfg = OmegaConf.load(source)
+    else:
+        file_cfg = OmegaConf.create(dict(source)) if not OmegaConf.is_config(source) else source.copy()
     if "method" in file_cfg:
         file_cfg = file_cfg.method
     dotlist = OmegaConf.from_dotlist(list(overrides))

@@ -131,6 +131,17 @@ def render_views(scene: torch.nn.Module, cameras: Cameras, resolution: int, chun
     return {k: torch.cat(v).clamp(0, 1) for k, v in outputs.items()}
 
 
+def to_cpu(obj: Any) -> Any:
+    """Tensors (also inside dicts / lists, e.g. a module's extra state) detached onto the CPU."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 class _Run:
     """State of one optimisation call (kept small: everything persistent is in the checkpoint)."""
 
@@ -211,7 +222,10 @@ class _Run:
             request = self._request(
                 rgb_detached, cameras, timesteps, step, "noise_ip", loss=cfg.loss,
                 guidance_scale=cfg.isd.guidance_scale, ip_scale=cfg.isd.ip_scale,
-                options={"sd_branch": cfg.isd.sd_branch, "cv_guidance_scale": cfg.isd.cv_guidance_scale, "delta_t": int(cfg.isd.delta_t)},
+                options={
+                    "sd_branch": cfg.isd.sd_branch, "cv_guidance_scale": float(cfg.isd.cv_guidance_scale),
+                    "delta_t": int(cfg.isd.delta_t), "view_prompts": bool(cfg.isd.view_prompts),
+                },
             )
             response = self._ask("ip", request)
             grad += alpha * response.grad_rgb.to(grad.device, torch.float32)
@@ -248,7 +262,7 @@ class _Run:
     def state(self, iteration: int, history: list[dict[str, float]]) -> dict[str, Any]:
         return {
             "iteration": iteration,
-            "scene": {k: v.detach().cpu() for k, v in self.scene.state_dict().items()},
+            "scene": to_cpu(self.scene.state_dict()),
             "optimizer": self.optimizer.state_dict(),
             "rng": {"seed": self.seed, "scheme": "derive_seed(seed, iteration, stream)", "torch_cpu": torch.get_rng_state()},
             "seed": self.seed,

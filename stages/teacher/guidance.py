@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from stages.guidance import losses
-from stages.guidance.protocol import GuidanceRequest, GuidanceResponse, UnknownAssetError
+from stages.guidance.protocol import GuidanceRequest, GuidanceResponse, UnknownAssetError, request_noise
 from stages.teacher.mixture import GaussianMixture
-from stages.teacher.model import AnalyticTeacher, TeacherConfig, prompt_mixture
+from stages.teacher.model import AnalyticTeacher, TeacherConfig, prompt_mixture, reference_component
 
 
 def reference_points(reference: Any) -> Tensor:
@@ -79,7 +79,8 @@ class AnalyticGuidance:
 
     Request ``options`` read here: ``sd_branch`` ("vanilla" | "ip_null", default the
     field below), ``delta_t`` (int, for ``cv_t_delta``), ``cv_guidance_scale`` (float, for
-    ``cv_cfg100``). ``info`` of a response holds ``residual_norm``.
+    ``cv_cfg100``). Noise: ``request_noise(seed, shape)`` (and ``seed + 1`` for the independent
+    draw of ``cv_same_t``). ``info`` of a response holds ``residual_norm``.
     """
 
     config: TeacherConfig = field(default_factory=TeacherConfig)
@@ -104,9 +105,7 @@ class AnalyticGuidance:
         if reference is not None:
             # The reference image selects the cond component most of its pixels belong to;
             # its mean is the point both mixtures are tilted toward.
-            pixels = reference_points(reference)
-            probe = AnalyticTeacher(cond, uncond, pixels, self.config.tilt, self.config.null_flatten)
-            points = cond.means[probe.reference_index]
+            points = cond.means[reference_component(cond, reference_points(reference))]
         teacher = AnalyticTeacher(cond, uncond, points, self.config.tilt, self.config.null_flatten)
         self._assets[asset_id] = _Asset(prompt, negative_prompt, teacher, reference is not None)
 
@@ -135,6 +134,13 @@ class AnalyticGuidance:
             raise ValueError(f"asset {asset_id!r} was registered without a reference")
         return self.mode_colours(asset_id)[teacher.reference_index]
 
+    def mode_index(self, asset_id: str, rgb: Tensor) -> Tensor:
+        """Index of the prompt mode whose basin holds each colour: rgb (..., 3, H, W) in [0, 1]
+        → (..., H, W) int64 (a (3,) colour gives a 0-d tensor)."""
+        points = torch.as_tensor(rgb, dtype=torch.float64).movedim(-3 if rgb.ndim >= 3 else 0, -1)
+        modes = self.mixture(asset_id).responsibilities(points.reshape(-1, 3) * 2.0 - 1.0).argmax(1)
+        return modes.reshape(points.shape[:-1])
+
     def grad(self, requests: Sequence[GuidanceRequest]) -> list[GuidanceResponse]:
         """One response per request, each computed from that request alone."""
         return [self._grad_one(request) for request in requests]
@@ -151,9 +157,9 @@ class AnalyticGuidance:
                 "was registered without a reference"
             )
         latents = request.rgb.detach().cpu().float() * 2.0 - 1.0
-        generator = torch.Generator(device="cpu").manual_seed(int(request.seed))
-        noise = torch.randn(latents.shape, generator=generator)  # == request_noise(seed, shape)
-        independent = torch.randn(latents.shape, generator=generator) if spec.needs_independent_noise else None
+        noise = request_noise(request.seed, latents.shape)
+        # the independent draw of cv_same_t comes from seed + 1, as in IPGuidance
+        independent = request_noise(request.seed + 1, latents.shape) if spec.needs_independent_noise else None
         params = losses.LossParams(
             guidance_scale=float(request.guidance_scale),
             cv_guidance_scale=float(options.get("cv_guidance_scale", self.cv_guidance_scale)),

@@ -37,7 +37,7 @@ def alphas_cumprod(
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GaussianMixture:
     """Σ_k softmax(log_weights)_k N(means_k, stds_k² I).
 
@@ -106,8 +106,7 @@ class GaussianMixture:
     def log_prob(self, x: Tensor, alpha_bar: Tensor | float = 1.0) -> Tensor:
         """log p_t(x) of the mixture noised to ᾱ (1 = clean data), x (N, D) → (N,)."""
         alpha_bar = torch.as_tensor(alpha_bar, dtype=x.dtype).expand(x.shape[0])
-        _, s2, logits = self._noised_terms(x, alpha_bar)
-        del s2
+        logits = self._noised_terms(x, alpha_bar)[2]
         log_norm = -0.5 * self.dim * math.log(2 * math.pi)
         return torch.logsumexp(logits - self.log_weights.to(x).logsumexp(0), dim=1) + log_norm
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -274,21 +273,3 @@ class AnalyticTeacher:
         preds = self.predictions(spec, x0, timesteps, noise, ip_scale, independent_noise, delta_t)
         weight = losses.sds_weight(self.alphas_cumprod, timesteps.long())
         return losses.latent_gradient(spec, preds, noise, weight, params, independent_noise)
-
-    def residuals(
-        self,
-        names: Sequence[str],
-        x0: Tensor,
-        timesteps: Tensor,
-        noise: Tensor,
-        params: LossParams = LossParams(),
-        ip_scale: float = 0.5,
-        sd_branch: str = "vanilla",
-    ) -> dict[str, Tensor]:
-        """Unweighted residuals r (no w(t)) of several losses on the same (x0, t, noise)."""
-        out = {}
-        for name in names:
-            spec = losses.loss_spec(name, sd_branch)
-            preds = self.predictions(spec, x0, timesteps, noise, ip_scale)
-            out[name] = spec.residual(preds, noise, None, params)
-        return out

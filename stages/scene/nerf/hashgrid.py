@@ -81,9 +81,6 @@ def corner_indices(corners: Tensor, layout: LevelLayout) -> Tensor:
     return index % layout.size
 
 
-_CORNER_BITS = torch.tensor([[(c >> d) & 1 for d in range(3)] for c in range(8)], dtype=torch.int64)  # (8, 3)
-
-
 class TorchHashGrid(nn.Module):
     """Pure-torch ``HashGrid``: (N, 3) in [0, 1] → (N, n_levels · F), level-major features."""
 
@@ -103,25 +100,37 @@ class TorchHashGrid(nn.Module):
     def _encode(self, x: Tensor, params: Tensor) -> Tensor:
         n_features = self.config.n_features_per_level
         table = params.view(-1, n_features)
-        bits = _CORNER_BITS.to(x.device)
         x = x.float()
-        index_rows: list[Tensor] = []
-        weight_rows: list[Tensor] = []
+        n = x.shape[0]
+        # Corner c = bx + 2·by + 4·bz is built as a (2, 2, 2) block indexed [bz, by, bx]; index
+        # terms and weights factor per axis, so each level costs a few (N, 8) ops only.
+        index = torch.empty(n, len(self.layout), 8, dtype=torch.int32, device=x.device)
+        weights = []
         for layout in self.layout:
             pos = x * layout.scale + 0.5
             grid = torch.floor(pos)
             frac = pos - grid  # differentiable in x (analytic normals)
             with torch.no_grad():
-                corners = grid.long()[:, None, :] + bits  # (N, 8, 3)
-                index_rows.append(corner_indices(corners, layout) + layout.offset)
-            # weight of a corner = Π_d (frac_d if bit_d else 1 − frac_d)
-            w = torch.where(bits.bool(), frac[:, None, :], 1.0 - frac[:, None, :]).prod(dim=-1)  # (N, 8)
-            weight_rows.append(w)
-        index = torch.stack(index_rows, dim=1)  # (N, L, 8)
-        weights = torch.stack(weight_rows, dim=1)  # (N, L, 8)
+                lo = grid.long()
+                both = torch.stack([lo, lo + 1], dim=1)  # (N, 2, 3): [lower, upper] per axis
+                if layout.dense:
+                    r = layout.resolution
+                    terms = both * torch.tensor([1, r, r * r], device=x.device)
+                    combined = terms[:, None, None, :, 0] + terms[:, None, :, None, 1] + terms[:, :, None, None, 2]
+                    combined = combined.reshape(n, 8) % layout.size
+                else:
+                    # size is a power of two here, so masking each term first equals masking the XOR
+                    mask = layout.size - 1
+                    terms = (both * torch.tensor(PRIMES, device=x.device)) & mask
+                    t = terms.to(torch.int32)
+                    combined = (t[:, None, None, :, 0] ^ t[:, None, :, None, 1] ^ t[:, :, None, None, 2]).reshape(n, 8)
+                index[:, layout.level] = combined + layout.offset
+            wx, wy, wz = (torch.stack([1.0 - frac[:, d], frac[:, d]], dim=1) for d in range(3))  # (N, 2) each
+            weights.append((wz[:, :, None, None] * wy[:, None, :, None] * wx[:, None, None, :]).reshape(n, 8))
+        w = torch.stack(weights, dim=1)  # (N, L, 8)
         feats = nn.functional.embedding(index, table)  # (N, L, 8, F)
-        out = (feats * weights[..., None]).sum(dim=2)  # (N, L, F)
-        return out.reshape(x.shape[0], self.n_output_dims)
+        out = (feats * w[..., None]).sum(dim=2)  # (N, L, F)
+        return out.reshape(n, self.n_output_dims)
 
 
 def tcnn_available() -> bool:

@@ -49,6 +49,8 @@ class NeRFScene(nn.Module):
         self._rng = torch.Generator().manual_seed(seed + 0x5EED)
         if self.field.backend == "tcnn":
             self.to("cuda")
+        if config.renderer.grid_prune:
+            self.update_occupancy()  # start from the blob, not from an all-occupied grid
 
     @property
     def backend(self) -> str:
@@ -193,7 +195,7 @@ class NeRFScene(nn.Module):
     def update_occupancy(self) -> None:
         """Re-evaluate the coarse occupancy grid (nerfacc ``OccGridEstimator`` rule): density at a
         jittered point per cell times the step size, EMA-max with the previous value, a cell is
-        occupied while above min(mean, ``grid_threshold``)."""
+        occupied while above min(mean, ``grid_threshold``), then dilated by one cell."""
         c = self.config.renderer
         res = c.grid_resolution
         r = self.config.radius
@@ -208,7 +210,11 @@ class NeRFScene(nn.Module):
         previous = self.occupancy_value
         value = torch.where(previous < 0, value, torch.maximum(previous * c.grid_ema_decay, value))
         self.occupancy_value.copy_(value)
-        self.occupancy.copy_(value > torch.clamp(value.mean(), max=c.grid_threshold))
+        occupied = value > torch.clamp(value.mean(), max=c.grid_threshold)
+        # One jittered lookup per cell misses thin or steep features; dilate by one cell to stay
+        # conservative (a skipped sample is lost, an extra one only costs time).
+        occupied = F.max_pool3d(occupied[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
+        self.occupancy.copy_(occupied)
 
     def step_pre_backward(self, step: int, out: RenderOutput) -> None:
         """Refresh the occupancy grid every ``renderer.grid_update_every`` steps (step 0 included)."""

@@ -98,8 +98,9 @@ class SplatConfig:
     far_plane: float = 1e10
     eps2d: float = 0.3
     """Dilation added to the 2D covariance (gsplat ``eps2d``, antialiasing off)."""
-    pixel_chunk: int = 4096
-    """Torch backend: pixels evaluated per chunk (bounds memory: chunk × visible Gaussians)."""
+    tile_size: int = 16
+    """Torch backend: side of the square pixel chunks evaluated densely against the Gaussians
+    touching them (memory ~ tile_size² × Gaussians per tile; 16 as gsplat's tiles)."""
     max_scale: float = 0.5
     """The ``scale`` regulariser penalises scales above this × ``radius``."""
     lr: SplatLearningRates = field(default_factory=SplatLearningRates)
@@ -142,7 +143,7 @@ class SplatConfig:
             raise ValueError(
                 f"splats.background_random_aug_prob must be in [0, 1], got {self.background_random_aug_prob}"
             )
-        if self.pixel_chunk < 1:
-            raise ValueError(f"splats.pixel_chunk must be >= 1, got {self.pixel_chunk}")
+        if self.tile_size < 1:
+            raise ValueError(f"splats.tile_size must be >= 1, got {self.tile_size}")
         if not 0 < self.near_plane < self.far_plane:
             raise ValueError("splats.near_plane must be > 0 and < splats.far_plane")

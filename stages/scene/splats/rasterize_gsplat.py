@@ -27,14 +27,13 @@ def rasterize_gsplat(
     near_plane: float = 0.01,
     far_plane: float = 1e10,
     eps2d: float = 0.3,
-    pixel_chunk: int = 4096,
+    tile_size: int = 16,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """``gsplat.rasterization`` with ``render_mode="RGB+ED"``, ``packed=False``, classic mode,
     no background; see :func:`stages.scene.splats.rasterize_torch.rasterize_torch` for shapes.
-    ``pixel_chunk`` is accepted for a uniform call and unused (gsplat tiles internally)."""
+    ``tile_size`` is gsplat's tile size (16 is the tested value)."""
     from gsplat import rasterization
 
-    del pixel_chunk
     return rasterization(
         means=means,
         quats=quats,
@@ -52,4 +51,5 @@ def rasterize_gsplat(
         packed=False,
         render_mode="RGB+ED",
         rasterize_mode="classic",
+        tile_size=tile_size,
     )

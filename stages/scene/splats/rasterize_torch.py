@@ -13,7 +13,7 @@ gsplat 1.5 computes with ``packed=False, rasterize_mode="classic", render_mode="
   would bring its transmittance to ≤ 1e-4;
 - depth: expected camera-space z, Σ wᵢ zᵢ / Σ wᵢ (0 where nothing was hit).
 
-Evaluation is dense: every pixel of a square chunk of ``pixel_chunk`` pixels against every
+Evaluation is dense: every pixel of a ``tile_size`` × ``tile_size`` chunk against every
 Gaussian whose box touches the chunk (the box bounds where α ≥ 1/255, so the culling is exact).
 """
 
@@ -118,23 +118,41 @@ def project(
     return {"means2d": means2d, "conics": conics, "depths": tz, "radii": radii}
 
 
-def _composite_chunk(
-    pix: Tensor, means2d: Tensor, conics: Tensor, opacities: Tensor, feats: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Front-to-back compositing of depth-sorted Gaussians (M) over pixel centres ``pix`` (P, 2).
+def _composite_tiles(
+    offsets: Tensor, means2d: Tensor, conics: Tensor, opacities: Tensor, feats: Tensor
+) -> Tensor:
+    """Front-to-back compositing over a batch of T tiles of P pixels.
 
-    Returns accumulated ``feats`` (P, D) and alpha (P, 1).
+    ``offsets`` (P, 2) pixel centres relative to the tile origin; per tile the depth-sorted
+    Gaussians with ``means2d`` (T, M, 2) relative to the tile origin, ``conics`` (T, M, 3),
+    ``opacities`` (T, M) (0 for padding) and ``feats`` (T, M, D). Returns (T, P, D + 1):
+    the accumulated ``feats`` and the pixel alpha.
     """
-    delta = pix[:, None, :] - means2d[None, :, :]  # (P, M, 2)
-    dx, dy = delta[..., 0], delta[..., 1]
-    sigma = 0.5 * (conics[:, 0] * dx * dx + conics[:, 2] * dy * dy) + conics[:, 1] * dx * dy
-    alpha = torch.clamp_max(opacities * torch.exp(-sigma), MAX_ALPHA)
-    alpha = torch.where((sigma >= 0) & (alpha >= ALPHA_THRESHOLD), alpha, torch.zeros_like(alpha))
-    log_t = torch.cumsum(torch.log1p(-alpha), dim=1)  # log transmittance after each Gaussian
-    log_t_before = F.pad(log_t[:, :-1], (1, 0))
-    keep = log_t > math.log(TRANSMITTANCE_EPS)
-    weights = alpha * torch.exp(log_t_before) * keep
-    return weights @ feats, weights.sum(dim=1, keepdim=True)
+    # log(o) - σ(u, v) is a quadratic polynomial in the pixel position: one batched matmul
+    # against the monomials [1, u, v, u², v², uv] (local coordinates keep it well conditioned).
+    a, b, c = conics.unbind(-1)
+    mx, my = means2d.unbind(-1)
+    log_o = torch.log(opacities.clamp_min(1e-30))
+    coeffs = torch.stack(
+        [
+            log_o - (0.5 * a * mx * mx + 0.5 * c * my * my + b * mx * my),
+            a * mx + b * my,
+            c * my + b * mx,
+            -0.5 * a,
+            -0.5 * c,
+            -b,
+        ],
+        dim=-2,
+    )  # (T, 6, M)
+    u, v = offsets.unbind(-1)
+    monomials = torch.stack([torch.ones_like(u), u, v, u * u, v * v, u * v], dim=-1)  # (P, 6)
+    alpha = torch.exp(monomials @ coeffs)  # (T, P, M) = o · exp(-σ)
+    alpha = torch.where(alpha >= ALPHA_THRESHOLD, alpha.clamp_max(MAX_ALPHA), torch.zeros_like(alpha))
+    log_t = torch.cumsum(torch.log1p(-alpha), dim=-1)  # log transmittance after each Gaussian
+    log_t_before = F.pad(log_t[..., :-1], (1, 0))
+    weights = torch.where(log_t > math.log(TRANSMITTANCE_EPS), alpha * torch.exp(log_t_before), torch.zeros_like(alpha))
+    ones = torch.ones_like(feats[..., :1])
+    return weights @ torch.cat([feats, ones], dim=-1)
 
 
 def rasterize_torch(
@@ -151,7 +169,7 @@ def rasterize_torch(
     near_plane: float = 0.01,
     far_plane: float = 1e10,
     eps2d: float = 0.3,
-    pixel_chunk: int = 4096,
+    tile_size: int = 16,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Render C cameras of N Gaussians; same arguments and outputs as ``gsplat.rasterization``
     with ``render_mode="RGB+ED", packed=False`` and no background.
@@ -174,7 +192,6 @@ def rasterize_torch(
     elif colors.ndim == 2:
         colors = colors[None].expand(n_cams, *colors.shape)
 
-    side = max(1, int(math.isqrt(pixel_chunk)))
     renders, alphas = [], []
     for cam in range(n_cams):
         render, alpha = _render_camera(
@@ -186,7 +203,7 @@ def rasterize_torch(
             colors[cam],
             width,
             height,
-            side,
+            tile_size,
         )
         renders.append(render)
         alphas.append(alpha)
@@ -218,38 +235,66 @@ def _render_camera(
     colors: Tensor,
     width: int,
     height: int,
-    side: int,
+    tile_size: int,
+    max_elements: int = 1 << 22,
 ) -> tuple[Tensor, Tensor]:
-    """One camera: accumulated [colors, depth] (H, W, D + 1) and alpha (H, W, 1)."""
+    """One camera: accumulated [colors, depth] (H, W, D + 1) and alpha (H, W, 1).
+
+    The image is cut into ``tile_size``² tiles; each tile composites, in depth order, the
+    Gaussians whose box touches it (padded to the busiest tile of a batch of tiles, with
+    batches sized to about ``max_elements`` pixel-Gaussian pairs).
+    """
+    device, dtype = means2d.device, means2d.dtype
     n_feat = colors.shape[-1] + 1
     visible = torch.nonzero((radii > 0).all(dim=-1)).squeeze(-1)
     visible = visible[torch.argsort(depths[visible].detach(), stable=True)]
     m2d, con, opa = means2d[visible], conics[visible], opacities[visible]
     feats = torch.cat([colors[visible], depths[visible, None]], dim=-1)
+
+    tiles_y, tiles_x = -(-height // tile_size), -(-width // tile_size)
+    n_tiles, n_pix = tiles_y * tiles_x, tile_size * tile_size
+    ty, tx = torch.meshgrid(torch.arange(tiles_y, device=device), torch.arange(tiles_x, device=device), indexing="ij")
+    origin = torch.stack([tx.reshape(-1), ty.reshape(-1)], dim=-1).to(dtype) * tile_size  # (T, 2) x, y
+    py, px = torch.meshgrid(torch.arange(tile_size, device=device), torch.arange(tile_size, device=device), indexing="ij")
+    offsets = torch.stack([px.reshape(-1), py.reshape(-1)], dim=-1).to(dtype) + 0.5  # (P, 2)
+
     with torch.no_grad():
         lo = m2d.detach() - radii[visible]
         hi = m2d.detach() + radii[visible]
+        touch = (
+            (hi[None, :, 0] >= origin[:, None, 0])
+            & (lo[None, :, 0] <= origin[:, None, 0] + tile_size)
+            & (hi[None, :, 1] >= origin[:, None, 1])
+            & (lo[None, :, 1] <= origin[:, None, 1] + tile_size)
+        )  # (T, M)
+        counts = touch.sum(dim=1)
+        # Per tile: touching Gaussians first, still in depth order (stable sort).
+        order = torch.argsort((~touch).to(torch.int8), dim=1, stable=True)
 
-    rows = []
-    for y0 in range(0, height, side):
-        y1 = min(height, y0 + side)
-        tiles = []
-        for x0 in range(0, width, side):
-            x1 = min(width, x0 + side)
-            ys, xs = torch.meshgrid(
-                torch.arange(y0, y1, device=means2d.device, dtype=means2d.dtype) + 0.5,
-                torch.arange(x0, x1, device=means2d.device, dtype=means2d.dtype) + 0.5,
-                indexing="ij",
+    parts = []
+    start = 0
+    while start < n_tiles:
+        stop = start + 1
+        busiest = int(counts[start])
+        while stop < n_tiles and (stop + 1 - start) * n_pix * max(busiest, int(counts[stop]), 1) <= max_elements:
+            busiest = max(busiest, int(counts[stop]))
+            stop += 1
+        if busiest == 0:
+            parts.append(means2d.new_zeros(stop - start, n_pix, n_feat + 1))
+        else:
+            idx = order[start:stop, :busiest]  # (t, m)
+            real = torch.arange(busiest, device=device)[None, :] < counts[start:stop, None]
+            parts.append(
+                _composite_tiles(
+                    offsets,
+                    m2d[idx] - origin[start:stop, None, :],
+                    con[idx],
+                    torch.where(real, opa[idx], torch.zeros_like(opa[idx])),
+                    feats[idx],
+                )
             )
-            pix = torch.stack([xs, ys], dim=-1).reshape(-1, 2)
-            touch = (hi[:, 0] >= x0) & (lo[:, 0] <= x1) & (hi[:, 1] >= y0) & (lo[:, 1] <= y1)
-            sel = torch.nonzero(touch).squeeze(-1)  # keeps depth order
-            if sel.numel() == 0:
-                acc = means2d.new_zeros(pix.shape[0], n_feat)
-                alpha = means2d.new_zeros(pix.shape[0], 1)
-            else:
-                acc, alpha = _composite_chunk(pix, m2d[sel], con[sel], opa[sel], feats[sel])
-            tiles.append(torch.cat([acc, alpha], dim=-1).reshape(y1 - y0, x1 - x0, n_feat + 1))
-        rows.append(torch.cat(tiles, dim=1))
-    image = torch.cat(rows, dim=0)
+        start = stop
+    image = torch.cat(parts)  # (T, P, F + 1)
+    image = image.reshape(tiles_y, tiles_x, tile_size, tile_size, n_feat + 1).permute(0, 2, 1, 3, 4)
+    image = image.reshape(tiles_y * tile_size, tiles_x * tile_size, n_feat + 1)[:height, :width]
     return image[..., :n_feat], image[..., n_feat:]

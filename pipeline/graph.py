@@ -1,0 +1,119 @@
+"""The shape of a dataset run, in one place (Ray bind/DAG API).
+
+::
+
+    job ──► ReferenceActor.sample(prompt, reference_seed)        (batched over assets)
+     │                 │
+     └────────────────►▼
+               optimise task (run_asset)  ──grad──►  IPGuidanceActor ×replicas   (batched)
+               one per asset, many at once ──grad──►  MVDreamGuidanceActor ×replicas
+                       │
+                       ▼ committed asset + manifest row
+
+The model actors are long-lived and shared by every asset, so they are created once
+(``.remote()``) and the per-asset DAG binds their *handles*: ``graph.submit(job)`` runs the
+DAG for one job and returns the ObjectRef of its result. Optimiser tasks talk to the
+guidance actors through handles passed as arguments (``GuidanceHandles``) because each task
+calls them thousands of times, which a static DAG edge cannot express.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.dag import DAGNode, InputNode
+
+from pipeline.actors import IPGuidanceActor, MVDreamGuidanceActor, ReferenceActor
+from pipeline.components import Components
+from pipeline.config import ActorResources, PipelineConfig
+from pipeline.jobs import Job
+from pipeline.progress import ProgressActor
+from pipeline.task import GuidanceHandles, TaskSpec, run_asset
+
+optimise_asset = ray.remote(run_asset)
+"""The optimiser task; resources and retries are set per run in :func:`build_graph`."""
+
+
+def _actor_options(resources: ActorResources, retry_calls: bool) -> dict[str, Any]:
+    return {
+        "num_cpus": resources.num_cpus,
+        "num_gpus": resources.num_gpus,
+        "max_restarts": resources.max_restarts,
+        # Reference samples are idempotent: Ray re-sends them to a restarted actor. Guidance
+        # calls are retried by the client, which must re-register the asset first.
+        "max_task_retries": resources.max_restarts if retry_calls else 0,
+        "max_concurrency": 1000,
+    }
+
+
+@dataclass
+class Graph:
+    """The model actors of one run and the per-asset DAGs over them (one per reference replica)."""
+
+    dags: list[DAGNode]
+    reference: list[Any] = field(default_factory=list)
+    ip: list[Any] = field(default_factory=list)
+    mvd: list[Any] = field(default_factory=list)
+    progress: Any = None
+    _submitted: int = 0
+
+    def submit(self, job: Job) -> ray.ObjectRef:
+        """Start one asset; reference replicas take turns."""
+        dag = self.dags[self._submitted % len(self.dags)]
+        self._submitted += 1
+        with warnings.catch_warnings():
+            # Ray 2.60 marks DAGNode.execute() deprecated (no replacement for task+actor DAGs yet).
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return dag.execute(job)
+
+    def actor_stats(self) -> dict[str, list[dict[str, float]]]:
+        """Batching statistics of every model actor, by kind."""
+        kinds = {"reference": self.reference, "ip": self.ip, "mvd": self.mvd}
+        return {kind: ray.get([actor.stats.remote() for actor in actors]) for kind, actors in kinds.items() if actors}
+
+    def shutdown(self) -> None:
+        for actor in [*self.reference, *self.ip, *self.mvd, self.progress]:
+            if actor is not None:
+                ray.kill(actor)
+
+
+def build_graph(config: PipelineConfig, components: Components, work_dir: str) -> Graph:
+    """Create the model actors and the per-asset DAG for ``config``."""
+    res = config.resources
+
+    def replicas(actor_class: Any, factory: Any, resources: ActorResources, retry_calls: bool) -> list[Any]:
+        if factory is None:
+            return []
+        options = _actor_options(resources, retry_calls)
+        return [
+            actor_class.options(**options).remote(factory, resources.max_batch, resources.max_wait_ms)
+            for _ in range(resources.replicas)
+        ]
+
+    reference = replicas(ReferenceActor, components.reference_sampler, res.reference, retry_calls=True)
+    ip = replicas(IPGuidanceActor, components.ip_guidance, res.ip, retry_calls=False)
+    mvd = replicas(MVDreamGuidanceActor, components.mvd_guidance, res.mvd, retry_calls=False)
+    progress = ProgressActor.remote()
+
+    handles = GuidanceHandles(ip=ip, mvd=mvd)
+    spec = TaskSpec(
+        method=config.method,
+        output=config.output,
+        work_dir=work_dir,
+        components=components,
+        progress=progress,
+    )
+    task = optimise_asset.options(
+        num_cpus=res.task_num_cpus,
+        num_gpus=res.task_num_gpus,
+        max_retries=res.task_max_retries,
+    )
+    dags = []
+    for sampler in reference or [None]:
+        with InputNode() as job:
+            image = sampler.sample.bind(job.prompt, job.reference_seed) if sampler is not None else None
+            dags.append(task.bind(job, image, handles, spec))
+    return Graph(dags=dags, reference=reference, ip=ip, mvd=mvd, progress=progress)

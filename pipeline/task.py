@@ -1,0 +1,192 @@
+"""The optimiser task: one asset from reference image to committed dataset entry.
+
+Runs as a Ray task (``graph.py``): optimise against the guidance actors (resuming from the
+asset's checkpoint in the work dir), export into a staging dir, write ``metrics.json`` and
+``asset.json`` (its manifest row), and commit atomically. Application errors (NaN loss, a
+prompt the model rejects) come back as a ``failed`` row instead of an exception, so one bad
+asset does not stop the dataset; a dead worker is Ray's business (``max_retries``), and the
+retried task resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.clients import ActorGuidance
+from pipeline.components import Components
+from pipeline.jobs import Job
+from pipeline.writer import ASSET_RECORD, DatasetWriter, utc_now
+from stages.guidance.set import GuidanceSet
+from stages.optimize.config import OptimizeConfig
+
+REFERENCE_FILE = "reference.png"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The optimisation produced a NaN/inf loss; the asset is recorded as failed."""
+
+
+@dataclass
+class GuidanceHandles:
+    """Actor handles (replicas) per model; an asset always talks to the same replica."""
+
+    ip: list[Any] = field(default_factory=list)
+    mvd: list[Any] = field(default_factory=list)
+
+    def pick(self, replicas: list[Any], asset_id: str) -> ActorGuidance | None:
+        if not replicas:
+            return None
+        # Sticky by asset: its registration lives on that replica.
+        index = int.from_bytes(asset_id.encode()[-4:], "little") % len(replicas)
+        return ActorGuidance(replicas[index])
+
+    def guidance_set(self, asset_id: str) -> GuidanceSet:
+        return GuidanceSet(ip=self.pick(self.ip, asset_id), mvd=self.pick(self.mvd, asset_id))
+
+
+@dataclass
+class TaskSpec:
+    """What every optimiser task of a run shares."""
+
+    method: OptimizeConfig
+    output: str
+    work_dir: str
+    components: Components
+    progress: Any | None = None
+    """``ProgressActor`` handle (or None)."""
+    report_every_s: float = 1.0
+
+
+def manifest_row(job: Job, method: OptimizeConfig, **values: Any) -> dict[str, Any]:
+    """A manifest row for ``job`` with defaults for what ``values`` does not give."""
+    return {
+        "asset_id": job.asset_id,
+        "prompt": job.prompt,
+        "prompt_index": job.prompt_index,
+        "variant": job.variant,
+        "reference_seed": job.reference_seed,
+        "seed": job.seed,
+        "method": method.loss,
+        "representation": method.representation,
+        "config_digest": job.config_digest,
+        "error": None,
+        "asset_dir": f"assets/{job.asset_id}",
+        "files": "{}",
+        "metrics": "{}",
+        "iterations": 0,
+        "mlflow_run_id": None,
+        **values,
+    }
+
+
+def _stable_reference(work: Path, sampled: Any | None) -> Any | None:
+    """The reference used by the first attempt (saved in the work dir), so a resumed asset
+    keeps optimising towards the same image even if sampling is not bit-reproducible."""
+    if sampled is None:
+        return None
+    from PIL import Image
+
+    path = work / REFERENCE_FILE
+    if path.is_file():
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{REFERENCE_FILE}.{os.getpid()}.tmp")
+    sampled.convert("RGB").save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return sampled.convert("RGB")
+
+
+def _progress_callback(job: Job, spec: TaskSpec) -> Any:
+    total = spec.method.iterations
+    last = [0.0]
+
+    def callback(step: int, metrics: dict[str, float], previews: Any) -> None:
+        loss = metrics.get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLossError(f"non-finite loss {loss} at iteration {step}")
+        now = time.monotonic()
+        if spec.progress is not None and (now - last[0] >= spec.report_every_s or step + 1 == total):
+            last[0] = now
+            spec.progress.report.remote(job.asset_id, step + 1, total)
+
+    return callback
+
+
+def run_asset(job: Job, reference: Any | None, handles: GuidanceHandles, spec: TaskSpec) -> dict[str, Any]:
+    """Optimise, export and commit one asset. Returns ``{"row": manifest row, "history": [...]}``."""
+    writer = DatasetWriter(spec.output)
+    if writer.is_committed(job.asset_id):  # a retry after the commit already happened
+        return {"row": writer.read_record(job.asset_id), "history": [], "committed": False}
+    if spec.progress is not None:
+        spec.progress.started.remote(job.asset_id, os.getpid())
+    started, tick = utc_now(), time.perf_counter()
+    work = Path(spec.work_dir) / job.asset_id
+    try:
+        reference = _stable_reference(work, reference)
+        result = spec.components.optimize(
+            spec.method,
+            handles.guidance_set(job.asset_id),
+            reference,
+            job.seed,
+            work,
+            job.prompt,
+            job.asset_id,
+            _progress_callback(job, spec),
+        )
+        bad = {k: v for k, v in result.metrics.items() if isinstance(v, float) and math.isnan(v)}
+        if bad:
+            raise NonFiniteLossError(f"non-finite final metrics {sorted(bad)}")
+        staged = writer.staging_dir(job.asset_id)
+        try:
+            files = dict(spec.components.export(result.scene, staged, spec.method, reference=reference))
+            if reference is not None and not (staged / REFERENCE_FILE).exists():
+                reference.save(staged / REFERENCE_FILE, format="PNG")
+                files.setdefault("reference", REFERENCE_FILE)
+            metrics = {k: float(v) for k, v in result.metrics.items()}
+            metrics["duration_s"] = time.perf_counter() - tick
+            (staged / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+            files.setdefault("metrics", "metrics.json")
+            row = manifest_row(
+                job,
+                spec.method,
+                status="succeeded",
+                files=json.dumps({k: f"assets/{job.asset_id}/{v}" for k, v in sorted(files.items())}),
+                metrics=json.dumps(metrics, sort_keys=True),
+                iterations=int(result.iterations),
+                duration_s=metrics["duration_s"],
+                started_at=started,
+                finished_at=utc_now(),
+            )
+            (staged / ASSET_RECORD).write_text(json.dumps(row, indent=2))
+            committed = writer.commit(job.asset_id, staged)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        if not committed:
+            row = writer.read_record(job.asset_id)
+        shutil.rmtree(work, ignore_errors=True)  # checkpoints are no longer needed
+        return {"row": row, "history": result.history, "committed": committed}
+    except Exception as error:  # recorded, not raised: one bad asset must not stop the dataset
+        message = f"{type(error).__name__}: {error}"
+        row = manifest_row(
+            job,
+            spec.method,
+            status="failed",
+            error=f"{message}\n{traceback.format_exc(limit=8)}",
+            duration_s=time.perf_counter() - tick,
+            started_at=started,
+            finished_at=utc_now(),
+        )
+        return {"row": row, "history": [], "committed": False}
+    finally:
+        if spec.progress is not None:
+            spec.progress.finished.remote(job.asset_id)
+

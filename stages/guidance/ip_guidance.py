@@ -1,0 +1,271 @@
+"""SD1.5 + IP-Adapter guidance: ISD, SDS, IP-SDS and the control-variate ablations.
+
+``IPGuidance.grad(requests)`` answers a batch of requests from different assets with ONE VAE
+encode and ONE UNet forward: every evaluation of every request's
+:func:`~stages.guidance.losses.loss_spec` (text cond/uncond × image ref/null/none × t or
+t+δt × shared or independent noise) becomes B rows of that forward, with a per-sample IP
+scale (the request's ``ip_scale`` for ``ref``/``null`` rows, 0 for ``none`` rows). Noise is
+drawn per request from its own seed (independent draws from ``seed + 1``), so a request's
+gradient does not depend on its batch mates (up to floating-point reduction order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from stages.guidance import losses
+from stages.guidance.protocol import (
+    NUM_TRAIN_TIMESTEPS,
+    GuidanceRequest,
+    GuidanceResponse,
+    UnknownAssetError,
+    request_noise,
+    validate_request,
+)
+from stages.guidance.vae_bridge import backprop_to_renders, encode_renders
+from stages.models.config import ModelsConfig
+from stages.models.device import resolve_device, resolve_dtype
+from stages.models.ip_adapter import IPAdapter, load_ip_adapter, per_sample_ip_scale, to_pil
+from stages.models.sd import SDComponents, load_sd
+from stages.scene.cameras import VIEW_DIRECTIONS, view_directions, view_prompt
+
+DEFAULT_DELTA_T = 50
+"""δt of ``cv_t_delta`` when the request's ``options["delta_t"]`` is not set."""
+
+
+@dataclass
+class IPComponents:
+    """Everything :class:`IPGuidance` runs: SD1.5 parts with the IP-Adapter loaded into the UNet."""
+
+    sd: SDComponents
+    ip: IPAdapter
+
+
+def load_ip_components(models: ModelsConfig) -> IPComponents:
+    """SD1.5 (``models.sd``) + IP-Adapter (``models.ip_adapter*``, ``models.image_encoder``)."""
+    device = resolve_device(models.device)
+    dtype = resolve_dtype(models.dtype, device)
+    sd = load_sd(models.sd, dtype=dtype, device=device, seed=models.seed)
+    ip = load_ip_adapter(
+        sd.unet,
+        models.ip_adapter,
+        models.image_encoder,
+        subfolder=models.ip_adapter_subfolder,
+        weight_name=models.ip_adapter_weight_name,
+        dtype=dtype,
+        device=device,
+        seed=models.seed,
+    )
+    return IPComponents(sd, ip)
+
+
+@dataclass
+class _Asset:
+    """Cached embeddings of one registered asset (all on the model device/dtype)."""
+
+    key: tuple[str, str, str]
+    cond: Tensor  # (1, 77, C)
+    uncond: Tensor  # (1, 77, C)
+    views: dict[str, Tensor]  # direction -> (1, 77, C)
+    reference: Tensor | None  # (1, D) / (1, T, D) image embedding, None without a reference
+
+
+@dataclass
+class _Rows:
+    """The UNet rows of one evaluation of one request."""
+
+    x: Tensor
+    t: Tensor
+    text: Tensor
+    image: Tensor
+    scale: Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class IPGuidance:
+    """The :class:`~stages.guidance.protocol.Guidance` of SD1.5 + IP-Adapter.
+
+    ``models``: a :class:`ModelsConfig` (loaded here) or prebuilt :class:`IPComponents`.
+    ``render_resolution``: renders are resized to this square size before the VAE (512 for
+    SD1.5; smaller values are for tiny models). ``sd_branch``: ``vanilla`` (ε_SD = IP scale 0)
+    or ``ip_null`` (ε_SD = adapter with the null image embedding), see DESIGN.md.
+    """
+
+    def __init__(
+        self,
+        models: ModelsConfig | IPComponents,
+        render_resolution: int = 512,
+        sd_branch: str = "vanilla",
+        negative_prompt: str = "",
+    ) -> None:
+        if sd_branch not in losses.SD_BRANCHES:
+            raise ValueError(f"unknown isd.sd_branch {sd_branch!r}; expected one of {losses.SD_BRANCHES}")
+        components = models if isinstance(models, IPComponents) else load_ip_components(models)
+        self.sd = components.sd
+        self.ip = components.ip
+        factor = self.sd.vae_scale_factor
+        if render_resolution <= 0 or render_resolution % factor:
+            raise ValueError(
+                f"render_resolution must be a positive multiple of the VAE factor {factor}, got {render_resolution}"
+            )
+        self.render_resolution = int(render_resolution)
+        self.sd_branch = sd_branch
+        self.negative_prompt = negative_prompt
+        self.alphas_cumprod = self.sd.alphas_cumprod
+        self._null = self.ip.null_embedding().to(self.sd.dtype)
+        self._assets: dict[str, _Asset] = {}
+
+    # ------------------------------------------------------------------ registry
+
+    def register(
+        self, asset_id: str, prompt: str, reference: Any | None = None, negative_prompt: str | None = None
+    ) -> None:
+        """Encode prompt, negative prompt, view-dependent prompts and the reference once.
+
+        Idempotent: registering the same (prompt, negative prompt, reference) again is a no-op;
+        different inputs replace the cached embeddings.
+        """
+        negative = self.negative_prompt if negative_prompt is None else negative_prompt
+        key = (prompt, negative, _fingerprint(reference))
+        if asset_id in self._assets and self._assets[asset_id].key == key:
+            return
+        texts = [prompt, negative] + [view_prompt(prompt, d) for d in VIEW_DIRECTIONS]
+        embeds = self.sd.encode_prompts(texts)
+        views = {d: embeds[2 + i : 3 + i] for i, d in enumerate(VIEW_DIRECTIONS)}
+        image = None
+        if reference is not None:
+            image = self.ip.encode_reference(reference).to(self.sd.dtype)
+        self._assets[asset_id] = _Asset(key, embeds[0:1], embeds[1:2], views, image)
+
+    def release(self, asset_id: str) -> None:
+        """Forget an asset; unknown ids are ignored."""
+        self._assets.pop(asset_id, None)
+
+    @property
+    def registered(self) -> list[str]:
+        return list(self._assets)
+
+    # ------------------------------------------------------------------ gradients
+
+    def grad(self, requests: Sequence[GuidanceRequest]) -> list[GuidanceResponse]:
+        """Image-space gradients for every request, from one VAE encode and one UNet forward."""
+        if not requests:
+            return []
+        specs = [self._check(req) for req in requests]
+        device, dtype = self.sd.device, self.sd.dtype
+        encoded = encode_renders(self.sd.vae, [r.rgb for r in requests], self.render_resolution, device, dtype)
+        latents = encoded.split(encoded.latents.detach())
+
+        rows: list[_Rows] = []
+        noises: list[tuple[Tensor, Tensor | None]] = []
+        for req, spec, x0 in zip(requests, specs, latents):
+            noise = request_noise(req.seed, x0.shape).to(device)
+            noise2 = request_noise(req.seed + 1, x0.shape).to(device) if spec.needs_independent_noise else None
+            noises.append((noise, noise2))
+            rows.extend(self._rows(req, spec, x0, noise, noise2))
+
+        with torch.no_grad(), per_sample_ip_scale(self.sd.unet, torch.cat([r.scale for r in rows]).to(device)):
+            predictions = self.sd.unet(
+                torch.cat([r.x for r in rows]).to(dtype),
+                torch.cat([r.t for r in rows]).to(device),
+                encoder_hidden_states=torch.cat([r.text for r in rows]),
+                added_cond_kwargs={"image_embeds": self.ip.unet_embeds(torch.cat([r.image for r in rows]))},
+            ).sample.float()
+        per_row = torch.split(predictions, [r.x.shape[0] for r in rows])
+
+        grads, start = [], 0
+        for req, spec, (noise, noise2) in zip(requests, specs, noises):
+            preds = per_row[start : start + len(spec.evaluations)]
+            start += len(spec.evaluations)
+            params = losses.LossParams(
+                guidance_scale=float(req.guidance_scale),
+                cv_guidance_scale=float(req.options.get("cv_guidance_scale", 100.0)),
+            )
+            weight = losses.sds_weight(self.alphas_cumprod, req.timesteps.cpu()).to(device)
+            grads.append(losses.latent_gradient(spec, preds, noise, weight, params, noise2))
+
+        grad_rgb = backprop_to_renders(encoded, torch.cat(grads))
+        responses = []
+        for req, spec, g_latent, g_rgb in zip(requests, specs, grads, grad_rgb):
+            responses.append(
+                GuidanceResponse(
+                    asset_id=req.asset_id,
+                    grad_rgb=g_rgb.to(req.rgb.dtype),
+                    loss=float(losses.surrogate_loss(g_latent)),
+                    grad_norm=float(g_latent.float().norm()),
+                    timesteps=req.timesteps.detach().cpu(),
+                    info={
+                        "evaluations": float(len(spec.evaluations)),
+                        "ip_scale": float(req.ip_scale),
+                        "guidance_scale": float(req.guidance_scale),
+                        "t_mean": float(req.timesteps.float().mean()),
+                        "unet_batch": float(predictions.shape[0]),
+                    },
+                )
+            )
+        return responses
+
+    def _check(self, req: GuidanceRequest) -> losses.LossSpec:
+        validate_request(req)
+        if req.asset_id not in self._assets:
+            raise UnknownAssetError(req.asset_id)
+        if req.loss not in losses.LOSS_NAMES:
+            raise ValueError(f"GuidanceRequest.loss: unknown loss {req.loss!r}; expected one of {losses.LOSS_NAMES}")
+        spec = losses.loss_spec(req.loss, self.sd_branch)
+        if spec.uses_image_prompt and self._assets[req.asset_id].reference is None:
+            raise ValueError(
+                f"GuidanceRequest.loss {req.loss!r} needs a reference image, but asset {req.asset_id!r} "
+                "was registered without one"
+            )
+        if req.options.get("view_prompts") and (req.elevation is None or req.azimuth is None):
+            raise ValueError("GuidanceRequest.options['view_prompts'] needs elevation and azimuth")
+        delta_t = req.options.get("delta_t", DEFAULT_DELTA_T)
+        if not isinstance(delta_t, (int, np.integer)) or not 0 <= int(delta_t) < NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"GuidanceRequest.options['delta_t'] must be an int in [0, 1000), got {delta_t!r}")
+        return spec
+
+    def _rows(
+        self, req: GuidanceRequest, spec: losses.LossSpec, x0: Tensor, noise: Tensor, noise2: Tensor | None
+    ) -> list[_Rows]:
+        asset = self._assets[req.asset_id]
+        batch = x0.shape[0]
+        device = x0.device
+        t = req.timesteps.to(device=device, dtype=torch.long)
+        t_delta = losses.shifted_timesteps(t, int(req.options.get("delta_t", DEFAULT_DELTA_T)))
+        if req.options.get("view_prompts"):
+            names = view_directions(req.elevation.cpu(), req.azimuth.cpu())
+            cond = torch.cat([asset.views[n] for n in names])
+        else:
+            cond = asset.cond.expand(batch, -1, -1)
+        uncond = asset.uncond.expand(batch, -1, -1)
+        rows = []
+        for ev in spec.evaluations:
+            steps = t if ev.timestep == "t" else t_delta
+            eps = noise if ev.noise == "shared" else noise2
+            x_t = losses.add_noise(x0.float(), eps, self.alphas_cumprod, steps)
+            image = asset.reference if ev.image == "ref" else self._null
+            scale = 0.0 if ev.image == "none" else float(req.ip_scale)
+            rows.append(
+                _Rows(
+                    x=x_t,
+                    t=steps,
+                    text=cond if ev.text == "cond" else uncond,
+                    image=image.expand(batch, *image.shape[1:]),
+                    scale=torch.full((batch,), scale),
+                )
+            )
+        return rows
+
+
+def _fingerprint(reference: Any | None) -> str:
+    """Content hash of a reference image (so re-registering the same image is a no-op)."""
+    if reference is None:
+        return ""
+    pixels = np.asarray(to_pil(reference))
+    return hashlib.sha1(pixels.tobytes() + str(pixels.shape).encode()).hexdigest()

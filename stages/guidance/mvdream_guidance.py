@@ -1,0 +1,293 @@
+"""MVDream SDS guidance (ModeDreamer Eq. 8) implementing the guidance protocol.
+
+Per request: B = 4·k renders of one asset (k groups of 4 views, each group with one t),
+their camera-to-world matrices, a noise seed. All requests of a call are VAE-encoded at
+``render_resolution`` (256 → 32² latents) in one forward with grad, noised with each
+request's own noise, and go through ONE multi-view UNet forward of batch 2·ΣB (text-cond
+and text-uncond halves, camera repeated, ``num_frames`` = 4). The latent gradient is
+
+- SDS (default): w(t)·(ε_cfg − ε) with w(t) = 1 − ᾱ_t (``losses.loss_spec("sds_mvd")``);
+- ``recon_loss``: latents − x̂0, where x̂0 is predicted from ε_cfg and, per group of 4 views,
+  its std is rescaled towards the no-CFG x̂0's and blended with weight ``recon_std_rescale``
+  (MVDream-threestudio's x0-reconstruction loss; its gradient of
+  ``0.5·||latents − x̂0||²``, without threestudio's extra 1/B, like the SDS branch here),
+
+and is back-propagated through the VAE encoder to ``grad_rgb``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from stages.guidance.losses import (
+    LossParams,
+    LossSpec,
+    add_noise,
+    cfg,
+    latent_gradient,
+    loss_spec,
+    sds_weight,
+    surrogate_loss,
+)
+from stages.guidance.protocol import GuidanceRequest, GuidanceResponse, UnknownAssetError, request_noise
+from stages.guidance.vae_bridge import backprop_to_renders, encode_renders
+from stages.models.config import ModelsConfig
+from stages.models.device import resolve_device, resolve_dtype
+from stages.models.mvdream import (
+    MVDreamComponents,
+    encode_prompts,
+    load_mvdream,
+    mvdream_forward,
+    normalize_camera,
+)
+
+MVDREAM_NEGATIVE_PROMPT = (
+    "ugly, bad anatomy, blurry, pixelated obscure, unnatural colors, poor lighting, dull, and unclear, "
+    "cropped, lowres, low quality, artifacts, duplicate, morbid, mutilated, poorly drawn face, deformed, "
+    "dehydrated, bad proportions"
+)
+"""MVDream-threestudio's ``configs/mvdream-sd21.yaml`` negative prompt."""
+LOSSES = ("sds_mvd", "sds")
+"""Request ``loss`` names this guidance serves (both mean SDS with the MVDream UNet)."""
+
+
+@dataclass
+class _Asset:
+    prompt: str
+    negative_prompt: str
+    cond: Tensor
+    """(1, L, D) text embedding on the model's device/dtype."""
+    uncond: Tensor
+
+
+def recon_latent_gradient(
+    latents: Tensor,
+    noisy: Tensor,
+    alphas: Tensor,
+    eps_cond: Tensor,
+    eps_uncond: Tensor,
+    guidance_scale: float,
+    std_rescale: float,
+    num_frames: int,
+) -> Tensor:
+    """latents − x̂0 (MVDream-threestudio ``recon_loss``), all (B, C, h, w), B = groups·num_frames.
+
+    ``alphas`` is ᾱ_t per sample (B,). x̂0 = (x_t − √(1−ᾱ)·ε_cfg)/√ᾱ; with ``std_rescale`` > 0
+    it is scaled per group by std(x̂0_nocfg)/std(x̂0) and blended:
+    x̂0 ← s·(x̂0·factor) + (1 − s)·x̂0.
+    """
+    a = alphas.view(-1, 1, 1, 1).float()
+    x_t = noisy.float()
+
+    def x0_from(eps: Tensor) -> Tensor:
+        return (x_t - (1 - a).sqrt() * eps.float()) / a.sqrt()
+
+    x0 = x0_from(cfg(eps_cond.float(), eps_uncond.float(), guidance_scale))
+    if std_rescale > 0:
+        x0_nocfg = x0_from(eps_cond)
+        grouped = (num_frames, *x0.shape[1:])
+        std_nocfg = x0_nocfg.reshape(-1, *grouped).std(dim=(1, 2, 3, 4), keepdim=True)
+        std_cfg = x0.reshape(-1, *grouped).std(dim=(1, 2, 3, 4), keepdim=True)
+        factor = ((std_nocfg + 1e-8) / (std_cfg + 1e-8)).repeat_interleave(num_frames, dim=0).squeeze(1)
+        x0 = std_rescale * (x0 * factor) + (1 - std_rescale) * x0
+    return latents.float() - x0
+
+
+class MVDreamGuidance:
+    """Multi-view SDS from the MVDream UNet for batches of requests from different assets.
+
+    ``guidance_scale``: MVDream's CFG (50). When not None, a request whose ``guidance_scale``
+    differs is rejected (so a request built with the 7.5 default does not silently run at
+    the wrong scale); ``None`` uses each request's own ``guidance_scale``.
+    ``recon_loss`` / ``recon_std_rescale`` can be overridden per request through
+    ``request.options["recon_loss"]`` / ``["recon_std_rescale"]``.
+    """
+
+    def __init__(
+        self,
+        models: MVDreamComponents,
+        render_resolution: int = 256,
+        guidance_scale: float | None = 50.0,
+        recon_loss: bool = False,
+        recon_std_rescale: float = 0.5,
+        negative_prompt: str = MVDREAM_NEGATIVE_PROMPT,
+    ) -> None:
+        if render_resolution <= 0 or render_resolution % 8:
+            raise ValueError(f"render_resolution must be a positive multiple of 8, got {render_resolution}")
+        if not 0.0 <= recon_std_rescale <= 1.0:
+            raise ValueError(f"recon_std_rescale must be in [0, 1], got {recon_std_rescale}")
+        self.models = models
+        self.render_resolution = int(render_resolution)
+        self.guidance_scale = guidance_scale
+        self.recon_loss = bool(recon_loss)
+        self.recon_std_rescale = float(recon_std_rescale)
+        self.negative_prompt = negative_prompt
+        self.num_frames = int(models.num_frames)
+        self.spec: LossSpec = loss_spec("sds_mvd")
+        for evaluation in self.spec.evaluations:
+            if evaluation.image != "none" or evaluation.timestep != "t" or evaluation.noise != "shared":
+                raise ValueError(f"MVDreamGuidance cannot evaluate {evaluation}")
+        self._assets: dict[str, _Asset] = {}
+
+    @classmethod
+    def from_config(cls, models: ModelsConfig, render_resolution: int | None = None) -> "MVDreamGuidance":
+        """Load ``models.mvdream`` (+ tokenizer from ``models.mvdream_text``) on ``models.device``/``dtype``.
+
+        The CFG scale, ``recon_loss`` and its rescale then come from each request (the
+        optimiser's ``method.mvd`` settings), so this guidance is built with
+        ``guidance_scale=None``. ``render_resolution`` defaults to MVDream's 256, and to 64 for
+        ``tiny`` (its VAE is a toy; 64² renders give 8² latents).
+        """
+        device = resolve_device(models.device)
+        dtype = resolve_dtype(models.dtype, device)
+        components = load_mvdream(
+            models.mvdream, dtype=dtype, device=device, seed=models.seed, text_source=models.mvdream_text
+        )
+        if render_resolution is None:
+            render_resolution = 64 if models.mvdream == "tiny" else 256
+        return cls(components, render_resolution=render_resolution, guidance_scale=None)
+
+    # ------------------------------------------------------------------ registry
+
+    def register(
+        self,
+        asset_id: str,
+        prompt: str,
+        reference: Any | None = None,
+        negative_prompt: str | None = None,
+    ) -> None:
+        """Encode ``prompt`` and the negative prompt (SD2.1 text encoder) once per asset.
+
+        ``reference`` is accepted for protocol compatibility and unused (MVDream is text-only).
+        ``negative_prompt=None`` uses the guidance's default.
+        """
+        negative = self.negative_prompt if negative_prompt is None else negative_prompt
+        known = self._assets.get(asset_id)
+        if known is not None and known.prompt == prompt and known.negative_prompt == negative:
+            return
+        cond, uncond = encode_prompts(self.models, [prompt, negative]).chunk(2)
+        self._assets[asset_id] = _Asset(prompt, negative, cond, uncond)
+
+    def release(self, asset_id: str) -> None:
+        self._assets.pop(asset_id, None)
+
+    # ---------------------------------------------------------------------- grad
+
+    def _check(self, request: GuidanceRequest) -> None:
+        if request.asset_id not in self._assets:
+            raise UnknownAssetError(request.asset_id)
+        if request.loss not in LOSSES:
+            raise ValueError(f"MVDreamGuidance serves loss {LOSSES}, got request.loss={request.loss!r}")
+        if request.c2w is None:
+            raise ValueError(f"MVDreamGuidance needs GuidanceRequest.c2w (asset {request.asset_id!r})")
+        batch = request.rgb.shape[0]
+        f = self.num_frames
+        if batch == 0 or batch % f:
+            raise ValueError(
+                f"MVDreamGuidance needs groups of {f} views: GuidanceRequest.rgb has batch {batch} "
+                f"(asset {request.asset_id!r})"
+            )
+        n_view = request.options.get("n_view", f)
+        if int(n_view) != f:
+            raise ValueError(
+                f"GuidanceRequest.options['n_view']={n_view} but the MVDream model attends across {f} views"
+            )
+        groups = request.timesteps.reshape(-1, f)
+        unequal = (groups != groups[:, :1]).any(dim=1).nonzero().flatten().tolist()
+        if unequal:
+            raise ValueError(
+                f"GuidanceRequest.timesteps must be equal within each group of {f} views; groups "
+                f"{unequal} of asset {request.asset_id!r} are not: {groups[unequal].tolist()}"
+            )
+        if self.guidance_scale is not None and request.guidance_scale != self.guidance_scale:
+            raise ValueError(
+                f"GuidanceRequest.guidance_scale {request.guidance_scale} differs from "
+                f"MVDreamGuidance.guidance_scale {self.guidance_scale} (asset {request.asset_id!r}); "
+                "set the request's scale or build the guidance with guidance_scale=None"
+            )
+
+    def grad(self, requests: Sequence[GuidanceRequest]) -> list[GuidanceResponse]:
+        """``grad_rgb`` for every request, all of them through one VAE and one UNet forward."""
+        if not requests:
+            return []
+        for request in requests:
+            self._check(request)
+        models = self.models
+        device, dtype = models.device, models.dtype
+        alphas_all = models.alphas_cumprod.float()
+
+        encoded = encode_renders(models.vae, [r.rgb for r in requests], self.render_resolution, device, dtype)
+        latents = encoded.latents
+        shape = latents.shape[1:]
+        noises = [request_noise(r.seed, (r.rgb.shape[0], *shape)) for r in requests]
+        timesteps = torch.cat([r.timesteps.long().cpu() for r in requests])
+        noise = torch.cat(noises).to(device)
+        t_device = timesteps.to(device)
+
+        with torch.no_grad():
+            noisy = add_noise(latents.detach(), noise.to(dtype), alphas_all, t_device)
+            camera = normalize_camera(torch.cat([r.c2w.float().cpu() for r in requests])).to(device)
+            texts = {
+                "cond": torch.cat([self._assets[r.asset_id].cond.expand(r.rgb.shape[0], -1, -1) for r in requests]),
+                "uncond": torch.cat(
+                    [self._assets[r.asset_id].uncond.expand(r.rgb.shape[0], -1, -1) for r in requests]
+                ),
+            }
+            n_eval = len(self.spec.evaluations)
+            eps = mvdream_forward(
+                models.unet,
+                noisy.repeat(n_eval, 1, 1, 1),
+                t_device.repeat(n_eval),
+                torch.cat([texts[e.text] for e in self.spec.evaluations]).to(device, dtype),
+                camera.repeat(n_eval, 1).to(dtype),
+                num_frames=self.num_frames,
+            ).float()
+        predictions = [encoded.split(chunk) for chunk in eps.chunk(n_eval)]  # [eval][request]
+        noisy_split = encoded.split(noisy)
+        latent_split = encoded.split(latents.detach())
+
+        grads: list[Tensor] = []
+        infos: list[dict[str, float]] = []
+        for i, request in enumerate(requests):
+            scale = float(request.guidance_scale if self.guidance_scale is None else self.guidance_scale)
+            t = request.timesteps.long().cpu()
+            preds = [predictions[e][i] for e in range(n_eval)]
+            recon = bool(request.options.get("recon_loss", self.recon_loss))
+            if recon:
+                cond_index = [e.text for e in self.spec.evaluations].index("cond")
+                uncond_index = [e.text for e in self.spec.evaluations].index("uncond")
+                grad = recon_latent_gradient(
+                    latent_split[i],
+                    noisy_split[i],
+                    alphas_all[t].to(device),
+                    preds[cond_index],
+                    preds[uncond_index],
+                    scale,
+                    float(request.options.get("recon_std_rescale", self.recon_std_rescale)),
+                    self.num_frames,
+                )
+            else:
+                weight = sds_weight(alphas_all, t).to(device)
+                grad = latent_gradient(
+                    self.spec, preds, noises[i].to(device), weight, LossParams(guidance_scale=scale)
+                )
+            grad = torch.nan_to_num(grad.float())
+            grads.append(grad)
+            infos.append({"guidance_scale": scale, "recon_loss": float(recon)})
+
+        grad_rgb = backprop_to_renders(encoded, torch.cat(grads).to(latents.dtype))
+        return [
+            GuidanceResponse(
+                asset_id=request.asset_id,
+                grad_rgb=g_rgb.to(request.rgb.dtype),
+                loss=float(surrogate_loss(g_lat)),
+                grad_norm=float(g_lat.norm()),
+                timesteps=request.timesteps.detach().cpu(),
+                info=info,
+            )
+            for request, g_rgb, g_lat, info in zip(requests, grad_rgb, grads, infos)
+        ]

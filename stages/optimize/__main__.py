@@ -1,0 +1,187 @@
+"""Single-asset CLI: optimise one prompt in-process and write its asset files.
+
+    python -m stages.optimize --prompt "a red apple" models=tiny            # CPU, about a minute
+    python -m stages.optimize --prompt "a red apple" --reference apple.png --out outputs/apple
+    python -m stages.optimize --prompt "a chair" --config configs/quickstart.yaml iterations=300
+
+Positional ``key=value`` overrides go to the method config (``iterations=300``,
+``representation=splats``, ``schedule.resolutions=[32,64]``; a ``method.`` prefix is
+accepted), ``models.<key>=...`` to the model sources, ``models=tiny`` makes every model a
+tiny random one on the CPU (and starts the method from the ``tiny`` preset unless
+``preset=paper`` is given). A YAML ``--config`` may hold ``method:`` / ``models:`` /
+``method_preset:`` sections (a pipeline config works) or method keys at top level.
+
+Rerunning with the same ``--out`` resumes from the last checkpoint in ``<out>/work``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from stages.models.config import ModelsConfig
+
+TINY_MODEL_KEYS = ("sd", "ip_adapter", "image_encoder", "mvdream", "mvdream_text", "reference")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m stages.optimize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompt", required=True, help="text prompt of the asset")
+    parser.add_argument("--reference", default=None, help="reference image (PNG/JPEG); sampled from the prompt when absent")
+    parser.add_argument("--config", default=None, help="YAML with method:/models: sections or method keys")
+    parser.add_argument("--out", default=None, help="output directory (default outputs/single/<asset_id>)")
+    parser.add_argument("--seed", type=int, default=0, help="optimiser seed (and reference seed when sampled)")
+    parser.add_argument("--asset-id", default=None, help="asset id (default: hash of prompt, seed and config)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (method keys, models.<key>, models=tiny, preset=tiny)")
+    return parser.parse_args(argv)
+
+
+def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str], bool]:
+    """(method overrides, models overrides, models=tiny given) from ``key=value`` tokens."""
+    method, models, tiny = [], [], False
+    for token in overrides:
+        if "=" not in token:
+            raise ValueError(f"override {token!r} is not key=value")
+        key, value = token.split("=", 1)
+        if key == "models":
+            if value != "tiny":
+                raise ValueError(f"models={value!r}: only models=tiny is a shortcut; set models.<key>=... otherwise")
+            tiny = True
+        elif key.startswith("models."):
+            models.append(token[len("models."):])
+        elif key in ("method_preset", "method.preset"):
+            method.append(f"preset={value}")
+        else:
+            method.append(token[len("method."):] if key.startswith("method.") else token)
+    return method, models, tiny
+
+
+def build_models_config(file_section: Any, overrides: Sequence[str], tiny: bool) -> ModelsConfig:
+    """ModelsConfig ← ``models=tiny`` shortcut ← YAML ``models:`` section ← ``models.<key>`` overrides."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    base = ModelsConfig()
+    if tiny:
+        base = ModelsConfig(**{k: "tiny" for k in TINY_MODEL_KEYS}, device="cpu", dtype="float32")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(base), file_section or {}, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as error:
+        raise ValueError(f"invalid models config: {error}") from error
+    return OmegaConf.to_object(merged)
+
+
+def build_configs(args: argparse.Namespace) -> tuple[Any, ModelsConfig]:
+    """The method (OptimizeConfig) and models config of this run."""
+    from omegaconf import OmegaConf
+
+    from stages.optimize.config import load_optimize_config
+
+    method_overrides, model_overrides, tiny = split_overrides(args.overrides)
+    if args.config and not Path(args.config).is_file():
+        raise ValueError(f"--config file not found: {args.config}")
+    file_cfg = OmegaConf.load(args.config) if args.config else OmegaConf.create({})
+    models_section = file_cfg.get("models", None)
+    preset = file_cfg.get("method_preset", None)
+    if "method" in file_cfg or "models" in file_cfg or "method_preset" in file_cfg:
+        method_section = file_cfg.get("method", None) or OmegaConf.create({})
+    else:
+        method_section = file_cfg
+    if preset is not None and "preset" not in method_section:
+        method_section["preset"] = preset
+    if tiny and "preset" not in method_section and not any(o.startswith("preset=") for o in method_overrides):
+        method_overrides = ["preset=tiny", *method_overrides]
+    config = load_optimize_config(method_section, method_overrides)
+    return config, build_models_config(models_section, model_overrides, tiny)
+
+
+def build_guidance(config: Any, models: ModelsConfig) -> Any:
+    """In-process guidance for the configured loss: IPGuidance and/or MVDreamGuidance."""
+    from stages.guidance.set import GuidanceSet
+
+    ip = mvd = None
+    if config.uses_ip:
+        from stages.guidance.ip_guidance import IPGuidance
+
+        resolution = 64 if models.sd == "tiny" else 512
+        ip = IPGuidance(models, render_resolution=resolution, sd_branch=config.isd.sd_branch, negative_prompt=config.isd.negative_prompt)
+    if config.uses_mvd:
+        from stages.guidance.mvdream_guidance import MVDreamGuidance
+
+        mvd = MVDreamGuidance.from_config(models)
+    return GuidanceSet(ip=ip, mvd=mvd)
+
+
+def load_or_sample_reference(args: argparse.Namespace, config: Any, models: ModelsConfig) -> Any:
+    """The ``--reference`` image (validated), or one sampled with ``models.reference``."""
+    from stages.export.preview import as_rgb_image
+
+    if args.reference is not None:
+        return as_rgb_image(args.reference)
+    from stages.models.device import resolve_device, resolve_dtype
+    from stages.models.reference import ReferenceSampler
+
+    device = resolve_device(models.device)
+    sampler = ReferenceSampler(models.reference, dtype=resolve_dtype(models.dtype, device), device=device, seed=models.seed)
+    return sampler.sample(args.prompt, seed=args.seed)
+
+
+def default_asset_id(prompt: str, seed: int, digest: str) -> str:
+    """A short readable id: slug of the prompt + hash of (prompt, seed, config)."""
+    slug = "".join(c if c.isalnum() else "-" for c in prompt.lower()).strip("-")[:32].strip("-") or "asset"
+    key = hashlib.sha256(f"{prompt}\0{seed}\0{digest}".encode()).hexdigest()[:10]
+    return f"{slug}-{key}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config, models = build_configs(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    config.progress = not args.no_progress
+    asset_id = args.asset_id or default_asset_id(args.prompt, args.seed, config.digest())
+    out = Path(args.out) if args.out else Path("outputs/single") / asset_id
+    try:
+        reference = load_or_sample_reference(args, config, models)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    from stages.export import export_asset
+    from stages.optimize.loop import optimize_asset
+
+    started = time.time()
+    guidance = build_guidance(config, models)
+    print(f"optimising {asset_id!r}: {config.representation}, loss {config.loss}, {config.iterations} iterations -> {out}", file=sys.stderr)
+    result = optimize_asset(config, guidance, reference, args.seed, out / "work", args.prompt, asset_id)
+    files = export_asset(result.scene, out, config, reference)
+    metrics = {**result.metrics, "duration_s": time.time() - started}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    asset = {
+        "asset_id": asset_id,
+        "prompt": args.prompt,
+        "seed": args.seed,
+        "method": config.loss,
+        "representation": config.representation,
+        "config_digest": config.digest(),
+        "models": {f.name: getattr(models, f.name) for f in fields(models)},
+        "method_config": asdict(config),
+        "files": files,
+    }
+    (out / "asset.json").write_text(json.dumps(asset, indent=2, default=str))
+    for kind, name in sorted({**files, "metrics": "metrics.json", "asset": "asset.json"}.items()):
+        print(f"{kind:>10}: {out / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""The 3D Gaussian splat scene: parameters, rendering, regularisers, densification, state."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..base import Cameras, RenderOutput
+from . import densify as densify_ops
+from .cameras import intrinsics_from_fovy, viewmats_from_c2w
+from .config import SplatConfig
+from .init import load_point_cloud, mean_neighbour_distance, random_ball_points
+from .rasterize_gsplat import gsplat_available, rasterize_gsplat
+from .rasterize_torch import quat_to_rotmat, rasterize_torch
+from .sh import eval_sh, num_sh_bases, rgb_to_sh
+
+SHADINGS = ("albedo", "diffuse", "textureless")
+GAUSSIAN_PARAMS = ("means", "scales", "quats", "opacities", "colors", "colors_rest")
+AMBIENT, DIFFUSE = 0.1, 0.9  # MVDream-threestudio's point-light material colours
+
+Rasterizer = Callable[..., tuple[Tensor, Tensor, dict[str, Any]]]
+
+
+def select_rasterizer(backend: str, device: torch.device) -> Rasterizer:
+    """``auto``: gsplat on CUDA when importable, the torch fallback otherwise."""
+    if backend == "torch":
+        return rasterize_torch
+    if backend == "gsplat":
+        if device.type != "cuda":
+            raise ValueError(f"splats.backend=gsplat needs the scene on CUDA, it is on {device}")
+        if not gsplat_available():
+            raise ValueError("splats.backend=gsplat but gsplat is not installed (pip install 'modedreamer-ray[cuda]')")
+        return rasterize_gsplat
+    if backend == "auto":
+        return rasterize_gsplat if device.type == "cuda" and gsplat_available() else rasterize_torch
+    raise ValueError(f"splats.backend must be auto|gsplat|torch, got {backend!r}")
+
+
+class SplatScene(nn.Module):
+    """N anisotropic 3D Gaussians + a solid background (implements ``stages.scene.base.Scene``).
+
+    Parameters (``self.splats``, an ``nn.ParameterDict`` so gsplat's strategy can replace them):
+    ``means`` (N, 3), ``scales`` (N, 3) log, ``quats`` (N, 4) wxyz unnormalised,
+    ``opacities`` (N,) logit, ``colors`` (N, 3) logit rgb (``color_mode: sigmoid``) or (N, 1, 3)
+    SH DC (``sh``), ``colors_rest`` (N, K-1, 3) higher SH bands when ``sh_degree`` > 0.
+    ``background`` (3,) rgb in [0, 1] (a parameter when learned, else a buffer).
+
+    Randomness (initialisation, background augmentation, split sampling) comes from the
+    scene's own generator seeded by ``seed``, whose state is part of ``state_dict``.
+    """
+
+    def __init__(self, config: SplatConfig, seed: int):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.splats = nn.ParameterDict(self._initial_params())
+        background = torch.tensor([float(v) for v in config.background_color])
+        if config.background_learned:
+            self.background = nn.Parameter(background)
+        else:
+            self.register_buffer("background", background)
+        self.strategy = None
+        self.strategy_state: dict[str, Any] = {}
+        if config.densify.enabled:
+            if gsplat_available():
+                self.strategy = densify_ops.make_strategy(config.densify)
+                self.strategy_state = self.strategy.initialize_state(scene_scale=config.radius)
+            else:
+                warnings.warn(
+                    "splats.densify.enabled but gsplat is not installed: densification is skipped "
+                    "(pip install gsplat; its strategy runs on CPU too)",
+                    stacklevel=2,
+                )
+
+    # ------------------------------------------------------------------ parameters
+    def _initial_params(self) -> dict[str, nn.Parameter]:
+        cfg = self.config
+        if cfg.init_ply:
+            means, rgb = load_point_cloud(cfg.init_ply)
+        else:
+            means = random_ball_points(cfg.init_num_points, cfg.init_radius, self.generator)
+            rgb = None
+        n = means.shape[0]
+        if rgb is None:
+            noise = (torch.rand(n, 3, generator=self.generator) * 2 - 1) * cfg.init_color_noise
+            rgb = (torch.tensor(cfg.init_color) + noise).clamp(0.0, 1.0)
+        scales = torch.log(mean_neighbour_distance(means) * cfg.init_scale)[:, None].repeat(1, 3)
+        quats = torch.zeros(n, 4)
+        quats[:, 0] = 1.0
+        opacities = torch.full((n,), math.log(cfg.init_opacity / (1 - cfg.init_opacity)))
+        params = {"means": means, "scales": scales, "quats": quats, "opacities": opacities}
+        if cfg.color_mode == "sigmoid":
+            params["colors"] = torch.logit(rgb.clamp(1e-4, 1 - 1e-4))
+        else:
+            params["colors"] = rgb_to_sh(rgb)[:, None, :]
+            if cfg.sh_degree > 0:
+                params["colors_rest"] = torch.zeros(n, num_sh_bases(cfg.sh_degree) - 1, 3)
+        return {k: nn.Parameter(v.float().contiguous()) for k, v in params.items()}
+
+    @property
+    def num_gaussians(self) -> int:
+        return int(self.splats["means"].shape[0])
+
+    def gaussians(self) -> dict[str, Tensor]:
+        """Activated values: means (N,3), scales (N,3), quats (N,4) unit, opacities (N,), rgb (N,3)
+        (the view-independent DC colour), sh (N, K, 3) SH coefficients (DC first)."""
+        p = self.splats
+        if self.config.color_mode == "sigmoid":
+            rgb = torch.sigmoid(p["colors"])
+            sh = rgb_to_sh(rgb)[:, None, :]
+        else:
+            sh = p["colors"] if "colors_rest" not in p else torch.cat([p["colors"], p["colors_rest"]], dim=1)
+            rgb = torch.clamp_min(sh[:, 0, :] * 0.28209479177387814 + 0.5, 0.0)
+        return {
+            "means": p["means"],
+            "scales": torch.exp(p["scales"]),
+            "quats": F.normalize(p["quats"], dim=-1),
+            "opacities": torch.sigmoid(p["opacities"]),
+            "rgb": rgb,
+            "sh": sh,
+        }
+
+    def to_ply_dict(self) -> dict[str, Tensor]:
+        """Raw values in the 3DGS PLY convention (detached, CPU float32): ``means`` (N,3),
+        ``f_dc`` (N,3), ``f_rest`` (N,(K-1)*3) channel-major, ``opacities`` (N,) logit,
+        ``scales`` (N,3) log, ``quats`` (N,4) wxyz normalised."""
+        with torch.no_grad():
+            g = self.gaussians()
+            sh = g["sh"].detach().float().cpu()
+            n, k = sh.shape[0], sh.shape[1]
+            rest = sh[:, 1:, :].transpose(1, 2).reshape(n, 3 * (k - 1))  # channel-major, as 3DGS
+            return {
+                "means": self.splats["means"].detach().float().cpu(),
+                "f_dc": sh[:, 0, :].contiguous(),
+                "f_rest": rest.contiguous(),
+                "opacities": self.splats["opacities"].detach().float().cpu(),
+                "scales": self.splats["scales"].detach().float().cpu(),
+                "quats": g["quats"].detach().float().cpu(),
+            }
+
+    # ------------------------------------------------------------------ rendering
+    def render(self, cameras: Cameras, height: int, width: int, shading: str = "albedo") -> RenderOutput:
+        """Render every camera: ``rgb`` (B,3,H,W) in [0,1], ``opacity`` (B,1,H,W), ``depth``
+        (B,1,H,W) expected camera-space z (0 where empty), ``normal`` (B,3,H,W) for
+        ``diffuse``/``textureless`` shading; plus ``means2d`` (B,N,2) and ``radii`` (B,N,2)
+        for densification (gsplat's ``info``)."""
+        if shading not in SHADINGS:
+            raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
+        if height < 1 or width < 1:
+            raise ValueError(f"render size must be positive, got {height}x{width}")
+        device = self.splats["means"].device
+        cameras = cameras.to(device)
+        viewmats = viewmats_from_c2w(cameras.c2w.float())
+        Ks = intrinsics_from_fovy(cameras.fovy.float(), height, width)
+        g = self.gaussians()
+        n_cams = viewmats.shape[0]
+
+        sh_degree: Optional[int] = None
+        normals = None
+        if shading == "albedo":
+            if self.config.color_mode == "sh":
+                colors, sh_degree = g["sh"], self.config.sh_degree
+            else:
+                colors = g["rgb"]
+        else:
+            campos = torch.linalg.inv(viewmats)[:, :3, 3]  # (C, 3)
+            albedo = self._view_colors(g, campos)
+            if shading == "textureless":
+                albedo = torch.ones_like(albedo)
+            normals = self._gaussian_normals(g, campos)  # (C, N, 3) facing the camera
+            light = self._light_positions(campos)  # (C, 3)
+            to_light = F.normalize(light[:, None, :] - g["means"][None], dim=-1)
+            lambert = (normals * to_light).sum(-1, keepdim=True).clamp_min(0.0)
+            colors = torch.cat([albedo * (AMBIENT + DIFFUSE * lambert), normals], dim=-1)
+
+        rasterize = select_rasterizer(self.config.backend, device)
+        render, alpha, meta = rasterize(
+            g["means"],
+            g["quats"],
+            g["scales"],
+            g["opacities"],
+            colors,
+            viewmats,
+            Ks,
+            width,
+            height,
+            sh_degree=sh_degree,
+            near_plane=self.config.near_plane,
+            far_plane=self.config.far_plane,
+            eps2d=self.config.eps2d,
+            tile_size=self.config.tile_size,
+        )
+        fg = render[..., :3]
+        if self.config.color_mode == "sh":
+            fg = torch.minimum(fg, alpha)  # SH colours are unbounded above; keep rgb in [0, 1]
+        background = self._background_colors(n_cams, device)
+        rgb = fg + background[:, None, None, :] * (1.0 - alpha)
+        out = {
+            "rgb": rgb.permute(0, 3, 1, 2),
+            "opacity": alpha.permute(0, 3, 1, 2),
+            "depth": render[..., -1:].permute(0, 3, 1, 2),
+            "means2d": meta["means2d"],
+            "radii": meta["radii"],
+        }
+        if normals is not None:
+            normal = F.normalize(render[..., 3:6], dim=-1)
+            out["normal"] = normal.permute(0, 3, 1, 2)
+        return out
+
+    def _view_colors(self, g: dict[str, Tensor], campos: Tensor) -> Tensor:
+        """Per-camera colours (C, N, 3)."""
+        if self.config.color_mode == "sh" and self.config.sh_degree > 0:
+            dirs = g["means"][None] - campos[:, None, :]
+            sh = g["sh"][None].expand(campos.shape[0], *g["sh"].shape)
+            return torch.clamp_min(eval_sh(self.config.sh_degree, sh, dirs) + 0.5, 0.0).clamp_max(1.0)
+        return g["rgb"].clamp_max(1.0)[None].expand(campos.shape[0], -1, -1)
+
+    @staticmethod
+    def _gaussian_normals(g: dict[str, Tensor], campos: Tensor) -> Tensor:
+        """Shortest axis of each Gaussian, flipped to face each camera (C, N, 3)."""
+        rot = quat_to_rotmat(g["quats"])  # (N, 3, 3), columns = axes
+        axis = g["scales"].argmin(dim=-1)
+        normal = rot.gather(2, axis[:, None, None].expand(-1, 3, 1)).squeeze(-1)  # (N, 3)
+        facing = ((campos[:, None, :] - g["means"][None]) * normal[None]).sum(-1, keepdim=True)
+        return torch.where(facing < 0, -normal[None], normal[None])
+
+    def _light_positions(self, campos: Tensor) -> Tensor:
+        """A point light near each camera (jittered by the scene generator in training mode)."""
+        if not self.training:
+            return campos
+        jitter = torch.randn(campos.shape, generator=self.generator).to(campos) * 0.5
+        return campos + jitter * campos.norm(dim=-1, keepdim=True)
+
+    def _background_colors(self, n_cams: int, device: torch.device) -> Tensor:
+        """Background rgb per camera (C, 3): the solid colour, or random colours (training only)."""
+        colour = self.background.clamp(0.0, 1.0)[None].expand(n_cams, 3)
+        cfg = self.config
+        if not (self.training and cfg.background_random_aug):
+            return colour
+        if torch.rand((), generator=self.generator).item() >= cfg.background_random_aug_prob:
+            return colour
+        rows = 1 if cfg.background_random_aug_shared else n_cams
+        random = torch.rand(rows, 3, generator=self.generator).to(device).expand(n_cams, 3)
+        return colour * 0.0 + random  # keep the parameter in the graph (zero gradient)
+
+    # ------------------------------------------------------------------ optimisation
+    def param_groups(self, lr: dict[str, float]) -> list[dict[str, Any]]:
+        """Adam groups named ``means scales quats opacities colors [colors_rest] [background]``.
+
+        ``lr`` maps group name -> learning rate; names it lacks use ``config.lr``. Each group
+        holds one tensor and keeps its ``name`` (the densifier finds groups by name).
+        """
+        groups = []
+        for name, param in self.splats.items():
+            groups.append({"params": [param], "lr": float(lr.get(name, getattr(self.config.lr, name))), "name": name})
+        if isinstance(self.background, nn.Parameter):
+            groups.append(
+                {"params": [self.background], "lr": float(lr.get("background", self.config.lr.background)), "name": "background"}
+            )
+        return groups
+
+    def make_optimizer(self, lr: Optional[dict[str, float]] = None) -> torch.optim.Adam:
+        """``Adam(param_groups(lr), eps=1e-15)`` as 3DGS/gsplat use it."""
+        return torch.optim.Adam(self.param_groups(lr or {}), eps=1e-15)
+
+    def regularizers(self, out: RenderOutput) -> dict[str, Tensor]:
+        """``opacity``: mean Gaussian opacity; ``scale``: mean excess of the largest scale over
+        ``max_scale``·``radius``; ``outside``: mean distance of centres outside the ``radius``
+        sphere; ``sparsity``: mean rendered opacity."""
+        radius = self.config.radius
+        scales = torch.exp(self.splats["scales"]).amax(dim=-1)
+        return {
+            "opacity": torch.sigmoid(self.splats["opacities"]).mean(),
+            "scale": F.relu(scales / radius - self.config.max_scale).mean(),
+            "outside": F.relu(self.splats["means"].norm(dim=-1) - radius).mean(),
+            "sparsity": out["opacity"].mean(),
+        }
+
+    def _strategy_info(self, out: RenderOutput) -> dict[str, Any]:
+        means2d = out["means2d"]
+        return {
+            "means2d": means2d,
+            "radii": out["radii"],
+            "width": int(out["rgb"].shape[-1]),
+            "height": int(out["rgb"].shape[-2]),
+            "n_cameras": int(means2d.shape[0]),
+            "gaussian_ids": None,
+        }
+
+    def step_pre_backward(self, step: int, out: RenderOutput) -> None:
+        """Retain the gradient of the projected means (gsplat strategy's pre-backward hook)."""
+        if self.strategy is None or not out["means2d"].requires_grad:
+            return
+        self.strategy.step_pre_backward(dict(self.splats), {}, self.strategy_state, step, self._strategy_info(out))
+
+    def step_post_backward(self, step: int, out: RenderOutput, optimizer: torch.optim.Optimizer) -> None:
+        """Accumulate screen-space gradients and, on refine steps, clone/split/prune in place
+        (parameters and the Adam moments of ``optimizer`` are resized together)."""
+        if self.strategy is None or out["means2d"].grad is None:
+            return
+        strategy = self.strategy
+        if self.num_gaussians >= self.config.densify.max_gaussians:
+            strategy = densify_ops.without_growth(strategy)
+        views = densify_ops.group_views(optimizer, list(self.splats.keys()))
+        device = self.splats["means"].device
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        cuda_devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices):  # split sampling from the scene's generator
+            torch.manual_seed(seed)
+            strategy.step_post_backward(self.splats, views, self.strategy_state, step, self._strategy_info(out))
+
+    # ------------------------------------------------------------------ state
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.get_state(),
+            "strategy": {k: v for k, v in self.strategy_state.items() if isinstance(v, Tensor) or v is None},
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        if self.strategy is not None:
+            device = self.splats["means"].device
+            for key, value in state.get("strategy", {}).items():
+                self.strategy_state[key] = None if value is None else value.to(device)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a state whose Gaussian count may differ: parameters are resized in place first,
+        so an optimiser built on this scene still refers to them (load its state afterwards)."""
+        for name in GAUSSIAN_PARAMS:
+            key = f"splats.{name}"
+            if key in state_dict and name in self.splats:
+                param = self.splats[name]
+                value = state_dict[key]
+                if param.shape != value.shape:
+                    param.data = torch.empty(value.shape, dtype=param.dtype, device=param.device)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -1,0 +1,174 @@
+"""Config validation, prompt sources, asset ids and the dataset writer (no Ray needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import ConfigError, PipelineConfig, check_resources, load_config
+from pipeline.jobs import asset_id_for, config_digest, make_jobs
+from pipeline.prompts import read_prompts
+from pipeline.writer import MANIFEST_COLUMNS, DatasetWriter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = """
+prompts:
+  inline: ["a red apple", "a blue chair"]
+output: {out}
+"""
+
+
+def test_shipped_configs_load_and_overrides_apply(tmp_path):
+    for name in ("quickstart.yaml", "dataset.yaml", "t3bench_single.yaml", "t3bench_multi.yaml", "t3bench_surr.yaml", "gpteval3d.yaml"):
+        config = load_config(REPO / "configs" / name, [f"output={tmp_path}"])
+        assert isinstance(config, PipelineConfig)
+    config = load_config(REPO / "configs" / "dataset.yaml", ["variants=4", "method.iterations=3000", f"output={tmp_path}"])
+    assert config.variants == 4 and config.method.iterations == 3000
+    prompts = read_prompts(config.prompts)
+    expected = [line.strip() for line in (REPO / "configs/prompts/t3bench_single.txt").read_text().splitlines() if line.strip()]
+    assert prompts[: len(expected)] == expected
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("variantz=3", "variantz"),
+        ("method.iterationz=3", "method.iterationz"),
+        ("variants=many", "variants"),
+        ("resources.ip.max_batch=0", "resources.ip.max_batch"),
+        ("resources.task_num_gpus=1.5", "resources.task_num_gpus"),
+        ("variants=0", "variants"),
+        ("method.loss=nope", "method.loss"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, override, key):
+    path = write_config(tmp_path, BASE.format(out=tmp_path / "out"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [override])
+    assert key in str(info.value)
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    path = write_config(tmp_path, BASE.format(out=tmp_path / "out") + "resources:\n  gpus_per_task: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "resources.gpus_per_task" in str(info.value) and str(path) in str(info.value)
+
+
+def test_missing_and_empty_prompt_files_are_named(tmp_path):
+    path = write_config(tmp_path, f"prompts:\n  sources: [{{path: nothere.txt}}]\noutput: {tmp_path}\n")
+    with pytest.raises(ConfigError, match="nothere.txt"):
+        load_config(path)
+    (tmp_path / "empty.txt").write_text("\n# only a comment\n\n")
+    path = write_config(tmp_path, f"prompts:\n  sources: [{{path: empty.txt}}]\noutput: {tmp_path}\n")
+    with pytest.raises(ConfigError, match="empty.txt.*empty"):
+        load_config(path)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt key"}\n')
+    path = write_config(tmp_path, f"prompts:\n  sources: [{{path: bad.jsonl}}]\noutput: {tmp_path}\n")
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2"):
+        load_config(path)
+    path = write_config(tmp_path, f"prompts:\n  inline: []\noutput: {tmp_path}\n")
+    with pytest.raises(ConfigError, match="prompts"):
+        load_config(path)
+
+
+def test_prompt_formats_read_back(tmp_path):
+    prompts = ["a cat, sitting", 'a "quoted" hat', "a tree"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": p, "x": 1}) for p in prompts))
+    (tmp_path / "p.json").write_text(json.dumps(prompts))
+    import csv
+
+    with open(tmp_path / "p.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "text"])
+        writer.writerows([[i, p] for i, p in enumerate(prompts)])
+    pq.write_table(pa.table({"prompt": prompts}), tmp_path / "p.parquet")
+    sources = "\n".join(
+        f"    - {{path: {name}{extra}}}"
+        for name, extra in [("p.txt", ""), ("p.jsonl", ""), ("p.json", ""), ("p.csv", ", column: text"), ("p.parquet", "")]
+    )
+    path = write_config(tmp_path, f"prompts:\n  sources:\n{sources}\n  inline: ['extra one']\noutput: {tmp_path}/o\n")
+    config = load_config(path)
+    for source in config.prompts.sources:
+        from pipeline.prompts import read_source
+
+        assert read_source(source) == prompts, source.path
+    assert read_prompts(config.prompts) == prompts + ["extra one"]
+
+
+def test_asset_ids_are_deterministic_and_distinct(tmp_path):
+    path = write_config(tmp_path, BASE.format(out=tmp_path / "out"))
+    a = make_jobs(load_config(path, ["variants=3"]), ["a red apple", "A Red Apple!"])
+    b = make_jobs(load_config(path, ["variants=3"]), ["a red apple", "A Red Apple!"])
+    assert [j.asset_id for j in a] == [j.asset_id for j in b]
+    assert len({j.asset_id for j in a}) == 6
+    assert len({j.reference_seed for j in a}) == 6
+    assert all(j.asset_id.replace("-", "").replace("_", "").isalnum() for j in a)
+    changed = load_config(path, ["variants=3", "method.iterations=7"])
+    assert config_digest(changed) != a[0].config_digest
+    assert asset_id_for("a red apple", 0, config_digest(changed)) != a[0].asset_id
+    # resources do not change the assets
+    same = load_config(path, ["variants=3", "resources.tasks_in_flight=9"])
+    assert config_digest(same) == a[0].config_digest
+
+
+def test_impossible_resources_name_the_key(tmp_path):
+    config = load_config(write_config(tmp_path, BASE.format(out=tmp_path)), ["resources.ip.num_gpus=1"])
+    with pytest.raises(ConfigError, match="resources.ip.num_gpus"):
+        check_resources(config, {"CPU": 2.0}, ("ip",))
+    config = load_config(write_config(tmp_path, BASE.format(out=tmp_path)), ["resources.task_num_cpus=4"])
+    with pytest.raises(ConfigError, match="resources.task_num_cpus"):
+        check_resources(config, {"CPU": 2.0}, ("ip",))
+    check_resources(load_config(write_config(tmp_path, BASE.format(out=tmp_path))), {"CPU": 2.0}, ("ip", "mvd"))
+
+
+def _row(asset_id: str, status: str, finished: str) -> dict:
+    return {"asset_id": asset_id, "prompt": "p", "status": status, "finished_at": finished, "files": {"a": "b"}}
+
+
+def test_manifest_shards_supersede_and_read_with_pyarrow_dataset(tmp_path):
+    writer = DatasetWriter(str(tmp_path))
+    writer.write_manifest([_row("x", "failed", "2026-01-01T00:00:00"), _row("y", "succeeded", "2026-01-01T00:00:01")])
+    writer.write_manifest([_row("x", "succeeded", "2026-01-02T00:00:00")])
+    assert not list((tmp_path / "manifest").glob(".*"))  # no temp files left
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(tmp_path / "manifest", format="parquet").to_table()
+    assert table.num_rows == 3 and tuple(table.column_names) == MANIFEST_COLUMNS
+    latest = writer.latest_rows()
+    assert latest["x"]["status"] == "succeeded" and json.loads(latest["y"]["files"]) == {"a": "b"}
+
+
+def test_commit_is_atomic_first_wins_and_reconcile_restores_rows(tmp_path):
+    writer = DatasetWriter(f"file://{tmp_path}")
+    staged = writer.staging_dir("a1")
+    (staged / "x.txt").write_text("first")
+    with pytest.raises(ValueError, match="asset.json"):
+        writer.commit("a1", staged)  # no record: not an asset
+    staged = writer.staging_dir("a1")
+    (staged / "x.txt").write_text("first")
+    (staged / "asset.json").write_text(json.dumps(_row("a1", "succeeded", "t1")))
+    assert writer.commit("a1", staged) and not staged.exists()
+    second = writer.staging_dir("a1")
+    (second / "x.txt").write_text("second")
+    (second / "asset.json").write_text(json.dumps(_row("a1", "succeeded", "t2")))
+    assert not writer.commit("a1", second) and not second.exists()
+    assert (tmp_path / "assets/a1/x.txt").read_text() == "first"
+    assert writer.committed_ids() == {"a1"}
+    # the driver died before writing the row: reconcile writes it from asset.json, once
+    assert [r["asset_id"] for r in writer.reconcile()] == ["a1"]
+    assert writer.reconcile() == []
+    assert writer.latest_rows()["a1"]["finished_at"] == "t1"

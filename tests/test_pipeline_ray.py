@@ -1,0 +1,299 @@
+"""The Ray pipeline on a real local Ray head (``ray start --head`` on 127.0.0.1, free ports).
+
+One head serves every test of this module: the in-process tests join it as a driver, the
+operations tests submit jobs to it and kill drivers, workers and actors on it. Models and
+optimiser are the fakes of ``pipeline_fakes`` except in the ``ray job submit`` quickstart test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+import pipeline_fakes
+from pipeline.actors import IPGuidanceActor
+from pipeline.clients import ActorGuidance
+from pipeline.config import build_config
+from pipeline.run import run_dataset
+from pipeline.writer import DatasetWriter
+from stages.guidance.protocol import GuidanceRequest
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A Ray head on 127.0.0.1 with the dashboard (job API); stopped by killing its own
+    process group (never ``ray stop``, which stops every Ray on the machine)."""
+    port, dashboard = _free_port(), _free_port()
+    # Token auth off for this throw-away head: it listens on 127.0.0.1 only, and a pytest
+    # process cannot switch its (import-time) Ray auth config to match a fresh token.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+        "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
+    ]
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+                break
+            except Exception:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(1.0)
+        ray.cloudpickle.register_pickle_by_value(pipeline_fakes)
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
+    finally:
+        ray.shutdown()
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                process.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def fake_config(out: Path, prompts: list[str], **overrides):
+    dotlist = [
+        f"output={out}",
+        "variants=2",
+        "method_preset=tiny",
+        "method.iterations=12",
+        "method.checkpoint_every=4",
+        "resources.tasks_in_flight=4",
+        "resources.task_num_cpus=0.25",
+        "resources.ip.max_wait_ms=20",
+        "resources.mvd.max_wait_ms=20",
+        "tracking.enabled=false",
+        "progress_every_s=0.5",
+    ] + [f"{k}={v}" for k, v in overrides.items()]
+    from omegaconf import OmegaConf
+
+    merged = build_config({"prompts": {"inline": prompts}}, dotlist)
+    config = OmegaConf.to_object(merged)
+    return config
+
+
+def request(asset_id: str, seed: int) -> GuidanceRequest:
+    g = torch.Generator().manual_seed(seed)
+    return GuidanceRequest(asset_id, torch.rand(2, 3, 8, 8, generator=g), torch.tensor([100, 900]), seed=seed)
+
+
+def test_actor_batches_concurrent_requests_and_matches_unbatched(head):
+    actor = IPGuidanceActor.remote(lambda: pipeline_fakes.FakeGuidance(delay_s=0.05), 8, 200.0)
+    ids = [f"asset{i}" for i in range(6)]
+    ray.get([actor.register.remote(i, f"prompt {i}") for i in ids])
+    requests = [request(i, seed) for seed, i in enumerate(ids)]
+    batched = ray.get([actor.grad.remote([r]) for r in requests])  # six concurrent callers
+    stats = ray.get(actor.stats.remote())
+    assert stats["max_batch_seen"] > 1 and stats["requests"] == 6
+    local = pipeline_fakes.FakeGuidance()
+    for i in ids:
+        local.register(i, f"prompt {i}")
+    for r, [got] in zip(requests, batched):
+        [want] = local.grad([r])  # one at a time, in process
+        torch.testing.assert_close(got.grad_rgb, want.grad_rgb, rtol=1e-6, atol=1e-6)
+    ray.kill(actor)
+
+
+def test_one_bad_request_fails_only_its_caller(head):
+    actor = IPGuidanceActor.remote(pipeline_fakes.FakeGuidance, 8, 100.0)
+    ray.get(actor.register.remote("ok", "fine"))
+    good = actor.grad.remote([request("ok", 1)])
+    bad = actor.grad.remote([request("never-registered", 2)])
+    assert ray.get(good)[0].asset_id == "ok"
+    from stages.guidance.protocol import UnknownAssetError
+
+    with pytest.raises(UnknownAssetError):
+        ray.get(bad)
+    ray.kill(actor)
+
+
+def test_client_reregisters_after_actor_restart(head):
+    actor = IPGuidanceActor.options(max_restarts=2, max_concurrency=100).remote(pipeline_fakes.FakeGuidance, 4, 1.0)
+    client = ActorGuidance(actor, backoff_s=0.2)
+    client.register("a", "a prompt")
+    first = client.grad([request("a", 3)])
+    old_pid = ray.get(actor.pid.remote())
+    os.kill(old_pid, signal.SIGKILL)  # the actor process dies; Ray restarts it
+    again = client.grad([request("a", 3)])
+    assert ray.get(actor.pid.remote()) != old_pid
+    assert client.reregistrations >= 1
+    torch.testing.assert_close(first[0].grad_rgb, again[0].grad_rgb)
+    ray.kill(actor)
+
+
+def _latest(out: Path) -> dict:
+    return DatasetWriter(str(out)).latest_rows()
+
+
+def test_dataset_run_failed_assets_resume_and_retry_failed(head, tmp_path):
+    out = tmp_path / "ds"
+    prompts = ["a red apple", "a blue chair", "a NaN monster"]
+    config = fake_config(out, prompts, **{"tracking.enabled": "true"})
+    summary = run_dataset(config, pipeline_fakes.fake_components())
+    assert (summary.succeeded, summary.failed) == (4, 2)
+    rows = _latest(out)
+    assert len(rows) == 6
+    for row in rows.values():
+        if "NaN" in row["prompt"]:
+            assert row["status"] == "failed" and "NonFiniteLossError" in row["error"]
+            assert not (out / row["asset_dir"]).exists()
+        else:
+            asset = out / row["asset_dir"]
+            assert row["status"] == "succeeded" and row["iterations"] == 12
+            for rel in json.loads(row["files"]).values():
+                assert (out / rel).is_file(), rel
+            record = json.loads((asset / "asset.json").read_text())
+            assert record["asset_id"] == row["asset_id"] and record["variant"] == row["variant"]
+            assert json.loads((asset / "metrics.json").read_text())["loss"] == pytest.approx(json.loads(row["metrics"])["loss"])
+    assert sorted(os.listdir(out / "assets")) == sorted(r["asset_id"] for r in rows.values() if r["status"] == "succeeded")
+    assert not any((out / ".work").glob("*/fake.pt")) or all(
+        "NaN" in rows[p.parent.name]["prompt"] for p in (out / ".work").glob("*/fake.pt")
+    )
+    # MLflow: one parent with a child per asset; loss curves and artifacts logged
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{summary.parent_run_id}'")
+    assert len(children) == 6
+    done = [r for r in children if r.data.tags["status"] == "succeeded"]
+    assert {r.data.params["sd_branch"] for r in done} == {config.method.isd.sd_branch}
+    assert len(client.get_metric_history(done[0].info.run_id, "loss")) == 12
+    assert {a.path for a in client.list_artifacts(done[0].info.run_id)} >= {"preview.png", "reference.png", "asset.json"}
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.data.metrics["succeeded"] == 4 and "config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    # rerun: nothing to do
+    again = run_dataset(config, pipeline_fakes.fake_components())
+    assert (again.skipped_done, again.skipped_failed, again.succeeded, again.failed) == (4, 2, 0, 0)
+    # --retry-failed redoes only the failed ones
+    config.retry_failed = True
+    retried = run_dataset(config, pipeline_fakes.fake_components())
+    assert (retried.skipped_done, retried.failed) == (4, 2)
+    assert len(_latest(out)) == 6 and len(DatasetWriter(str(out)).manifest_rows()) == 8
+
+
+def _wait_for(predicate, timeout: float = 60.0, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError("condition not reached")
+
+
+def test_killed_optimiser_worker_is_retried_and_resumes(head, tmp_path):
+    out = tmp_path / "ds"
+    config = fake_config(out, ["a lamp"], variants=2, **{"method.iterations": 40})
+    work = out / ".work"
+    killed: dict = {}
+
+    def killer():
+        checkpoint = _wait_for(lambda: next(iter(work.glob("*/fake.pt")), None))
+        pid = int((checkpoint.parent / "pid").read_text())
+        killed["asset_id"] = checkpoint.parent.name
+        os.kill(pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = run_dataset(config, pipeline_fakes.fake_components(step_s=0.05))
+    thread.join(5)
+    assert summary.succeeded == 2 and summary.failed == 0
+    assert summary.attempts[killed["asset_id"]] == 2
+    metrics = json.loads((out / "assets" / killed["asset_id"] / "metrics.json").read_text())
+    assert metrics["resumed_from"] >= 4  # continued from its checkpoint, not from scratch
+    assert sorted(os.listdir(out / "assets")) == sorted(_latest(out))
+
+
+def test_killed_guidance_actor_restarts_and_run_completes(head, tmp_path):
+    from ray.util.state import list_actors
+
+    out = tmp_path / "ds"
+    config = fake_config(out, ["a boat", "a kite"], **{"method.iterations": 40})
+    killed: list[int] = []
+
+    def killer():
+        _wait_for(lambda: next(iter((out / ".work").glob("*/fake.pt")), None))
+        actors = list_actors(filters=[("class_name", "=", "IPGuidanceActor"), ("state", "=", "ALIVE")], address=head["dashboard"])
+        for actor in actors:
+            killed.append(actor.pid)
+            os.kill(actor.pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = run_dataset(config, pipeline_fakes.fake_components(step_s=0.03))
+    thread.join(5)
+    assert killed, "no guidance actor was found to kill"
+    assert summary.succeeded == 4 and summary.failed == 0
+    assert sorted(os.listdir(out / "assets")) == sorted(_latest(out))
+
+
+DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+import ray, pipeline_fakes
+from pipeline.run import run_dataset
+from test_pipeline_ray import fake_config
+ray.init(address={address!r}, log_to_driver=False)
+ray.cloudpickle.register_pickle_by_value(pipeline_fakes)
+config = fake_config({out!r}, ["a vase", "a drum", "a shoe"], **{{"method.iterations": 30, "resources.tasks_in_flight": 2}})
+run_dataset(config, pipeline_fakes.fake_components(step_s=0.04))
+"""
+
+
+def test_killed_driver_loses_nothing_and_rerun_completes(head, tmp_path):
+    out = tmp_path / "ds"
+    script = DRIVER.format(tests=str(TESTS), address=head["address"], out=str(out))
+    driver = subprocess.Popen([sys.executable, "-c", script], env=head["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        first = _wait_for(lambda: [p for p in (out / "assets").glob("*/asset.json")], timeout=90)
+    finally:
+        driver.kill()
+        driver.wait()
+    committed_before = {p.parent.name: p.stat().st_mtime_ns for p in (out / "assets").glob("*/asset.json")}
+    assert 1 <= len(committed_before) < 6 and first
+    config = fake_config(out, ["a vase", "a drum", "a shoe"], **{"method.iterations": 30})
+    summary = run_dataset(config, pipeline_fakes.fake_components())
+    assert summary.skipped_done == len(committed_before)
+    assert summary.succeeded + summary.skipped_done == 6 and summary.failed == 0
+    rows = _latest(out)
+    assert len(rows) == 6 and all(r["status"] == "succeeded" for r in rows.values())
+    assert sorted(os.listdir(out / "assets")) == sorted(rows)
+    for asset_id, mtime in committed_before.items():  # finished assets were not redone
+        assert (out / "assets" / asset_id / "asset.json").stat().st_mtime_ns == mtime
