@@ -77,12 +77,13 @@ def run(
         inputs = _inputs(unet, 4 * views, latent, embed_dim, device, dtype, seed=1)
         # ISD rows: IP-cond, IP-uncond at scale 0.5, SD-cond, SD-uncond at scale 0
         scales = torch.tensor([0.5] * (2 * views) + [0.0] * (2 * views))
+        embeds = inputs["added_cond_kwargs"]["image_embeds"][0]
         chunks = [
             {
                 "sample": inputs["sample"][k * views : (k + 1) * views],
                 "timestep": inputs["timestep"][k * views : (k + 1) * views],
                 "encoder_hidden_states": inputs["encoder_hidden_states"][k * views : (k + 1) * views],
-                "added_cond_kwargs": {"image_embeds": [inputs["added_cond_kwargs"]["image_embeds"][0][k * views : (k + 1) * views]]},
+                "added_cond_kwargs": {"image_embeds": [embeds[k * views : (k + 1) * views]]},
             }
             for k in range(4)
         ]

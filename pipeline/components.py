@@ -50,13 +50,17 @@ def build_reference_sampler(models: ModelsConfig) -> Any:
     return ReferenceSampler(models.reference, resolve_dtype(models.dtype, device), device, seed=models.seed)
 
 
-def build_ip_guidance(models: ModelsConfig) -> Guidance:
+def build_ip_guidance(models: ModelsConfig, method: OptimizeConfig) -> Guidance:
+    """``IPGuidance`` (renders resized to 512 for SD1.5, 64 for ``tiny``) with the method's
+    ``isd.sd_branch`` and negative prompt (runs inside the IP guidance actor)."""
     from stages.guidance.ip_guidance import IPGuidance
 
-    return IPGuidance.from_config(models)
+    resolution = 64 if models.sd == "tiny" else 512
+    return IPGuidance(models, render_resolution=resolution, sd_branch=method.isd.sd_branch, negative_prompt=method.isd.negative_prompt)
 
 
 def build_mvd_guidance(models: ModelsConfig) -> Guidance:
+    """``MVDreamGuidance`` (CFG, recon loss come with each request from ``method.mvd``)."""
     from stages.guidance.mvdream_guidance import MVDreamGuidance
 
     return MVDreamGuidance.from_config(models)
@@ -71,7 +75,7 @@ def default_components(method: OptimizeConfig, models: ModelsConfig) -> Componen
     return Components(
         optimize=optimize_asset,
         export=export_asset,
-        ip_guidance=functools.partial(build_ip_guidance, models) if "ip" in needed else None,
+        ip_guidance=functools.partial(build_ip_guidance, models, method) if "ip" in needed else None,
         mvd_guidance=functools.partial(build_mvd_guidance, models) if "mvd" in needed else None,
         reference_sampler=functools.partial(build_reference_sampler, models) if "reference" in needed else None,
     )

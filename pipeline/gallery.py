@@ -39,6 +39,9 @@ VIEWER_SCRIPT = "model-viewer-umd.min.js"
 MODEL_VIEWER_VERSION = "4.4.0"
 LICENSE_FILES = ("model-viewer.LICENSE.txt", "THIRD_PARTY_NOTICES.md")
 REQUIRED_COLUMNS = ("asset_id", "prompt", "status")
+# Manifest columns with a field of their own in AssetRecord; the rest go to AssetRecord.details.
+RECORD_COLUMNS = frozenset({"asset_id", "prompt", "status", "prompt_index", "variant", "error", "asset_dir", "files", "metrics"})
+SAFE_ASSET_ID = re.compile(r"^[A-Za-z0-9._-]+$")  # asset ids become file names
 # MLflow's artifact view refuses to preview files larger than this.
 MLFLOW_PREVIEW_LIMIT_BYTES = 50 * 2**20
 THUMBNAIL_MAX_SIDE = 256
@@ -150,7 +153,6 @@ def read_manifest(output_dir: str | os.PathLike) -> list[AssetRecord]:
             raise ValueError(f"{dataset.uri}/{shard}: manifest is missing column(s) {missing}")
         for index, row in enumerate(table.to_pylist()):
             where = f"{dataset.uri}/{shard} row {index}"
-            known = {"asset_id", "prompt", "status", "prompt_index", "variant", "error", "asset_dir", "files", "metrics"}
             record = AssetRecord(
                 asset_id=str(row["asset_id"]),
                 prompt=str(row["prompt"]),
@@ -161,7 +163,7 @@ def read_manifest(output_dir: str | os.PathLike) -> list[AssetRecord]:
                 asset_dir=row.get("asset_dir"),
                 files={str(k): str(v) for k, v in _parse_json_column(row.get("files"), "files", where).items()},
                 metrics=_parse_json_column(row.get("metrics"), "metrics", where),
-                details={k: v for k, v in row.items() if k not in known},
+                details={k: v for k, v in row.items() if k not in RECORD_COLUMNS},
             )
             latest.pop(record.asset_id, None)  # keep insertion order = order of the latest row
             latest[record.asset_id] = record
@@ -397,9 +399,6 @@ def render_asset_page(dataset: _Dataset, record: AssetRecord, roles: dict[str, s
     return _page(f"{record.prompt[:80]} ({record.asset_id})", body, "asset-page", scripts)
 
 
-_SAFE_ASSET_ID = re.compile(r"^[A-Za-z0-9._-]+$")
-
-
 def _write_page(path: Path, text: str) -> None:
     data = text.encode("utf-8")
     if len(data) > MLFLOW_PREVIEW_LIMIT_BYTES:
@@ -418,6 +417,9 @@ def build_gallery(output_dir: str | os.PathLike, gallery_dir: str | os.PathLike 
     """
     dataset = _Dataset(output_dir)
     records = read_manifest(output_dir)
+    unsafe = [r.asset_id for r in records if not SAFE_ASSET_ID.match(r.asset_id)]
+    if unsafe:
+        raise ValueError(f"manifest asset_id(s) {unsafe[:5]} are not safe file names ([A-Za-z0-9._-]+)")
     remote = "://" in os.fspath(output_dir)
     if gallery_dir is not None:
         target = Path(gallery_dir)
@@ -431,10 +433,12 @@ def build_gallery(output_dir: str | os.PathLike, gallery_dir: str | os.PathLike 
     for name in LICENSE_FILES:
         shutil.copyfile(STATIC_DIR / name, licenses / name)
 
+    current = {f"{r.asset_id}.html" for r in records}
+    for stale in (target / "assets").glob("*.html"):  # pages of assets no longer in the manifest
+        if stale.name not in current:
+            stale.unlink()
     roles: dict[str, dict[str, str]] = {}
     for record in records:
-        if not _SAFE_ASSET_ID.match(record.asset_id):
-            raise ValueError(f"manifest asset_id {record.asset_id!r} is not a safe file name ([A-Za-z0-9._-]+)")
         roles[record.asset_id] = _find_role_files(dataset, record)
         _write_page(target / "assets" / f"{record.asset_id}.html", render_asset_page(dataset, record, roles[record.asset_id]))
     _write_page(target / "index.html", render_index(dataset, records, roles))

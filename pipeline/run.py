@@ -123,6 +123,9 @@ def run_dataset(
 
     connect_ray(config)
     check_resources(config, ray.cluster_resources(), models_needed(config.method))
+    if not todo:  # nothing to start: no actors, no tracking run
+        summary.seconds = time.monotonic() - began
+        return summary
     components = components or default_components(config.method, config.models)
 
     tracker = None

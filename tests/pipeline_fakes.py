@@ -132,7 +132,8 @@ def fake_export(scene, out_dir: Path, config, reference=None) -> dict[str, str]:
     return {"checkpoint": "checkpoint.pt", "preview": "preview.png"}
 
 
-def fake_components(delay_s: float = 0.0, step_s: float = 0.0):
+def fake_components(delay_s: float = 0.0, step_s: float = 0.0, mvd: bool = False, reference: bool = True):
+    """Fake optimiser/export with a fake IP guidance (and optionally MVDream / reference) actor."""
     import functools
 
     from pipeline.components import Components
@@ -140,7 +141,7 @@ def fake_components(delay_s: float = 0.0, step_s: float = 0.0):
     return Components(
         optimize=functools.partial(fake_optimize, step_s=step_s),
         export=fake_export,
-        ip_guidance=lambda: FakeGuidance(delay_s),
-        mvd_guidance=lambda: FakeGuidance(delay_s),
-        reference_sampler=FakeSampler,
+        ip_guidance=functools.partial(FakeGuidance, delay_s),
+        mvd_guidance=functools.partial(FakeGuidance, delay_s) if mvd else None,
+        reference_sampler=FakeSampler if reference else None,
     )

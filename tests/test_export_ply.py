@@ -90,3 +90,27 @@ def test_empty_scene_and_bad_files_raise(tmp_path):
     bad.write_bytes(b"not a ply")
     with pytest.raises(ValueError, match="bad.ply"):
         load_splats_ply(bad)
+
+
+def test_splat_mesh_of_one_gaussian_is_its_iso_sphere(tmp_path):
+    import trimesh
+
+    from stages.export.ply import export_splat_mesh
+
+    sigma, opacity, threshold = 0.2, 0.9, 0.3
+    scene = SplatScene(SplatConfig(init_num_points=1, backend="torch"), seed=0)
+    with torch.no_grad():
+        scene.splats["means"].copy_(torch.tensor([[0.1, -0.2, 0.05]]))
+        scene.splats["scales"].fill_(np.log(sigma))
+        scene.splats["opacities"].fill_(float(np.log(opacity / (1 - opacity))))
+        scene.splats["colors"].copy_(torch.logit(torch.tensor([[0.8, 0.3, 0.1]])))
+    files = export_splat_mesh(scene, tmp_path, resolution=64, threshold=threshold)
+    mesh = trimesh.load(files["glb"], force="mesh")
+    # glb is y-up: (x, y, z) -> (x, z, -y)
+    verts = np.asarray(mesh.vertices) @ np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], dtype=np.float64)
+    distance = np.linalg.norm(verts - np.array([0.1, -0.2, 0.05]), axis=1)
+    expected = sigma * np.sqrt(2 * np.log(opacity / threshold))  # o·exp(-r²/2σ²) = threshold
+    assert len(verts) > 100
+    assert np.abs(distance - expected).max() < 2 * (2.0 / 63)  # within two voxels
+    colors = np.asarray(mesh.visual.vertex_colors)[:, :3]
+    assert np.abs(colors.astype(int) - [204, 77, 26]).max() <= 2

@@ -211,6 +211,20 @@ def test_splat_only_and_failed_asset_pages(built):
     assert [e["text"] for e in failed.find("pre")] == [FAILED_ERROR]
 
 
+def test_vendored_viewer_matches_its_notice():
+    """The shipped model-viewer bundle is the file the notice names (hash), with its licence beside it."""
+    import hashlib
+    import re
+
+    from pipeline.gallery import LICENSE_FILES, STATIC_DIR, VIEWER_SCRIPT
+
+    notice = (STATIC_DIR / "THIRD_PARTY_NOTICES.md").read_text()
+    digest = hashlib.sha256((STATIC_DIR / VIEWER_SCRIPT).read_bytes()).hexdigest()
+    assert re.search(rf"copied byte for byte\s*\(sha256 `{digest}`\)", notice)
+    assert all((STATIC_DIR / name).is_file() for name in LICENSE_FILES)
+    assert "Apache License" in (STATIC_DIR / "model-viewer.LICENSE.txt").read_text()
+
+
 def test_json_for_script_cannot_close_the_block():
     text = json_for_script({"a": "</script><!-- \u2028 & >"})
     assert "<" not in text and ">" not in text and "&" not in text and "\u2028" not in text
@@ -239,8 +253,11 @@ def test_uri_dataset_and_cli(built, tmp_path, capsys):
     assert local != copy / "gallery" and (local / "index.html").is_file()
     assert (copy / "gallery" / "index.html").read_bytes() == (local / "index.html").read_bytes()
     assert {p.stem for p in (copy / "gallery" / "assets").iterdir()} == set(expected)
+    (tmp_path / "cli" / "assets").mkdir(parents=True)
+    (tmp_path / "cli" / "assets" / "gone.html").write_text("stale")
     main([str(copy), "--gallery-dir", str(tmp_path / "cli")])
     assert capsys.readouterr().out.strip() == str(tmp_path / "cli" / "index.html")
+    assert {p.stem for p in (tmp_path / "cli" / "assets").iterdir()} == set(expected)  # stale page removed
 
 
 def test_log_gallery_to_mlflow(built, tmp_path, monkeypatch):
@@ -269,7 +286,7 @@ def test_log_gallery_to_mlflow(built, tmp_path, monkeypatch):
 
 CHROMIUM_FLAGS = (
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run", "--window-size=1280,900",
+    "--disable-component-update", "--no-first-run", "--window-size=1024,768",
     # WebGL without a GPU: SwiftShader, opted in explicitly (the silent fallback is deprecated).
     "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
 )
@@ -316,7 +333,7 @@ def _assert_no_script_ran(driver) -> None:
     assert driver.execute_script("return window.__xss === undefined")
 
 
-def _wait_for_model(driver, timeout_s: float = 60.0) -> str:
+def _wait_for_model(driver, timeout_s: float = 180.0) -> str:
     from selenium.webdriver.support.ui import WebDriverWait
 
     WebDriverWait(driver, timeout_s, poll_frequency=0.2).until(
@@ -365,9 +382,13 @@ def test_browser_asset_page_loads_and_orbits_the_model(built, browser):
         "const v = document.getElementById('viewer'); const d = v.getDimensions(); return [v.loaded, d.x, d.y, d.z]")
     assert loaded is True
     np.testing.assert_allclose(dims, BOX_EXTENTS, atol=1e-4)  # the GLB's box, as the component measured it
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 60).until(lambda d: d.execute_script(
+        "const v = document.querySelector('video.turntable'); return v.error !== null || v.videoWidth > 0"))
     video = browser.execute_script(
         "const v = document.querySelector('video.turntable'); return [v.error === null, v.videoWidth]")
-    assert video == [True, 64]
+    assert video == [True, 64]  # the H.264 turntable decodes
     _screenshot(browser, "asset-boxa0.png")
     theta = "return document.getElementById('viewer').getCameraOrbit().theta"
     before = browser.execute_script(theta)
@@ -384,7 +405,7 @@ def test_browser_asset_page_in_sandboxed_blob_iframe(built, browser):
     browser.get((gallery / "assets" / "flag0.html").as_uri())  # any page as the host
     _assert_no_script_ran(browser)
     assert FAILED_ERROR in browser.page_source.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&").replace("&quot;", '"')
-    browser.set_script_timeout(60)
+    browser.set_script_timeout(180)
     message = browser.execute_async_script(
         """
         const [html, done] = arguments;

@@ -141,3 +141,24 @@ def test_wrong_files_are_rejected_with_the_file_name(tmp_path):
         load_ip_adapter(sd.unet, str(tmp_path), "tiny")
     # nothing above touched the UNet
     assert not any(isinstance(p, PerSampleIPAttnProcessor) for p in sd.unet.attn_processors.values())
+
+
+def test_unreachable_hub_names_the_key_and_file(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    unet = build_tiny_sd(0).unet
+    with pytest.raises(ModelSourceError) as info:
+        load_ip_adapter(unet, "no-such-org/IP-Adapter", "tiny", subfolder="models", weight_name="ip-adapter_sd15.bin")
+    message = str(info.value)
+    assert message.startswith("models.ip_adapter:")
+    assert "no-such-org/IP-Adapter:models/ip-adapter_sd15.bin" in message and "local" in message
+    with pytest.raises(ModelSourceError, match=r"^models\.image_encoder: .*no-such-org/IP-Adapter:models/image_encoder"):
+        load_ip_adapter(unet, "tiny", "no-such-org/IP-Adapter:models/image_encoder")
+
+
+def test_image_encoder_file_must_be_a_vit_h_state_dict(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "image_encoder.safetensors"
+    save_file({"vision_model.embeddings.class_embedding": torch.zeros(8)}, str(path))
+    with pytest.raises(ModelSourceError, match=r"models\.image_encoder: .*image_encoder\.safetensors.* ViT-H/14"):
+        load_ip_adapter(build_tiny_sd(0).unet, "tiny", str(path))

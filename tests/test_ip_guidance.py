@@ -149,7 +149,8 @@ def test_ip_null_branch_is_scale_times_ref_minus_null(components):
         x = x_t(t)
         return 5.0 * (eps(x, t, cond, ref, 0.7) - eps(x, t, cond, null, 0.7))
 
-    torch.testing.assert_close(resp.grad_rgb, _independent_grad(components, req, "a red car", _ref(0), residual), rtol=1e-4, atol=1e-6)
+    expected = _independent_grad(components, req, "a red car", _ref(0), residual)
+    torch.testing.assert_close(resp.grad_rgb, expected, rtol=1e-4, atol=1e-6)
     assert resp.info["evaluations"] == 2.0
 
 
@@ -180,7 +181,8 @@ def test_other_losses_match_independent_formulas(guidance, components):
     ]
     responses = guidance.grad([c[0] for c in cases])
     for resp, (req, prompt, ref, residual) in zip(responses, cases):
-        torch.testing.assert_close(resp.grad_rgb, _independent_grad(components, req, prompt, ref, residual), rtol=1e-4, atol=1e-6)
+        expected = _independent_grad(components, req, prompt, ref, residual)
+        torch.testing.assert_close(resp.grad_rgb, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_a_request_does_not_depend_on_its_batch_mates(guidance):
@@ -265,3 +267,17 @@ def test_cuda_fp16_grad_agrees_with_cpu_fp32(guidance):
     assert torch.isfinite(on_gpu.grad_rgb).all()
     cosine = F.cosine_similarity(on_gpu.grad_rgb.flatten(), on_cpu.grad_rgb.flatten(), dim=0)
     assert cosine > 0.98
+
+
+def test_plus_adapter_runs_the_same_protocol():
+    """ip-adapter-plus (16-token resampler, hidden-state image embeds, encoder-made null)."""
+    sd = build_tiny_sd(0)
+    ip = load_ip_adapter(sd.unet, "tiny", "tiny", tiny_layout="plus")
+    g = IPGuidance(IPComponents(sd, ip), render_resolution=RES)
+    g.register("car", "a red car", _ref(0))
+    g.register("boat", "a blue boat", _ref(1))
+    req = _request("car", seed=3)
+    (alone,) = g.grad([req])
+    batched = g.grad([_request("boat", seed=4, ip_scale=0.9), req])
+    torch.testing.assert_close(batched[1].grad_rgb, alone.grad_rgb, rtol=1e-4, atol=1e-6)
+    assert alone.grad_norm > 0 and g._assets["car"].reference.shape == (1, 17, 32)

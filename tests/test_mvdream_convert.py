@@ -364,6 +364,9 @@ def test_cli_writes_a_directory_that_loads_back(original, components, tmp_path):
     # the CLI's entry point in-process (a subprocess would spend its time importing torch)
     assert main([str(ckpt), str(out), "--tokenizer", "tiny", "--num-head-channels", "8", "--text-heads", "4"]) == 0
     assert json.loads((out / MARKER_FILE).read_text())["num_frames"] == 4
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "missing.pt"), str(tmp_path / "other")])
+    assert exit_info.value.code == 2
     from safetensors import safe_open
 
     with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:

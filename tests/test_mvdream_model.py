@@ -122,3 +122,22 @@ def test_bad_sources_name_the_problem(tmp_path):
         load_mvdream(str(bogus))
     with pytest.raises(KeyError, match=r"lacks 'input_blocks.0.0.weight'.*MVDream \(ldm\) checkpoint"):
         load_mvdream(str(bogus), text_source="tiny")
+
+
+@pytest.mark.gpu
+def test_full_size_unet_runs_in_fp16_on_cuda():
+    """sd-v2.1-base-4view's UNet (random weights) at 256² renders → 32² latents, 2 objects."""
+    from stages.models.mvdream import build_mvdream_unet, mvdream_unet_config
+
+    with torch.device("cuda"):
+        unet = build_mvdream_unet(mvdream_unet_config()).half().eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4, 32, 32, generator=g).cuda().half()
+    t = torch.full((8,), 500, device="cuda")
+    context = torch.randn(8, 77, 1024, generator=g).cuda().half()
+    camera = normalize_camera(torch.eye(4).repeat(8, 1, 1)).cuda().half()
+    with torch.no_grad():
+        both = mvdream_forward(unet, x, t, context, camera)
+        first = mvdream_forward(unet, x[:4], t[:4], context[:4], camera[:4])
+    assert both.shape == x.shape and torch.isfinite(both).all()
+    torch.testing.assert_close(both[:4], first, atol=2e-2, rtol=2e-2)

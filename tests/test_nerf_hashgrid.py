@@ -43,7 +43,9 @@ def naive_hashgrid(x: np.ndarray, table: np.ndarray, cfg: HashGridConfig) -> np.
 @pytest.mark.parametrize(
     "cfg",
     [
-        HashGridConfig(n_levels=4, n_features_per_level=2, log2_hashmap_size=8, base_resolution=4, per_level_scale=2.0),
+        HashGridConfig(
+            n_levels=4, n_features_per_level=2, log2_hashmap_size=8, base_resolution=4, per_level_scale=2.0
+        ),
         NeRFConfig.tiny().hash_grid,
     ],
 )
@@ -63,7 +65,9 @@ def test_torch_hashgrid_matches_naive_formula(cfg):
 
 
 def test_hashgrid_gradient_reaches_only_touched_entries():
-    cfg = HashGridConfig(n_levels=2, n_features_per_level=2, log2_hashmap_size=6, base_resolution=4, per_level_scale=2.0)
+    cfg = HashGridConfig(
+        n_levels=2, n_features_per_level=2, log2_hashmap_size=6, base_resolution=4, per_level_scale=2.0
+    )
     grid = TorchHashGrid(cfg, torch.Generator().manual_seed(0))
     grid(torch.tensor([[0.3, 0.6, 0.2]])).sum().backward()
     touched = (grid.params.grad.view(-1, 2).abs().sum(-1) > 0).sum().item()

@@ -244,3 +244,14 @@ def test_step_pre_backward_refreshes_the_occupancy_grid_every_n_steps():
     assert scene.occupancy.float().mean() < 0.5  # not an update step
     scene.step_pre_backward(scene.config.renderer.grid_update_every, {})
     assert bool(scene.occupancy.all())
+
+
+def test_rays_that_miss_the_sphere_render_background_only():
+    scene = NeRFScene(tiny(kind="solid", color=[0.2, 0.4, 0.6], learned=True, random_aug=False), seed=0)
+    cams = orbit_cameras(1)
+    cams.c2w[0, :3, :3] = -cams.c2w[0, :3, :3]  # turn around: look away from the object
+    out = scene.render(cams, 8, 8, shading="diffuse")
+    assert out["weights"].numel() == 0 and out["opacity"].max() == 0.0
+    assert torch.allclose(out["rgb"], torch.tensor([0.2, 0.4, 0.6])[None, :, None, None].expand(1, 3, 8, 8))
+    (out["rgb"].mean() + sum(scene.regularizers(out).values())).backward()  # still differentiable
+    assert scene.background.color.grad.abs().sum() > 0

@@ -93,12 +93,12 @@ def fake_config(out: Path, prompts: list[str], **overrides):
         "method_preset=tiny",
         "method.iterations=12",
         "method.checkpoint_every=4",
-        "resources.tasks_in_flight=4",
-        "resources.task_num_cpus=0.25",
+        "resources.tasks_in_flight=2",
+        "resources.task_num_cpus=0.5",
         "resources.ip.max_wait_ms=20",
         "resources.mvd.max_wait_ms=20",
         "tracking.enabled=false",
-        "progress_every_s=0.5",
+        "progress_every_s=5",
     ] + [f"{k}={v}" for k, v in overrides.items()]
     from omegaconf import OmegaConf
 
@@ -164,7 +164,7 @@ def test_dataset_run_failed_assets_resume_and_retry_failed(head, tmp_path):
     out = tmp_path / "ds"
     prompts = ["a red apple", "a blue chair", "a NaN monster"]
     config = fake_config(out, prompts, **{"tracking.enabled": "true"})
-    summary = run_dataset(config, pipeline_fakes.fake_components())
+    summary = run_dataset(config, pipeline_fakes.fake_components(mvd=True))
     assert (summary.succeeded, summary.failed) == (4, 2)
     rows = _latest(out)
     assert len(rows) == 6
@@ -203,7 +203,7 @@ def test_dataset_run_failed_assets_resume_and_retry_failed(head, tmp_path):
     assert (again.skipped_done, again.skipped_failed, again.succeeded, again.failed) == (4, 2, 0, 0)
     # --retry-failed redoes only the failed ones
     config.retry_failed = True
-    retried = run_dataset(config, pipeline_fakes.fake_components())
+    retried = run_dataset(config, pipeline_fakes.fake_components(reference=False))
     assert (retried.skipped_done, retried.failed) == (4, 2)
     assert len(_latest(out)) == 6 and len(DatasetWriter(str(out)).manifest_rows()) == 8
 
@@ -218,9 +218,14 @@ def _wait_for(predicate, timeout: float = 60.0, every: float = 0.05):
     raise TimeoutError("condition not reached")
 
 
-def test_killed_optimiser_worker_is_retried_and_resumes(head, tmp_path):
+def test_killed_worker_and_guidance_actor_lose_nothing(head, tmp_path):
+    """Kill one optimiser task's worker and the IP guidance actor mid-run: Ray retries the
+    task (it resumes from its checkpoint), restarts the actor (clients re-register), and
+    every asset is committed exactly once."""
+    from ray.util.state import list_actors
+
     out = tmp_path / "ds"
-    config = fake_config(out, ["a lamp"], variants=2, **{"method.iterations": 40})
+    config = fake_config(out, ["a lamp", "a kite"], **{"method.iterations": 40})
     work = out / ".work"
     killed: dict = {}
 
@@ -229,39 +234,23 @@ def test_killed_optimiser_worker_is_retried_and_resumes(head, tmp_path):
         pid = int((checkpoint.parent / "pid").read_text())
         killed["asset_id"] = checkpoint.parent.name
         os.kill(pid, signal.SIGKILL)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    summary = run_dataset(config, pipeline_fakes.fake_components(step_s=0.05))
-    thread.join(5)
-    assert summary.succeeded == 2 and summary.failed == 0
-    assert summary.attempts[killed["asset_id"]] == 2
-    metrics = json.loads((out / "assets" / killed["asset_id"] / "metrics.json").read_text())
-    assert metrics["resumed_from"] >= 4  # continued from its checkpoint, not from scratch
-    assert sorted(os.listdir(out / "assets")) == sorted(_latest(out))
-
-
-def test_killed_guidance_actor_restarts_and_run_completes(head, tmp_path):
-    from ray.util.state import list_actors
-
-    out = tmp_path / "ds"
-    config = fake_config(out, ["a boat", "a kite"], **{"method.iterations": 40})
-    killed: list[int] = []
-
-    def killer():
-        _wait_for(lambda: next(iter((out / ".work").glob("*/fake.pt")), None))
         actors = list_actors(filters=[("class_name", "=", "IPGuidanceActor"), ("state", "=", "ALIVE")], address=head["dashboard"])
+        killed["actors"] = [actor.pid for actor in actors]
         for actor in actors:
-            killed.append(actor.pid)
             os.kill(actor.pid, signal.SIGKILL)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    summary = run_dataset(config, pipeline_fakes.fake_components(step_s=0.03))
+    summary = run_dataset(config, pipeline_fakes.fake_components(step_s=0.05, reference=False))
     thread.join(5)
-    assert killed, "no guidance actor was found to kill"
+    assert killed["actors"], "no guidance actor was found to kill"
     assert summary.succeeded == 4 and summary.failed == 0
-    assert sorted(os.listdir(out / "assets")) == sorted(_latest(out))
+    assert summary.attempts[killed["asset_id"]] == 2
+    metrics = json.loads((out / "assets" / killed["asset_id"] / "metrics.json").read_text())
+    assert metrics["resumed_from"] >= 4  # continued from its checkpoint, not from scratch
+    rows = _latest(out)
+    assert sorted(os.listdir(out / "assets")) == sorted(rows) and len(rows) == 4
+    assert len(DatasetWriter(str(out)).manifest_rows()) == 4
 
 
 DRIVER = """
@@ -273,7 +262,7 @@ from test_pipeline_ray import fake_config
 ray.init(address={address!r}, log_to_driver=False)
 ray.cloudpickle.register_pickle_by_value(pipeline_fakes)
 config = fake_config({out!r}, ["a vase", "a drum", "a shoe"], **{{"method.iterations": 30, "resources.tasks_in_flight": 2}})
-run_dataset(config, pipeline_fakes.fake_components(step_s=0.04))
+run_dataset(config, pipeline_fakes.fake_components(step_s=0.04, reference=False))
 """
 
 
@@ -289,8 +278,9 @@ def test_killed_driver_loses_nothing_and_rerun_completes(head, tmp_path):
     committed_before = {p.parent.name: p.stat().st_mtime_ns for p in (out / "assets").glob("*/asset.json")}
     assert 1 <= len(committed_before) < 6 and first
     config = fake_config(out, ["a vase", "a drum", "a shoe"], **{"method.iterations": 30})
-    summary = run_dataset(config, pipeline_fakes.fake_components())
-    assert summary.skipped_done == len(committed_before)
+    summary = run_dataset(config, pipeline_fakes.fake_components(reference=False))
+    # tasks of the dead driver may still commit an asset or two while Ray tears them down
+    assert summary.skipped_done >= len(committed_before)
     assert summary.succeeded + summary.skipped_done == 6 and summary.failed == 0
     rows = _latest(out)
     assert len(rows) == 6 and all(r["status"] == "succeeded" for r in rows.values())

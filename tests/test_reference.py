@@ -47,3 +47,12 @@ def test_bad_inputs(sampler, tmp_path):
         ReferenceSampler("/no/such/model")
     with pytest.raises(ModelSourceError, match="no model_index.json"):
         ReferenceSampler(str(tmp_path))
+
+
+def test_diffusers_directory_loads_through_auto_pipeline(sampler, tmp_path):
+    sampler.pipeline.save_pretrained(tmp_path / "t2i")
+    loaded = ReferenceSampler(str(tmp_path / "t2i"))
+    assert type(loaded.pipeline).__name__ == "StableDiffusionPipeline"
+    a = loaded.sample("a red car", seed=3, num_inference_steps=STEPS)
+    b = sampler.sample("a red car", seed=3, num_inference_steps=STEPS)
+    assert np.abs(_pixels(a) - _pixels(b)).max() <= 1

@@ -226,3 +226,23 @@ def test_bad_config_names_the_key():
         SplatScene(SplatConfig(sh_degree=2), seed=0)
     with pytest.raises(ValueError, match="needs the scene on CUDA"):
         SplatScene(SplatConfig(backend="gsplat", init_num_points=4), seed=0).render(orbit_cameras(1), 8, 8)
+
+
+def test_rasteriser_gradients_match_finite_differences():
+    gen = torch.Generator().manual_seed(5)
+    n, height, width = 3, 6, 7
+    means = ((torch.rand(n, 3, generator=gen) - 0.5) * 0.3).double()
+    quats = torch.randn(n, 4, generator=gen).double()
+    scales = (torch.rand(n, 3, generator=gen) * 0.1 + 0.15).double()
+    opacities = (torch.rand(n, generator=gen) * 0.5 + 0.3).double()
+    colors = torch.rand(n, 3, generator=gen).double()
+    cams = single_camera([0.3, -2.0, 0.4])
+    viewmats = viewmats_from_c2w(cams.c2w.double())
+    Ks = intrinsics_from_fovy(cams.fovy.double(), height, width)
+
+    def render(m, q, s, o, c):
+        image, alpha, _ = rasterize_torch(m, q, s, o, c, viewmats, Ks, width, height, tile_size=4)
+        return image, alpha
+
+    inputs = tuple(t.requires_grad_(True) for t in (means, quats, scales, opacities, colors))
+    assert torch.autograd.gradcheck(render, inputs, eps=1e-6, atol=1e-5, rtol=1e-3)

@@ -51,10 +51,15 @@ def extract_mesh(
     level = resolve_threshold(density, threshold)
     if not np.isfinite(density).all():
         raise ValueError("density grid has NaN/inf values; the scene diverged, nothing to export")
-    if not (density.max() > level and density.min() < level):
+    if not density.max() > level:
         raise ValueError(
             f"scene is empty: no density above threshold {level:.4g} (grid max {density.max():.4g}); "
             "lower export.threshold"
+        )
+    if not density.min() < level:
+        raise ValueError(
+            f"scene is full: density above threshold {level:.4g} everywhere (grid min {density.min():.4g}); "
+            "raise export.threshold"
         )
     # Pad with 'outside' so a surface touching the box border is closed.
     padded = np.pad(density, 1, mode="constant", constant_values=min(float(density.min()), level - 1.0))
@@ -90,7 +95,10 @@ def vertex_colors(scene: DensityScene, verts: np.ndarray) -> np.ndarray:
 Z_UP_TO_Y_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]], dtype=np.float32)
 """(x, y, z) → (x, z, −y): the scene's z-up world to glTF's y-up (a proper rotation)."""
 
-_MTL = "# modedreamer-ray mesh material (colours are per vertex)\nnewmtl material_0\nKa 1.0 1.0 1.0\nKd 1.0 1.0 1.0\nKs 0.0 0.0 0.0\nd 1.0\nillum 1\n"
+_MTL = (
+    "# modedreamer-ray mesh material (colours are per vertex)\n"
+    "newmtl material_0\nKa 1.0 1.0 1.0\nKd 1.0 1.0 1.0\nKs 0.0 0.0 0.0\nd 1.0\nillum 1\n"
+)
 
 
 def export_mesh(
@@ -123,7 +131,9 @@ def export_mesh(
     tmp = {kind: path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp") for kind, path in final.items()}
     try:
         tmp["glb"].write_bytes(mesh.export(file_type="glb"))
-        obj_text = trimesh.exchange.obj.export_obj(mesh, include_normals=False, include_color=True, include_texture=False)
+        obj_text = trimesh.exchange.obj.export_obj(
+            mesh, include_normals=False, include_color=True, include_texture=False
+        )
         header = f"mtllib {final['mtl'].name}\nusemtl material_0\n"
         tmp["obj"].write_text(header + obj_text)
         tmp["mtl"].write_text(_MTL)

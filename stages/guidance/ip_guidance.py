@@ -12,7 +12,7 @@ gradient does not depend on its batch mates (up to floating-point reduction orde
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -85,7 +85,6 @@ class _Rows:
     text: Tensor
     image: Tensor
     scale: Tensor
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class IPGuidance:

@@ -20,7 +20,8 @@ class ModelsConfig:
     mvdream: str = "MVDream/MVDream:sd-v2.1-base-4view.pt"
     """MVDream multi-view UNet: original checkpoint (converted on load) or a converted directory."""
     mvdream_text: str = "stabilityai/stable-diffusion-2-1-base"
-    """OpenCLIP-H text encoder + VAE for MVDream (SD2.1-base layout)."""
+    """Where MVDream's tokenizer comes from (SD2.1-base layout); the UNet, VAE and OpenCLIP-H text
+    encoder come from ``mvdream`` itself, whose original checkpoint ships no tokenizer."""
     reference: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """Any diffusers text-to-image pipeline for the reference images."""
     dtype: str = "auto"

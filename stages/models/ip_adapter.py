@@ -89,7 +89,9 @@ class PerSampleIPAttnProcessor(IPAdapterAttnProcessor2_0):
         ip_adapter_masks: Tensor | None = None,
     ) -> Tensor:
         if self.sample_scale is None or ip_adapter_masks is not None or not isinstance(encoder_hidden_states, tuple):
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, scale, ip_adapter_masks)
+            return super().__call__(
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb, scale, ip_adapter_masks
+            )
         encoder_hidden_states, ip_hidden_states = encoder_hidden_states
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -257,8 +259,8 @@ def load_ip_adapter(
     (``repo:subfolder`` form allowed) | a transformers directory | a ViT-H/14 weight file.
     Raises :class:`ModelSourceError` naming the file when it is not an SD1.5 IP-Adapter.
     """
-    enc_src = image_encoder if isinstance(image_encoder, ModelSource) else resolve_source(image_encoder, "models.image_encoder")
-    ad_src = adapter if isinstance(adapter, ModelSource) else resolve_source(adapter, "models.ip_adapter")
+    enc_src = _as_source(image_encoder, "models.image_encoder")
+    ad_src = _as_source(adapter, "models.ip_adapter")
     encoder = _load_image_encoder(enc_src, seed)
     place(encoder, device, dtype)
 
@@ -281,6 +283,10 @@ def load_ip_adapter(
     processor = CLIPImageProcessor(size=size, crop_size=size)
     num_tokens = ip_processors(unet)[0].num_tokens[0]
     return IPAdapter(encoder, processor, layout, num_tokens, weight_file)
+
+
+def _as_source(value: str | ModelSource, key: str) -> ModelSource:
+    return value if isinstance(value, ModelSource) else resolve_source(value, key)
 
 
 def install_ip_adapter_state(unet: UNet2DConditionModel, state: dict[str, dict[str, Tensor]]) -> None:

@@ -48,7 +48,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from stages.models.mvdream import (
     MARKER_FILE,
     MVDREAM_SCALING_FACTOR,
-    NUM_FRAMES,
     SCHEDULE_FILE,
     MVDreamComponents,
     mvdream_alphas_cumprod,
@@ -442,13 +441,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from stages.models.mvdream import load_tokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer, Path(args.checkpoint)) if args.tokenizer else None
-    converted = convert_mvdream_checkpoint(
-        read_checkpoint(args.checkpoint),
-        num_head_channels=args.num_head_channels,
-        text_num_heads=args.text_heads,
-        norm_num_groups=args.norm_groups,
-    )
+    try:
+        tokenizer = load_tokenizer(args.tokenizer, Path(args.checkpoint), key="--tokenizer") if args.tokenizer else None
+        converted = convert_mvdream_checkpoint(
+            read_checkpoint(args.checkpoint),
+            num_head_channels=args.num_head_channels,
+            text_num_heads=args.text_heads,
+            norm_num_groups=args.norm_groups,
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        parser.exit(2, f"error: {exc}\n")
     components = components_from_converted(converted, tokenizer)  # type: ignore[arg-type]
     dtype = getattr(torch, args.dtype)
     for module in (components.unet, components.vae, components.text_encoder):

@@ -179,12 +179,7 @@ def hub_file(source: ModelSource, filename: str | None = None, subfolder: str | 
     name = filename or source.filename
     if name is None:
         raise ModelSourceError(f"{source.key}: {source.describe()!r} names no file")
-    with hub_errors(source, "file"):
-        return Path(
-            hf_hub_download(
-                source.location,
-                filename=name,
-                subfolder=subfolder if subfolder is not None else source.subfolder,
-                **hub_kwargs(),
-            )
-        )
+    folder = subfolder if subfolder is not None else source.subfolder
+    exact = ModelSource(source.key, "hub", source.location, folder, name)
+    with hub_errors(exact, "file"):
+        return Path(hf_hub_download(source.location, filename=name, subfolder=folder, **hub_kwargs()))

@@ -311,4 +311,6 @@ def load_optimize_config(
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         raise ValueError(f"invalid optimisation config: {error}") from error
+    except ValueError as error:  # a nested dataclass' __post_init__ validation
+        raise ValueError(str(error).replace("ScheduleConfig.", "method.schedule.")) from error
     return config.validate()

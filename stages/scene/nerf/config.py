@@ -94,6 +94,9 @@ class ShadingConfig:
     """``finite_difference`` (central differences of density, 6 extra density lookups, no
     double backward: the cheaper choice on CPU) | ``analytic`` (autograd of raw density)."""
     finite_difference_eps: float = 0.01
+    normal_min_weight: float = 1e-4
+    """Normals are computed only at samples whose compositing weight exceeds this (others get a
+    zero normal and contribute < this to the image); 0 computes them at every kept sample."""
     compute_normals: bool = False
     """Compute normals on every render, also ``albedo`` ones (needed by the ``orient`` and
     ``normal_smooth`` regularisers); otherwise only for ``diffuse`` / ``textureless``."""
@@ -140,15 +143,27 @@ class NeRFConfig:
                 self.density_activation in DENSITY_ACTIVATIONS,
                 f"nerf.density_activation must be one of {DENSITY_ACTIVATIONS}, got {self.density_activation!r}",
             ),
-            (self.density_bias in DENSITY_BIASES, f"nerf.density_bias must be one of {DENSITY_BIASES}, got {self.density_bias!r}"),
+            (
+                self.density_bias in DENSITY_BIASES,
+                f"nerf.density_bias must be one of {DENSITY_BIASES}, got {self.density_bias!r}",
+            ),
             (self.density_blob_std > 0, f"nerf.density_blob_std must be > 0, got {self.density_blob_std}"),
             (self.hash_grid.n_levels >= 1, "nerf.hash_grid.n_levels must be >= 1"),
-            (self.hash_grid.n_features_per_level in (1, 2, 4, 8), "nerf.hash_grid.n_features_per_level must be 1, 2, 4 or 8"),
+            (
+                self.hash_grid.n_features_per_level in (1, 2, 4, 8),
+                "nerf.hash_grid.n_features_per_level must be 1, 2, 4 or 8",
+            ),
             (1 <= self.hash_grid.log2_hashmap_size <= 30, "nerf.hash_grid.log2_hashmap_size must be in [1, 30]"),
             (self.hash_grid.base_resolution >= 2, "nerf.hash_grid.base_resolution must be >= 2"),
             (self.hash_grid.per_level_scale >= 1.0, "nerf.hash_grid.per_level_scale must be >= 1"),
-            (self.mlp.n_neurons >= 1 and self.mlp.n_hidden_layers >= 0, "nerf.mlp needs n_neurons >= 1, n_hidden_layers >= 0"),
-            (self.background.kind in BACKGROUNDS, f"nerf.background.kind must be one of {BACKGROUNDS}, got {self.background.kind!r}"),
+            (
+                self.mlp.n_neurons >= 1 and self.mlp.n_hidden_layers >= 0,
+                "nerf.mlp needs n_neurons >= 1 and n_hidden_layers >= 0",
+            ),
+            (
+                self.background.kind in BACKGROUNDS,
+                f"nerf.background.kind must be one of {BACKGROUNDS}, got {self.background.kind!r}",
+            ),
             (len(self.background.color) == 3, "nerf.background.color must have 3 entries"),
             (1 <= self.background.sh_degree <= 4, "nerf.background.sh_degree must be in [1, 4]"),
             (0.0 <= self.background.random_aug_prob <= 1.0, "nerf.background.random_aug_prob must be in [0, 1]"),

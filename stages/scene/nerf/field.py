@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -79,29 +78,29 @@ class NeRFField(nn.Module):
         """Activated density σ (N,) at world points (N, 3)."""
         return self.activate(self.raw_density(points))
 
-    def forward(self, points: Tensor, with_normals: bool = False) -> dict[str, Tensor]:
-        """points (N, 3) → ``density`` (N,), ``albedo`` (N, 3), optionally ``normal`` (N, 3) (outward, unit)."""
-        analytic = with_normals and self.config.shading.normal_type == "analytic"
-        grad_enabled = torch.is_grad_enabled()
-        if analytic:
-            points = points.detach().requires_grad_(True)
-        with torch.enable_grad() if analytic else nullcontext():
-            enc = self.encode(points)
-            raw = self.raw_density(points, enc)
-            if analytic:
-                grad = torch.autograd.grad(raw.sum(), points, create_graph=grad_enabled)[0]
-                if not grad_enabled:
-                    enc, raw = enc.detach(), raw.detach()
-        out = {
-            "density": self.activate(raw),
+    def forward(self, points: Tensor) -> dict[str, Tensor]:
+        """points (N, 3) → ``density`` (N,) and ``albedo`` (N, 3)."""
+        enc = self.encode(points)
+        return {
+            "density": self.activate(self.raw_density(points, enc)),
             "albedo": torch.sigmoid(self.feature_network(enc)),
         }
-        if with_normals:
-            if analytic:
-                out["normal"] = F.normalize(-grad, dim=-1)
-            else:
-                out["normal"] = self.finite_difference_normal(points)
-        return out
+
+    def normal(self, points: Tensor) -> Tensor:
+        """Outward unit normals (N, 3) at world points (N, 3), by ``shading.normal_type``."""
+        if self.config.shading.normal_type == "finite_difference":
+            return self.finite_difference_normal(points)
+        return self.analytic_normal(points)
+
+    def analytic_normal(self, points: Tensor) -> Tensor:
+        """−∇(raw density) / |·| by autograd (threestudio ``analytic``: raw, for stability);
+        differentiable (double backward) when grad is enabled."""
+        grad_enabled = torch.is_grad_enabled()
+        with torch.enable_grad():
+            p = points.detach().requires_grad_(True)
+            grad = torch.autograd.grad(self.raw_density(p).sum(), p, create_graph=grad_enabled)[0]
+        normal = F.normalize(-grad, dim=-1)
+        return normal if grad_enabled else normal.detach()
 
     def finite_difference_normal(self, points: Tensor) -> Tensor:
         """Outward unit normals −∇σ / |∇σ| (N, 3) by central differences (threestudio's

@@ -167,5 +167,4 @@ def make_tcnn_grid(config: HashGridConfig, generator: torch.Generator) -> nn.Mod
         )
     with torch.no_grad():
         encoding.params.copy_(init_grid_params(config, generator).to(encoding.params.device))
-    encoding.n_output_dims = config.n_levels * config.n_features_per_level
     return encoding

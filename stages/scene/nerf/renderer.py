@@ -74,7 +74,9 @@ def grid_cells(points: Tensor, radius: float, resolution: int) -> Tensor:
     return (cell[..., 0] * resolution + cell[..., 1]) * resolution + cell[..., 2]
 
 
-def shade(albedo: Tensor, normal: Tensor | None, light_dirs: Tensor | None, shading: str, ambient: Tensor, diffuse: Tensor) -> Tensor:
+def shade(
+    albedo: Tensor, normal: Tensor | None, light_dirs: Tensor | None, shading: str, ambient: Tensor, diffuse: Tensor
+) -> Tensor:
     """Sample colours (m, 3): ``albedo``; ``textureless`` = ambient + diffuse·max(0, n·l);
     ``diffuse`` = albedo.clamp(0, 1) · textureless (threestudio's point-light material)."""
     if shading == "albedo":
@@ -103,11 +105,13 @@ def march_rays(
     light_positions: Tensor | None,
     ambient: Tensor,
     diffuse: Tensor,
+    normal_min_weight: float = 0.0,
 ) -> MarchResult:
     """Render n rays (origins, dirs (n, 3); near, far (n,)) with ``n_samples`` stratified samples.
 
     ``jitter`` (n, S) in [0, 1) places each sample in its bin (None: bin midpoints);
-    ``occupancy`` (R, R, R) bool skips samples in empty cells before the field is queried.
+    ``occupancy`` (R, R, R) bool skips samples in empty cells before the field is queried;
+    normals are computed only where the compositing weight exceeds ``normal_min_weight``.
     """
     n = origins.shape[0]
     device = origins.device
@@ -123,11 +127,16 @@ def march_rays(
         ray = torch.arange(n, device=device).repeat_interleave(n_samples)
         sample = torch.arange(n_samples, device=device).repeat(n)
     kept_points = points[ray, sample]
-    out = field(kept_points, with_normals=with_normals)
+    out = field(kept_points)
     sigma_delta = torch.zeros(n, n_samples, device=device, dtype=out["density"].dtype)
     sigma_delta = sigma_delta.index_put((ray, sample), out["density"] * delta[ray])
     weights = composite(sigma_delta)[ray, sample]  # (m,)
-    normal = out.get("normal")
+    normal = None
+    if with_normals:
+        # Normals cost 6 extra density lookups (or a double backward) per sample; samples with
+        # negligible weight cannot change the image, so they keep a zero normal.
+        visible = (weights.detach() > normal_min_weight).nonzero(as_tuple=True)[0]
+        normal = torch.zeros_like(kept_points).index_put((visible,), field.normal(kept_points[visible]))
     light_dirs = None
     if shading != "albedo":
         light_dirs = F.normalize(light_positions[ray] - kept_points, dim=-1)

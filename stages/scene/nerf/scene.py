@@ -152,6 +152,7 @@ class NeRFScene(nn.Module):
                 light_positions=light_per_ray[rays],
                 ambient=self.ambient,
                 diffuse=self.diffuse,
+                normal_min_weight=c.shading.normal_min_weight,
             )
             parts["rgb"].append(res.rgb)
             parts["opacity"].append(res.opacity)

@@ -273,12 +273,12 @@ class SplatScene(nn.Module):
         """``opacity``: mean Gaussian opacity; ``scale``: mean excess of the largest scale over
         ``max_scale``·``radius``; ``outside``: mean distance of centres outside the ``radius``
         sphere; ``sparsity``: mean rendered opacity."""
-        radius = self.config.radius
+        radius, n = self.config.radius, max(1, self.num_gaussians)  # sums / n: 0, not NaN, when empty
         scales = torch.exp(self.splats["scales"]).amax(dim=-1)
         return {
-            "opacity": torch.sigmoid(self.splats["opacities"]).mean(),
-            "scale": F.relu(scales / radius - self.config.max_scale).mean(),
-            "outside": F.relu(self.splats["means"].norm(dim=-1) - radius).mean(),
+            "opacity": torch.sigmoid(self.splats["opacities"]).sum() / n,
+            "scale": F.relu(scales / radius - self.config.max_scale).sum() / n,
+            "outside": F.relu(self.splats["means"].norm(dim=-1) - radius).sum() / n,
             "sparsity": out["opacity"].mean(),
         }
 
@@ -309,6 +309,9 @@ class SplatScene(nn.Module):
             strategy = densify_ops.without_growth(strategy)
         views = densify_ops.group_views(optimizer, list(self.splats.keys()))
         device = self.splats["means"].device
+        for key, value in self.strategy_state.items():  # restored on the CPU before scene.to(device)
+            if isinstance(value, Tensor) and value.device != device:
+                self.strategy_state[key] = value.to(device)
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
         cuda_devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda_devices):  # split sampling from the scene's generator
@@ -325,9 +328,8 @@ class SplatScene(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         if self.strategy is not None:
-            device = self.splats["means"].device
             for key, value in state.get("strategy", {}).items():
-                self.strategy_state[key] = None if value is None else value.to(device)
+                self.strategy_state[key] = value
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load a state whose Gaussian count may differ: parameters are resized in place first,

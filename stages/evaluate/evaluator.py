@@ -1,0 +1,101 @@
+"""Score assets: CLIP text alignment and quality per asset, diversity per prompt across variants."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from stages.evaluate.aesthetic import load_aesthetic_head
+from stages.evaluate.clip import ClipFeatures, load_clip
+from stages.evaluate.config import EvaluateConfig
+from stages.evaluate.render import AssetViews, asset_views
+from stages.evaluate.scores import clip_alignment, pairwise_diversity, quality_score
+
+
+@dataclass
+class AssetScores:
+    """Scores of one asset; ``image_features`` (V, D) unit-norm, kept for diversity."""
+
+    alignment: float
+    quality: float
+    """NaN when no quality head is configured."""
+    image_features: Tensor
+    view_source: str
+    num_views: int
+
+
+class Evaluator:
+    """CLIP (+ optional aesthetic head) with a per-prompt text-feature cache."""
+
+    def __init__(self, config: EvaluateConfig, clip: ClipFeatures, head: torch.nn.Module | None) -> None:
+        self.config = config
+        self.clip = clip
+        self.head = head
+        self._text: dict[str, Tensor] = {}
+
+    @classmethod
+    def from_config(cls, config: EvaluateConfig) -> "Evaluator":
+        """Load ``config.clip`` and ``config.aesthetic_head`` on ``config.device``."""
+        from stages.models.device import resolve_device
+
+        config.validate()
+        device = resolve_device(config.device)
+        clip = load_clip(config.clip, device, seed=config.seed)
+        dim = int(clip.model.config.projection_dim)
+        head = load_aesthetic_head(config.aesthetic_head, dim, seed=config.seed)
+        if head is not None:
+            head = head.to(device)
+        return cls(config, clip, head)
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.device
+
+    def text_feature(self, prompt: str) -> Tensor:
+        """(D,) unit-norm CLIP text feature of ``prompt`` (cached)."""
+        if prompt not in self._text:
+            self._text[prompt] = self.clip.texts([prompt])[0]
+        return self._text[prompt]
+
+    def score_images(self, prompt: str, images: Sequence[Image.Image], view_source: str = "images") -> AssetScores:
+        """Alignment and quality of the views ``images`` of one asset made for ``prompt``."""
+        features = self.clip.images(list(images))  # (V, D)
+        alignment = clip_alignment(features, self.text_feature(prompt))
+        quality = math.nan if self.head is None else quality_score(self.head, features.to(self.device))
+        return AssetScores(alignment, quality, features, view_source, len(images))
+
+    def score_asset(self, asset_dir: Path, prompt: str, method: Any | None = None, views: str = "auto") -> AssetScores:
+        """Render (or cut from the preview) the asset's evaluation views and score them."""
+        rendered: AssetViews = asset_views(Path(asset_dir), self.config, method, views, self.device)
+        return self.score_images(prompt, rendered.images, rendered.source)
+
+
+@dataclass
+class PromptDiversity:
+    prompt: str
+    group: str
+    """Assets sharing a prompt are variants only under the same method (``config_digest``)."""
+    variants: int
+    diversity: float
+    """Mean pairwise cosine distance of the variants' same-view CLIP features (NaN: < 2 variants
+    or variants scored from different view sets)."""
+
+
+def diversity_by_prompt(items: Iterable[tuple[str, str, Tensor]]) -> list[PromptDiversity]:
+    """``(prompt, group, (V, D) features)`` per asset → diversity per (prompt, group), sorted."""
+    grouped: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
+    for prompt, group, features in items:
+        grouped[(prompt, group)].append(features)
+    out = []
+    for (prompt, group), features in sorted(grouped.items()):
+        shapes = {tuple(f.shape) for f in features}
+        value = pairwise_diversity(features) if len(shapes) == 1 else math.nan
+        out.append(PromptDiversity(prompt, group, len(features), value))
+    return out
