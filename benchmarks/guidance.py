@@ -21,7 +21,7 @@ from transformers import CLIPVisionConfig
 from benchmarks.common import environment, format_table, time_call, write_json
 from stages.models.device import resolve_device
 from stages.models.ip_adapter import install_ip_adapter_state, per_sample_ip_scale, tiny_ip_adapter_state_dict
-from stages.models.sd import SD15_UNET_CONFIG, seeded
+from stages.models.sd import SD15_UNET_CONFIG, place, seeded
 from stages.models.tiny import tiny_clip_vision_config, tiny_unet_config
 
 DEFAULT_OUT = Path("benchmarks/out/guidance.json")
@@ -33,10 +33,10 @@ def build_unet(full_size: bool, device: torch.device, dtype: torch.dtype) -> tup
     vision = CLIPVisionConfig(projection_dim=1024) if full_size else tiny_clip_vision_config()
     with torch.device(device):
         unet = seeded(0, lambda: UNet2DConditionModel.from_config(config))
-    unet = unet.to(dtype=dtype).eval().requires_grad_(False)
+    unet = place(unet, device, dtype)
     state = tiny_ip_adapter_state_dict(unet, vision, "base", seed=1)
     install_ip_adapter_state(unet, {g: {k: v.to(device, dtype) for k, v in s.items()} for g, s in state.items()})
-    return unet.to(device=device, dtype=dtype), int(vision.projection_dim)
+    return place(unet, device, dtype), int(vision.projection_dim)
 
 
 def _inputs(unet, batch: int, latent: int, embed_dim: int, device, dtype, seed: int = 0) -> dict[str, Any]:

@@ -176,6 +176,8 @@ def _find_role_files(dataset: _Dataset, record: AssetRecord) -> dict[str, str]:
     candidates: list[str] = []
     for value in record.files.values():  # the manifest's paths may be relative to the root or the asset dir
         candidates += [value, f"{asset_dir}/{value}"]
+    # Only paths inside the dataset: no absolute paths, no "..".
+    candidates = [c for c in candidates if not PurePosixPath(c).is_absolute() and ".." not in PurePosixPath(c).parts]
     found: dict[str, str] = {}
     for role, names in ROLE_FILENAMES.items():
         for name in names:
@@ -201,9 +203,20 @@ def _thumbnail_uri(data: bytes, max_side: int = THUMBNAIL_MAX_SIDE) -> str:
     return _data_uri(buffer.getvalue(), "image/jpeg")
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as strings (JSON has no NaN/Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def json_for_script(value: Any) -> str:
-    """JSON that is safe inside ``<script type="application/json">``: no ``<``, ``>``, ``&``, U+2028/9."""
-    text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+    """Strict JSON that is safe inside ``<script type="application/json">``: no ``<``, ``>``, ``&``, U+2028/9."""
+    text = json.dumps(_json_safe(value), ensure_ascii=False, sort_keys=True, default=str, allow_nan=False)
     for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
         text = text.replace(char, escape)
     return text

@@ -226,9 +226,9 @@ def test_vendored_viewer_matches_its_notice():
 
 
 def test_json_for_script_cannot_close_the_block():
-    text = json_for_script({"a": "</script><!-- \u2028 & >"})
+    text = json_for_script({"a": "</script><!-- \u2028 & >", "b": [float("nan"), 1.5]})
     assert "<" not in text and ">" not in text and "&" not in text and "\u2028" not in text
-    assert json.loads(text) == {"a": "</script><!-- \u2028 & >"}
+    assert json.loads(text, parse_constant=pytest.fail) == {"a": "</script><!-- \u2028 & >", "b": ["nan", 1.5]}
 
 
 def test_bad_manifests_are_named(tmp_path):

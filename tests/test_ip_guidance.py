@@ -281,3 +281,14 @@ def test_plus_adapter_runs_the_same_protocol():
     batched = g.grad([_request("boat", seed=4, ip_scale=0.9), req])
     torch.testing.assert_close(batched[1].grad_rgb, alone.grad_rgb, rtol=1e-4, atol=1e-6)
     assert alone.grad_norm > 0 and g._assets["car"].reference.shape == (1, 17, 32)
+
+
+def test_negative_prompt_default_and_override(components):
+    g = IPGuidance(components, render_resolution=RES, negative_prompt="blurry")
+    g.register("a", "a red car", _ref(0))
+    first = g._assets["a"]
+    g.register("a", "a red car", _ref(0), negative_prompt="")  # protocol default: same registration
+    assert g._assets["a"] is first
+    torch.testing.assert_close(first.uncond, components.sd.encode_prompts(["blurry"]))
+    g.register("a", "a red car", _ref(0), negative_prompt="low quality")
+    torch.testing.assert_close(g._assets["a"].uncond, components.sd.encode_prompts(["low quality"]))

@@ -80,8 +80,8 @@ class Evaluator:
 @dataclass
 class PromptDiversity:
     prompt: str
-    group: str
-    """Assets sharing a prompt are variants only under the same method (``config_digest``)."""
+    method: str
+    """Assets sharing a prompt are variants only under the same method (its ``config_digest``)."""
     variants: int
     diversity: float
     """Mean pairwise cosine distance of the variants' same-view CLIP features (NaN: < 2 variants
@@ -89,13 +89,13 @@ class PromptDiversity:
 
 
 def diversity_by_prompt(items: Iterable[tuple[str, str, Tensor]]) -> list[PromptDiversity]:
-    """``(prompt, group, (V, D) features)`` per asset → diversity per (prompt, group), sorted."""
+    """``(prompt, method, (V, D) features)`` per asset → diversity per (prompt, method), sorted."""
     grouped: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
-    for prompt, group, features in items:
-        grouped[(prompt, group)].append(features)
+    for prompt, method, features in items:
+        grouped[(prompt, method)].append(features)
     out = []
-    for (prompt, group), features in sorted(grouped.items()):
+    for (prompt, method), features in sorted(grouped.items()):
         shapes = {tuple(f.shape) for f in features}
         value = pairwise_diversity(features) if len(shapes) == 1 else math.nan
-        out.append(PromptDiversity(prompt, group, len(features), value))
+        out.append(PromptDiversity(prompt, method, len(features), value))
     return out

@@ -128,9 +128,11 @@ class IPGuidance:
         """Encode prompt, negative prompt, view-dependent prompts and the reference once.
 
         Idempotent: registering the same (prompt, negative prompt, reference) again is a no-op;
-        different inputs replace the cached embeddings.
+        different inputs replace the cached embeddings. ``negative_prompt`` None or ``""`` means
+        the guidance's own ``negative_prompt`` (so a re-registration with the protocol's default
+        ``""`` after an actor restart gives the same embeddings as the first registration).
         """
-        negative = self.negative_prompt if negative_prompt is None else negative_prompt
+        negative = negative_prompt or self.negative_prompt
         key = (prompt, negative, _fingerprint(reference))
         if asset_id in self._assets and self._assets[asset_id].key == key:
             return

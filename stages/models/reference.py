@@ -18,7 +18,15 @@ from diffusers import AutoPipelineForText2Image, DDIMScheduler, DiffusionPipelin
 from PIL import Image
 
 from stages.models.sd import build_tiny_sd, place
-from stages.models.sources import SINGLE_FILE_HINT, ModelSource, ModelSourceError, hub_errors, hub_kwargs, resolve_source
+from stages.models.sources import (
+    SINGLE_FILE_HINT,
+    ModelSource,
+    ModelSourceError,
+    hub_errors,
+    hub_file,
+    hub_kwargs,
+    resolve_source,
+)
 
 
 class ReferenceSampler:
@@ -112,6 +120,13 @@ def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 def _build_pipeline(src: ModelSource, dtype: torch.dtype, seed: int) -> DiffusionPipeline:
     if src.kind == "tiny":
         return tiny_pipeline(seed).to(dtype=dtype)
+    if src.kind == "hub" and src.filename:  # 'org/name:model.safetensors': one checkpoint file of a hub repo
+        return _build_pipeline(ModelSource(src.key, "file", str(hub_file(src))), dtype, seed)
+    if src.kind == "hub" and src.subfolder:
+        raise ModelSourceError(
+            f"{src.key}: {src.describe()!r}: a pipeline loads from the root of a hub repo; "
+            "give 'org/name', 'org/name:file.safetensors' or a local path"
+        )
     if src.kind in ("hub", "directory"):
         if src.kind == "directory" and not (src.path / "model_index.json").is_file():
             raise ModelSourceError(

@@ -16,7 +16,15 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from stages.models.sources import SINGLE_FILE_HINT, ModelSource, ModelSourceError, hub_errors, hub_kwargs, resolve_source
+from stages.models.sources import (
+    SINGLE_FILE_HINT,
+    ModelSource,
+    ModelSourceError,
+    hub_errors,
+    hub_file,
+    hub_kwargs,
+    resolve_source,
+)
 from stages.models.tiny import tiny_clip_text_config, tiny_tokenizer, tiny_unet_config, tiny_vae_config
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -151,10 +159,15 @@ def _load_pipeline(src: ModelSource, dtype: torch.dtype) -> StableDiffusionPipel
                 f"{src.key}: {src.location!r} is neither a diffusers directory (no model_index.json) "
                 "nor a checkpoint file"
             )
-        with hub_errors(src, "the Stable Diffusion pipeline"):
-            return StableDiffusionPipeline.from_pretrained(
-                src.location, subfolder=src.subfolder, **common, **hub_kwargs()
+        if src.filename:  # 'org/name:path/model.safetensors': one checkpoint file of a hub repo
+            return _load_pipeline(ModelSource(src.key, "file", str(hub_file(src))), dtype)
+        if src.subfolder:
+            raise ModelSourceError(
+                f"{src.key}: {src.describe()!r}: a pipeline loads from the root of a hub repo; "
+                "give 'org/name', 'org/name:file.safetensors' or a local path"
             )
+        with hub_errors(src, "the Stable Diffusion pipeline"):
+            return StableDiffusionPipeline.from_pretrained(src.location, **common, **hub_kwargs())
     try:
         with hub_errors(src, "the Stable Diffusion checkpoint", SINGLE_FILE_HINT):
             return StableDiffusionPipeline.from_single_file(src.location, **common, **hub_kwargs())

@@ -153,11 +153,16 @@ class _Run:
         self.optimizer = make_optimizer(scene, config)
         self.checked_regularizers = False
 
+    def _registration(self, slot: str) -> Registration:
+        # one object serving both slots keeps the IP registration (it carries the reference)
+        shared = self.config.uses_ip and self.guidance.ip is self.guidance.mvd
+        return self.ip_registration if slot == "ip" or shared else self.mvd_registration
+
     def register(self) -> None:
         if self.config.uses_ip:
-            self.ip_registration.apply(self.guidance.ip)
-        if self.config.uses_mvd:
-            self.mvd_registration.apply(self.guidance.mvd)
+            self._registration("ip").apply(self.guidance.ip)
+        if self.config.uses_mvd and not (self.config.uses_ip and self.guidance.ip is self.guidance.mvd):
+            self._registration("mvd").apply(self.guidance.mvd)
 
     def _request(self, rgb: Tensor, cameras: Cameras, timesteps: Tensor, step: int, stream: str, **kwargs: Any) -> GuidanceRequest:
         options = dict(kwargs.pop("options", {}))
@@ -176,7 +181,7 @@ class _Run:
 
     def _ask(self, slot: str, request: GuidanceRequest) -> GuidanceResponse:
         guidance = self.guidance.ip if slot == "ip" else self.guidance.mvd
-        registration = self.ip_registration if slot == "ip" else self.mvd_registration
+        registration = self._registration(slot)
         (response,) = grad_with_reregister(guidance, [request], registration)
         if tuple(response.grad_rgb.shape) != tuple(request.rgb.shape):
             raise ValueError(

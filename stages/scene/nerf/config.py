@@ -124,14 +124,14 @@ class NeRFConfig:
     @classmethod
     def tiny(cls) -> "NeRFConfig":
         """A CPU-sized preset for tests and the quickstart (8 levels up to resolution 128,
-        2**14 entries, 16-wide MLPs, 24 samples per ray, 16³ occupancy grid)."""
+        2**14 entries, 16-wide MLPs, 24 samples per ray, 8-wide background MLP)."""
         return cls(
             hash_grid=HashGridConfig(
                 n_levels=8, n_features_per_level=2, log2_hashmap_size=14, base_resolution=8, per_level_scale=1.4860
             ),
             mlp=MLPConfig(n_neurons=16, n_hidden_layers=1),
             background=BackgroundConfig(n_neurons=8, n_hidden_layers=1),
-            renderer=RendererConfig(num_samples_per_ray=24, grid_resolution=16, chunk_samples=1 << 18),
+            renderer=RendererConfig(num_samples_per_ray=24, chunk_samples=1 << 18),
         )
 
     def validate(self) -> None:

@@ -101,7 +101,8 @@ class NeRFScene(nn.Module):
 
         Returns ``rgb`` (B,3,H,W) in [0,1], ``opacity`` / ``depth`` (B,1,H,W), ``background``
         (B,3,H,W), ``normal`` (B,3,H,W) unit world normals (zeros where empty) when normals are
-        computed (non-albedo shading, ``with_normals=True`` or ``shading.compute_normals``),
+        computed (always for non-albedo shading; for albedo when ``with_normals=True``, or when
+        it is None and ``shading.compute_normals``),
         and per kept sample (flattened over all rays): ``weights`` (M,), ``ray_indices`` (M,)
         into B·H·W, ``sample_dirs`` (M,3) and, with normals, ``sample_normal`` (M,3).
         ``light_positions`` (B,3) overrides the sampled point light.
@@ -118,7 +119,8 @@ class NeRFScene(nn.Module):
         origins, dirs = camera_rays(cameras, height, width)
         background = self.background(dirs, generator)  # (B, H, W, 3)
         if with_normals is None:
-            with_normals = shading != "albedo" or c.shading.compute_normals
+            with_normals = c.shading.compute_normals
+        with_normals = with_normals or shading != "albedo"  # lambertian shading needs them
         if light_positions is None:
             light_positions = self.sample_lights(cameras, generator)
         light_per_ray = light_positions.to(device).float()[:, None, :].expand(batch, height * width, 3).reshape(-1, 3)

@@ -3,7 +3,7 @@ a pure-PyTorch fallback with the same conventions elsewhere)."""
 
 from .cameras import intrinsics_from_fovy, viewmats_from_c2w
 from .config import DensifyConfig, SplatConfig, SplatLearningRates
-from .rasterize_gsplat import gsplat_available, rasterize_gsplat
+from .rasterize_gsplat import gsplat_available, gsplat_cuda_ready, rasterize_gsplat
 from .rasterize_torch import rasterize_torch
 from .scene import SplatScene, select_rasterizer
 
@@ -13,6 +13,7 @@ __all__ = [
     "SplatLearningRates",
     "SplatScene",
     "gsplat_available",
+    "gsplat_cuda_ready",
     "intrinsics_from_fovy",
     "rasterize_gsplat",
     "rasterize_torch",

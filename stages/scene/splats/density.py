@@ -86,7 +86,8 @@ def colors_at(
         delta = p[:, None, :] - means[nearest]
         maha = torch.einsum("pki,pkij,pkj->pk", delta, prec[nearest], delta)
         weight = opacities[nearest] * torch.exp(-0.5 * maha)
-        weight = torch.where(weight.sum(1, keepdim=True) > 1e-12, weight, torch.eye(k, device=p.device)[0].expand_as(weight))
+        nearest_only = torch.eye(k, device=p.device)[0].expand_as(weight)  # far from every Gaussian
+        weight = torch.where(weight.sum(1, keepdim=True) > 1e-12, weight, nearest_only)
         out.append((weight[..., None] * rgb[nearest]).sum(1) / weight.sum(1, keepdim=True))
     return torch.cat(out) if out else points.new_zeros(0, 3)
 
@@ -114,5 +115,7 @@ class SplatDensityField:
     def albedo_at(self, points: Tensor) -> Tensor:
         g = self.scene.gaussians()
         rgb = g["rgb"].detach().clamp(0.0, 1.0)
-        return colors_at(points, g["means"].detach(), g["quats"].detach(), g["scales"].detach(), g["opacities"].detach(), rgb)
+        return colors_at(
+            points, g["means"].detach(), g["quats"].detach(), g["scales"].detach(), g["opacities"].detach(), rgb
+        )
 

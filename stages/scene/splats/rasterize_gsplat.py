@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Any, Optional
 
@@ -10,7 +11,22 @@ from torch import Tensor
 
 def gsplat_available() -> bool:
     """True when the ``gsplat`` package can be imported (its CUDA kernels compile on first use)."""
-    return importlib.util.find_spec("gsplat") is not None
+    try:
+        return importlib.util.find_spec("gsplat") is not None
+    except (ImportError, ValueError):  # a broken install or a module masked in sys.modules
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def gsplat_cuda_ready() -> bool:
+    """True when gsplat's CUDA extension loads (prebuilt, or JIT-compiled now: minutes, once)."""
+    if not gsplat_available():
+        return False
+    try:
+        from gsplat.cuda._backend import _C
+    except Exception:  # no CUDA toolkit / compiler errors: gsplat reports them itself
+        return False
+    return _C is not None
 
 
 def rasterize_gsplat(

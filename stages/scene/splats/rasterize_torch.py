@@ -255,7 +255,8 @@ def _render_camera(
     n_tiles, n_pix = tiles_y * tiles_x, tile_size * tile_size
     ty, tx = torch.meshgrid(torch.arange(tiles_y, device=device), torch.arange(tiles_x, device=device), indexing="ij")
     origin = torch.stack([tx.reshape(-1), ty.reshape(-1)], dim=-1).to(dtype) * tile_size  # (T, 2) x, y
-    py, px = torch.meshgrid(torch.arange(tile_size, device=device), torch.arange(tile_size, device=device), indexing="ij")
+    local = torch.arange(tile_size, device=device)
+    py, px = torch.meshgrid(local, local, indexing="ij")
     offsets = torch.stack([px.reshape(-1), py.reshape(-1)], dim=-1).to(dtype) + 0.5  # (P, 2)
 
     with torch.no_grad():

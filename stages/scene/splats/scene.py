@@ -15,7 +15,7 @@ from . import densify as densify_ops
 from .cameras import intrinsics_from_fovy, viewmats_from_c2w
 from .config import SplatConfig
 from .init import load_point_cloud, mean_neighbour_distance, random_ball_points
-from .rasterize_gsplat import gsplat_available, rasterize_gsplat
+from .rasterize_gsplat import gsplat_available, gsplat_cuda_ready, rasterize_gsplat
 from .rasterize_torch import quat_to_rotmat, rasterize_torch
 from .sh import eval_sh, num_sh_bases, rgb_to_sh
 
@@ -35,10 +35,30 @@ def select_rasterizer(backend: str, device: torch.device) -> Rasterizer:
             raise ValueError(f"splats.backend=gsplat needs the scene on CUDA, it is on {device}")
         if not gsplat_available():
             raise ValueError("splats.backend=gsplat but gsplat is not installed (pip install 'modedreamer-ray[cuda]')")
+        if not gsplat_cuda_ready():
+            raise ValueError("splats.backend=gsplat but gsplat's CUDA kernels did not build (is nvcc on PATH?)")
         return rasterize_gsplat
     if backend == "auto":
-        return rasterize_gsplat if device.type == "cuda" and gsplat_available() else rasterize_torch
+        if device.type != "cuda":
+            return rasterize_torch
+        if gsplat_cuda_ready():
+            return rasterize_gsplat
+        warnings.warn("splats.backend=auto on CUDA without a working gsplat: using the slow torch rasteriser")
+        return rasterize_torch
     raise ValueError(f"splats.backend must be auto|gsplat|torch, got {backend!r}")
+
+
+def _as_config(config: Any) -> SplatConfig:
+    """A ``SplatConfig`` from itself or from an OmegaConf structured config of one."""
+    if isinstance(config, SplatConfig):
+        return config
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(config):
+        config = OmegaConf.to_object(config)
+    if not isinstance(config, SplatConfig):
+        raise TypeError(f"SplatScene needs a SplatConfig, got {type(config).__name__}")
+    return config
 
 
 class SplatScene(nn.Module):
@@ -56,6 +76,7 @@ class SplatScene(nn.Module):
 
     def __init__(self, config: SplatConfig, seed: int):
         super().__init__()
+        config = _as_config(config)
         config.validate()
         self.config = config
         self.generator = torch.Generator().manual_seed(int(seed))
@@ -89,7 +110,7 @@ class SplatScene(nn.Module):
         n = means.shape[0]
         if rgb is None:
             noise = (torch.rand(n, 3, generator=self.generator) * 2 - 1) * cfg.init_color_noise
-            rgb = (torch.tensor(cfg.init_color) + noise).clamp(0.0, 1.0)
+            rgb = (torch.tensor([float(v) for v in cfg.init_color]) + noise).clamp(0.0, 1.0)
         scales = torch.log(mean_neighbour_distance(means) * cfg.init_scale)[:, None].repeat(1, 3)
         quats = torch.zeros(n, 4)
         quats[:, 0] = 1.0
@@ -256,14 +277,13 @@ class SplatScene(nn.Module):
         ``lr`` maps group name -> learning rate; names it lacks use ``config.lr``. Each group
         holds one tensor and keeps its ``name`` (the densifier finds groups by name).
         """
-        groups = []
-        for name, param in self.splats.items():
-            groups.append({"params": [param], "lr": float(lr.get(name, getattr(self.config.lr, name))), "name": name})
+        params = dict(self.splats.items())
         if isinstance(self.background, nn.Parameter):
-            groups.append(
-                {"params": [self.background], "lr": float(lr.get("background", self.config.lr.background)), "name": "background"}
-            )
-        return groups
+            params["background"] = self.background
+        return [
+            {"params": [param], "lr": float(lr.get(name, getattr(self.config.lr, name))), "name": name}
+            for name, param in params.items()
+        ]
 
     def make_optimizer(self, lr: Optional[dict[str, float]] = None) -> torch.optim.Adam:
         """``Adam(param_groups(lr), eps=1e-15)`` as 3DGS/gsplat use it."""

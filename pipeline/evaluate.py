@@ -1,0 +1,463 @@
+"""Score a dataset: ``python -m pipeline.evaluate DATASET [--config configs/evaluate.yaml] [key=value ...]``.
+
+Reads top to bottom: load the evaluation config → the latest succeeded manifest row of every
+asset → views of each asset (rendered from its checkpoint, or cut from its preview) → CLIP
+alignment and quality per asset → one new ``scores/part-*.parquet`` shard → diversity per
+prompt across its variants → ``evaluation/<run>/`` (summary.json, summary.md, diversity.csv)
+→ MLflow (the dataset's parent run when the manifest names its child runs, else a new run).
+
+Scores live in their own shards, not in the manifest: a manifest row means "this asset was
+produced", ordered by ``finished_at``; a score row means "this asset was scored", ordered by
+``evaluated_at``. Shards are never rewritten; the latest score row of an asset wins
+(:func:`latest_scores`), as in the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Sequence, TextIO
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.writer import DatasetWriter, utc_now
+from stages.evaluate.config import EvaluateConfig
+from stages.evaluate.evaluator import Evaluator, diversity_by_prompt
+from stages.evaluate.render import VIEW_SOURCES, AssetViewsError
+
+SCORES_DIR = "scores"
+REPORTS_DIR = "evaluation"
+
+SCORES_SCHEMA = pa.schema(
+    [
+        ("asset_id", pa.string()),
+        ("prompt", pa.string()),
+        ("prompt_index", pa.int64()),
+        ("variant", pa.int64()),
+        ("config_digest", pa.string()),
+        ("asset_finished_at", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("alignment", pa.float64()),
+        ("quality", pa.float64()),
+        ("num_views", pa.int64()),
+        ("view_source", pa.string()),
+        ("eval_digest", pa.string()),
+        ("clip", pa.string()),
+        ("aesthetic_head", pa.string()),
+        ("image_features", pa.list_(pa.list_(pa.float32()))),
+        ("evaluated_at", pa.string()),
+    ]
+)
+SCORE_COLUMNS = tuple(SCORES_SCHEMA.names)
+
+
+@dataclass
+class EvalTrackingConfig:
+    enabled: bool = True
+    tracking_uri: Optional[str] = None
+    """MLflow URI; default the dataset's own (``sqlite:///<dataset>/mlflow.db``)."""
+    experiment: str = "modedreamer-evaluation"
+    """Experiment of the new run made when the dataset's parent run is not recorded."""
+
+
+@dataclass
+class EvaluationRunConfig:
+    """``configs/evaluate.yaml``."""
+
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    dataset_config: Optional[str] = None
+    """The pipeline YAML the dataset was made with (relative to this file): its ``method``
+    rebuilds each scene from ``checkpoint.pt``. Without it (and without ``method.yaml`` in the
+    asset dirs) the views are cut from ``preview.png``."""
+    dataset_overrides: list[str] = field(default_factory=list)
+    """Dotlist overrides the dataset was made with (e.g. ``method.iterations=3000``)."""
+    views: str = "auto"
+    """``auto`` (render when the method config is known, else preview) | ``render`` | ``preview``."""
+    groups: dict[str, str] = field(default_factory=dict)
+    """Prompt lists for the summary columns: name → prompt file (txt/jsonl/...; relative to this
+    file). A prompt in none of them counts as ``other``."""
+    skip_scored: bool = True
+    """Keep an asset's latest score when it was made with the same evaluation settings."""
+    tracking: EvalTrackingConfig = field(default_factory=EvalTrackingConfig)
+
+
+def load_evaluation_config(path: str | Path | None, overrides: Sequence[str] = ()) -> EvaluationRunConfig:
+    """YAML (optional) + dotlist onto :class:`EvaluationRunConfig`; paths made absolute."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    base_dir = Path.cwd()
+    raw: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"evaluation config file not found: {path}")
+        raw = OmegaConf.load(path)
+        base_dir = path.parent
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(EvaluationRunConfig), raw, OmegaConf.from_dotlist(list(overrides)))
+        config: EvaluationRunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        raise ConfigError(f"{path or 'evaluation config'}: config key '{key}': {str(error).splitlines()[0]}") from None
+    if config.views not in VIEW_SOURCES:
+        raise ConfigError(f"config key 'views' must be one of {VIEW_SOURCES}, got '{config.views}'")
+    try:
+        config.evaluate.validate()
+    except ValueError as error:
+        raise ConfigError(f"config key {error}") from None
+    absolute = lambda p: p if "://" in p or Path(p).is_absolute() else str((base_dir / p).resolve())  # noqa: E731
+    if config.dataset_config:
+        config.dataset_config = absolute(config.dataset_config)
+    config.groups = {name: absolute(p) for name, p in config.groups.items()}
+    return config
+
+
+def eval_digest(config: EvaluateConfig, views: str) -> str:
+    """12 hex digits over the settings that change a score."""
+    payload = {k: v for k, v in asdict(config).items() if k != "device"}
+    payload["views"] = views
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------ score shards
+def write_scores(writer: DatasetWriter, rows: Sequence[dict[str, Any]]) -> str | None:
+    """Write rows as one new ``scores/part-*.parquet`` (temp name + rename); returns its path."""
+    if not rows:
+        return None
+    table = pa.Table.from_pylist([{c: row.get(c) for c in SCORE_COLUMNS} for row in rows], schema=SCORES_SCHEMA)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    name = f"part-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
+    directory = writer.path(SCORES_DIR)
+    writer.fs.create_dir(directory, recursive=True)
+    final = f"{directory}/{name}"
+    if writer.is_local:
+        tmp = f"{directory}/.{name}.tmp"
+        pq.write_table(table, tmp, filesystem=writer.fs)
+        os.replace(tmp, final)
+    else:
+        pq.write_table(table, final, filesystem=writer.fs)  # object stores publish on close
+    return final
+
+
+def read_scores(writer: DatasetWriter) -> list[dict[str, Any]]:
+    """Every score row of every shard, oldest first by ``evaluated_at``."""
+    selector = pafs.FileSelector(writer.path(SCORES_DIR), allow_not_found=True)
+    rows: list[dict[str, Any]] = []
+    for info in writer.fs.get_file_info(selector):
+        if info.type == pafs.FileType.File and info.base_name.startswith("part-") and info.base_name.endswith(".parquet"):
+            rows.extend(pq.read_table(info.path, filesystem=writer.fs).to_pylist())
+    rows.sort(key=lambda row: row["evaluated_at"] or "")
+    return rows
+
+
+def latest_scores(writer: DatasetWriter) -> dict[str, dict[str, Any]]:
+    """asset_id → its latest score row (later rows supersede earlier ones)."""
+    return {row["asset_id"]: row for row in read_scores(writer)}
+
+
+# ------------------------------------------------------------------ groups and summary
+def read_groups(groups: dict[str, str]) -> dict[str, set[str]]:
+    """name → set of prompts of that list."""
+    from pipeline.config import PromptsConfig, PromptSource
+    from pipeline.prompts import read_prompts
+
+    out = {}
+    for name, path in groups.items():
+        try:
+            out[name] = set(read_prompts(PromptsConfig(sources=[PromptSource(path=path)])))
+        except (ConfigError, OSError, ValueError) as error:
+            raise ConfigError(f"config key 'groups.{name}': {error}") from None
+    return out
+
+
+def group_of(prompt: str, groups: dict[str, set[str]]) -> str:
+    for name, prompts in groups.items():
+        if prompt in prompts:
+            return name
+    return "other"
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def summarise(scores: Sequence[dict[str, Any]], diversity: Sequence[Any], groups: dict[str, set[str]]) -> dict[str, dict[str, float]]:
+    """Means per prompt list (plus ``all``): alignment, quality, diversity, assets, prompts."""
+    names = [*groups, "other", "all"]
+    table: dict[str, dict[str, float]] = {}
+    for name in names:
+        rows = [r for r in scores if name == "all" or group_of(r["prompt"], groups) == name]
+        divs = [d for d in diversity if name == "all" or group_of(d.prompt, groups) == name]
+        if not rows and name == "other":
+            continue
+        table[name] = {
+            "alignment": _mean([r["alignment"] for r in rows]),
+            "quality": _mean([r["quality"] for r in rows]),
+            "diversity": _mean([d.diversity for d in divs]),
+            "assets": float(len(rows)),
+            "prompts": float(len({r["prompt"] for r in rows})),
+        }
+    return table
+
+
+def summary_markdown(table: dict[str, dict[str, float]], header: str) -> str:
+    """Metrics as rows, prompt lists as columns (the paper's Table 1 layout)."""
+    columns = list(table)
+    lines = [header, "", "| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for metric in ("alignment", "quality", "diversity", "assets", "prompts"):
+        cells = []
+        for c in columns:
+            value = table[c][metric]
+            cells.append("n/a" if not math.isfinite(value) else (f"{value:.0f}" if metric in ("assets", "prompts") else f"{value:.4f}"))
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "alignment: 100 · mean cosine(CLIP view, prompt); quality: mean aesthetic-head score (n/a: no head);",
+        "diversity: mean pairwise cosine distance of the variants' same-view CLIP features, per prompt, averaged.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _write_text(writer: DatasetWriter, path: str, text: str) -> None:
+    if writer.is_local:
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        Path(tmp).write_text(text)
+        os.replace(tmp, path)
+    else:
+        with writer.fs.open_output_stream(path) as stream:
+            stream.write(text.encode())
+
+
+# ------------------------------------------------------------------ method config of the dataset
+def dataset_method(config: EvaluationRunConfig) -> tuple[Any | None, str | None]:
+    """(OptimizeConfig, config digest) of ``dataset_config``, or (None, None)."""
+    if not config.dataset_config:
+        return None, None
+    from pipeline.config import load_config
+    from pipeline.jobs import config_digest
+
+    pipeline_config = load_config(config.dataset_config, config.dataset_overrides)
+    return pipeline_config.method, config_digest(pipeline_config)
+
+
+@dataclass
+class EvaluationResult:
+    scores: list[dict[str, Any]]
+    """The latest score row of every evaluated asset (this run's or reused)."""
+    diversity: list[Any]
+    summary: dict[str, dict[str, float]]
+    scores_path: str | None
+    report_dir: str
+    mlflow_run_id: str | None = None
+    scored: int = 0
+    reused: int = 0
+    failed: int = 0
+
+
+def evaluate_dataset(
+    output: str,
+    config: EvaluationRunConfig,
+    evaluator: Evaluator | None = None,
+    method: Any | None = None,
+    stream: TextIO | None = None,
+) -> EvaluationResult:
+    """Score every succeeded asset of the dataset at ``output``; write shards, report, MLflow.
+
+    ``method`` (an ``OptimizeConfig``) overrides ``config.dataset_config``; assets whose
+    ``config_digest`` differs from the dataset config's are not rendered with it (their
+    preview is used under ``views: auto``).
+    """
+    stream = stream or sys.stderr
+    writer = DatasetWriter(output)
+    manifest = [r for r in writer.latest_rows().values() if r["status"] == "succeeded"]
+    if not manifest:
+        raise ConfigError(f"{output}: no succeeded assets in the manifest (nothing to evaluate)")
+    digest = None
+    if method is None:
+        method, digest = dataset_method(config)
+    groups = read_groups(config.groups)
+    evaluator = evaluator or Evaluator.from_config(config.evaluate)
+    edigest = eval_digest(config.evaluate, config.views)
+    previous = latest_scores(writer) if config.skip_scored else {}
+    local = writer.local_root()
+    new_rows, result_rows = [], []
+    reused = failed = 0
+    for row in sorted(manifest, key=lambda r: (r["prompt_index"] or 0, r["variant"] or 0, r["asset_id"])):
+        old = previous.get(row["asset_id"])
+        if old is not None and old["eval_digest"] == edigest and old["asset_finished_at"] == row["finished_at"] and old["status"] == "succeeded":
+            result_rows.append(old)
+            reused += 1
+            continue
+        base = {
+            "asset_id": row["asset_id"],
+            "prompt": row["prompt"],
+            "prompt_index": row["prompt_index"],
+            "variant": row["variant"],
+            "config_digest": row["config_digest"],
+            "asset_finished_at": row["finished_at"],
+            "eval_digest": edigest,
+            "clip": config.evaluate.clip,
+            "aesthetic_head": config.evaluate.aesthetic_head,
+        }
+        asset_method = method if digest is None or digest == row["config_digest"] else None
+        try:
+            if local is None:
+                raise AssetViewsError(f"{output}: evaluating remote datasets needs a local copy (pyarrow fs download not implemented)")
+            scored = evaluator.score_asset(local / row["asset_dir"], row["prompt"], asset_method, config.views)
+        except AssetViewsError as error:
+            failed += 1
+            print(f"[evaluate] {row['asset_id']}: {error}", file=stream, flush=True)
+            new_rows.append({**base, "status": "failed", "error": str(error), "evaluated_at": utc_now()})
+            continue
+        scored_row = {
+            **base,
+            "status": "succeeded",
+            "alignment": scored.alignment,
+            "quality": None if math.isnan(scored.quality) else scored.quality,
+            "num_views": scored.num_views,
+            "view_source": scored.view_source,
+            "image_features": scored.image_features.tolist(),
+            "evaluated_at": utc_now(),
+        }
+        new_rows.append(scored_row)
+        result_rows.append(scored_row)
+    scores_path = write_scores(writer, new_rows)
+
+    diversity = diversity_by_prompt(
+        (r["prompt"], r["config_digest"], torch.tensor(r["image_features"], dtype=torch.float32)) for r in result_rows
+    )
+    summary = summarise(result_rows, diversity, groups)
+    report_dir = writer.path(REPORTS_DIR, f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}")
+    writer.fs.create_dir(report_dir, recursive=True)
+    header = f"# Evaluation of {output}\n\nclip: `{config.evaluate.clip}`, quality head: `{config.evaluate.aesthetic_head}`, views: `{config.views}`"
+    markdown = summary_markdown(summary, header)
+    payload = {
+        "dataset": output,
+        "evaluate": asdict(config.evaluate),
+        "views": config.views,
+        "eval_digest": edigest,
+        "summary": summary,
+        "diversity": [asdict(d) for d in diversity],
+        "assets": {"scored": len(new_rows) - failed, "reused": reused, "failed": failed},
+    }
+    _write_text(writer, f"{report_dir}/summary.json", json.dumps(payload, indent=2, default=_json_default) + "\n")
+    _write_text(writer, f"{report_dir}/summary.md", markdown)
+    buffer = io.StringIO()
+    table = csv.writer(buffer)
+    table.writerow(["prompt", "config_digest", "prompt_list", "variants", "diversity"])
+    for d in diversity:
+        table.writerow([d.prompt, d.method, group_of(d.prompt, groups), d.variants, d.diversity])
+    _write_text(writer, f"{report_dir}/diversity.csv", buffer.getvalue())
+
+    result = EvaluationResult(result_rows, diversity, summary, scores_path, report_dir, None, len(new_rows) - failed, reused, failed)
+    if config.tracking.enabled:
+        result.mlflow_run_id = log_to_mlflow(output, config, result, manifest, markdown)
+    print(markdown, file=stream, flush=True)
+    return result
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    raise TypeError(type(value).__name__)
+
+
+# ------------------------------------------------------------------ MLflow
+def log_to_mlflow(output: str, config: EvaluationRunConfig, result: EvaluationResult, manifest: Sequence[dict[str, Any]], markdown: str) -> str:
+    """Metrics ``eval/<list>/<metric>`` on the dataset's parent run (found through the child
+    runs named in the manifest), per-asset ``eval/*`` on each child run; else a new run."""
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import default_tracking_uri
+
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri or default_tracking_uri(output))
+    children: dict[str, str] = {r["asset_id"]: r["mlflow_run_id"] for r in manifest if r.get("mlflow_run_id")}
+    parents: Counter[str] = Counter()
+    for run_id in children.values():
+        try:
+            parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+        except MlflowException:
+            continue
+        if parent:
+            parents[parent] += 1
+    now = int(time.time() * 1000)
+    if parents:
+        run_id = parents.most_common(1)[0][0]
+    else:
+        experiment = client.get_experiment_by_name(config.tracking.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
+        run_id = client.create_run(experiment_id, run_name="evaluation", tags={"output": output}).info.run_id
+    metrics = [
+        Metric(f"eval/{group}/{name}", float(value), now, 0)
+        for group, values in result.summary.items()
+        for name, value in values.items()
+        if math.isfinite(value)
+    ]
+    client.log_batch(run_id, metrics=metrics)
+    for row in result.scores:
+        child = children.get(row["asset_id"])
+        if child is None:
+            continue
+        per_asset = [Metric(f"eval/{k}", float(row[k]), now, 0) for k in ("alignment", "quality") if row.get(k) is not None]
+        try:
+            client.log_batch(child, metrics=per_asset)
+        except MlflowException:
+            pass  # a deleted child run: the parent still gets the summary
+    client.log_text(run_id, markdown, f"evaluation/{Path(result.report_dir).name}/summary.md")
+    if not parents:
+        client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+# ------------------------------------------------------------------ CLI
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("dataset", help="dataset root (the pipeline's output)")
+    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. evaluate.clip=tiny views=preview")
+    parser.add_argument("--config", default=None, help="evaluation YAML (configs/evaluate.yaml)")
+    parser.add_argument("--dataset-config", default=None, help="pipeline YAML the dataset was made with (overrides dataset_config)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_evaluation_config(args.config, args.overrides)
+        if args.dataset_config:
+            config.dataset_config = str(Path(args.dataset_config).resolve())
+        result = evaluate_dataset(args.dataset, config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"[evaluate] {result.scored} scored, {result.reused} reused, {result.failed} failed; "
+        f"scores: {result.scores_path}; report: {result.report_dir}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

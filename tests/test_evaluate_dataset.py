@@ -1,0 +1,232 @@
+"""pipeline.evaluate on a tiny dataset made by the real loop / export / writer.
+
+Scores are checked against an independent recomputation (scene rebuilt by hand, CLIP features
+by hand, cosine by numpy), shards are read back with pyarrow directly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from evaluate_fixtures import build_dataset, tiny_method
+from pipeline.config import ConfigError
+from pipeline.evaluate import (
+    EvaluationRunConfig,
+    evaluate_dataset,
+    latest_scores,
+    load_evaluation_config,
+    write_scores,
+)
+from pipeline.writer import DatasetWriter
+from stages.evaluate.clip import to_pil
+from stages.evaluate.config import EvaluateConfig
+from stages.evaluate.evaluator import Evaluator
+from stages.evaluate.render import METHOD_FILE, AssetViewsError, asset_views
+from stages.optimize.checkpoint import load_scene_state
+from stages.optimize.loop import render_views
+from stages.scene.cameras import orbit_cameras
+from stages.scene.nerf import NeRFScene
+
+ASSETS = [
+    ("a red ball", 0, 1, 0.5),
+    ("a red ball", 1, 1, 0.5),  # same seed and target: an identical copy of variant 0
+    ("a blue cube", 0, 2, 0.3),
+    ("a blue cube", 1, 3, 0.7),
+]
+
+
+@pytest.fixture(scope="module")
+def method():
+    return tiny_method()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, method):
+    root = tmp_path_factory.mktemp("dataset")
+    rows = build_dataset(root, ASSETS, method)
+    return root, rows
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return Evaluator.from_config(EvaluateConfig(clip="tiny", aesthetic_head="tiny", num_views=3, resolution=16, device="cpu"))
+
+
+def _config(**overrides) -> EvaluationRunConfig:
+    config = EvaluationRunConfig(evaluate=EvaluateConfig(clip="tiny", aesthetic_head="tiny", num_views=3, resolution=16, device="cpu"))
+    config.tracking.enabled = False
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _copy(root: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(root, target)
+    return target
+
+
+def _independent_views(asset_dir: Path, method, n: int, elevation: float, resolution: int) -> list[Image.Image]:
+    scene = NeRFScene(method.nerf, seed=123)
+    scene.load_state_dict(torch.load(asset_dir / "checkpoint.pt", weights_only=True))
+    cams = orbit_cameras(n, elevation, method.cameras.eval_distance, method.cameras.eval_fovy)
+    rgb = render_views(scene, cams, resolution)["rgb"]
+    return [to_pil(v) for v in rgb]
+
+
+def test_scores_land_in_a_new_shard_and_match_an_independent_recomputation(dataset, method, evaluator, tmp_path):
+    root = _copy(dataset[0], tmp_path)
+    manifest_before = sorted(p.name for p in (root / "manifest").iterdir())
+    result = evaluate_dataset(str(root), _config(), evaluator=evaluator, method=method, stream=io.StringIO())
+    assert sorted(p.name for p in (root / "manifest").iterdir()) == manifest_before  # manifest untouched
+    shards = list((root / "scores").glob("part-*.parquet"))
+    assert len(shards) == 1 and not list((root / "scores").glob(".*tmp"))
+    table = pq.read_table(shards[0]).to_pylist()
+    assert {r["asset_id"] for r in table} == {r["asset_id"] for r in dataset[1]}
+    clip, head = evaluator.clip, evaluator.head
+    for row in table:
+        assert row["status"] == "succeeded" and row["view_source"] == "render" and row["num_views"] == 3
+        images = _independent_views(root / "assets" / row["asset_id"], method, 3, 15.0, 16)
+        features = clip.images(images).numpy()
+        text = clip.texts([row["prompt"]])[0].numpy()
+        assert row["alignment"] == pytest.approx(100.0 * float(np.mean(features @ text)), rel=1e-4, abs=1e-4)
+        quality = float(head(torch.from_numpy(features)).mean())
+        assert row["quality"] == pytest.approx(quality, rel=1e-4, abs=1e-5)
+        np.testing.assert_allclose(np.array(row["image_features"]), features, atol=1e-5)
+    assert result.scored == 4 and result.failed == 0
+
+
+def test_diversity_zero_for_identical_variants_positive_for_different(dataset, method, evaluator, tmp_path):
+    root = _copy(dataset[0], tmp_path)
+    config = _config(groups={"balls": str(_prompt_file(tmp_path, ["a red ball"]))})
+    result = evaluate_dataset(str(root), config, evaluator=evaluator, method=method, stream=io.StringIO())
+    by_prompt = {d.prompt: d for d in result.diversity}
+    assert by_prompt["a red ball"].variants == 2
+    assert by_prompt["a red ball"].diversity == pytest.approx(0.0, abs=1e-6)
+    cube = [r for r in result.scores if r["prompt"] == "a blue cube"]
+    a, b = (np.array(r["image_features"]) for r in cube)
+    expected = float(np.mean(1.0 - (a * b).sum(axis=1)))
+    assert by_prompt["a blue cube"].diversity == pytest.approx(expected, rel=1e-4) and expected > 1e-4
+    # summary columns: the named prompt list, the rest as "other", and "all"
+    summary = json.loads((Path(result.report_dir) / "summary.json").read_text())["summary"]
+    assert set(summary) == {"balls", "other", "all"}
+    assert summary["balls"]["diversity"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["other"]["diversity"] == pytest.approx(expected, rel=1e-4)
+    assert summary["all"]["assets"] == 4
+    ball_alignment = [r["alignment"] for r in result.scores if r["prompt"] == "a red ball"]
+    assert summary["balls"]["alignment"] == pytest.approx(float(np.mean(ball_alignment)), rel=1e-6)
+    assert "| diversity |" in (Path(result.report_dir) / "summary.md").read_text()
+    csv_lines = (Path(result.report_dir) / "diversity.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("prompt,") and len(csv_lines) == 3
+
+
+def _prompt_file(tmp_path: Path, prompts: list[str]) -> Path:
+    path = tmp_path / "list.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    return path
+
+
+def test_rerun_reuses_scores_and_later_rows_supersede(dataset, method, evaluator, tmp_path):
+    root = _copy(dataset[0], tmp_path)
+    first = evaluate_dataset(str(root), _config(), evaluator=evaluator, method=method, stream=io.StringIO())
+    second = evaluate_dataset(str(root), _config(), evaluator=evaluator, method=method, stream=io.StringIO())
+    assert second.reused == 4 and second.scored == 0 and second.scores_path is None
+    assert [r["alignment"] for r in second.scores] == [r["alignment"] for r in first.scores]
+    writer = DatasetWriter(str(root))
+    newer = dict(first.scores[0], alignment=-7.0, evaluated_at="9999-01-01T00:00:00+00:00")
+    write_scores(writer, [newer])
+    assert latest_scores(writer)[newer["asset_id"]]["alignment"] == -7.0
+    assert len(list((root / "scores").glob("part-*.parquet"))) == 2
+
+
+def test_without_method_config_views_come_from_the_preview(dataset, evaluator, tmp_path):
+    root = _copy(dataset[0], tmp_path)
+    result = evaluate_dataset(str(root), _config(), evaluator=evaluator, stream=io.StringIO())
+    row = result.scores[0]
+    assert row["view_source"] == "preview" and row["num_views"] == 4
+    with Image.open(root / "assets" / row["asset_id"] / "preview.png") as grid:
+        tile = grid.width // 4
+        crops = [grid.convert("RGB").crop((c * tile, 0, (c + 1) * tile, tile)) for c in range(4)]
+    features = evaluator.clip.images(crops).numpy()
+    text = evaluator.clip.texts([row["prompt"]])[0].numpy()
+    assert row["alignment"] == pytest.approx(100.0 * float(np.mean(features @ text)), rel=1e-4, abs=1e-4)
+
+
+def test_method_yaml_in_the_asset_dir_enables_rendering(dataset, method, evaluator, tmp_path):
+    from omegaconf import OmegaConf
+
+    root = _copy(dataset[0], tmp_path)
+    asset_dir = root / "assets" / dataset[1][2]["asset_id"]
+    (asset_dir / METHOD_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(method)))
+    views = asset_views(asset_dir, evaluator.config, None, "auto")
+    assert views.source == "render" and len(views.images) == 3
+    expected = _independent_views(asset_dir, method, 3, 15.0, 16)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(views.images, expected))
+
+
+def test_missing_checkpoint_gives_a_failed_row_naming_the_file(dataset, method, evaluator, tmp_path):
+    root = _copy(dataset[0], tmp_path)
+    victim = dataset[1][3]["asset_id"]
+    (root / "assets" / victim / "checkpoint.pt").unlink()
+    result = evaluate_dataset(str(root), _config(views="render"), evaluator=evaluator, method=method, stream=io.StringIO())
+    assert result.failed == 1 and result.scored == 3
+    rows = pq.read_table(result.scores_path).to_pylist()
+    bad = [r for r in rows if r["asset_id"] == victim][0]
+    assert bad["status"] == "failed" and "checkpoint.pt" in bad["error"]
+    assert math.isnan(next(d for d in result.diversity if d.prompt == "a blue cube").diversity)
+    with pytest.raises(AssetViewsError, match="dataset_config"):
+        asset_views(root / "assets" / victim, evaluator.config, None, "render")
+
+
+def test_scores_go_to_the_datasets_parent_mlflow_run(dataset, method, evaluator, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    root = _copy(dataset[0], tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(experiment).info.run_id
+    writer = DatasetWriter(str(root))
+    rows = list(writer.latest_rows().values())
+    children = {}
+    for row in rows:
+        children[row["asset_id"]] = client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id
+        row["mlflow_run_id"] = children[row["asset_id"]]
+        row["finished_at"] = row["finished_at"] + "Z"  # the newer rows supersede
+    writer.write_manifest(rows)
+    config = _config()
+    config.tracking.enabled = True
+    config.tracking.tracking_uri = uri
+    result = evaluate_dataset(str(root), config, evaluator=evaluator, method=method, stream=io.StringIO())
+    assert result.mlflow_run_id == parent
+    metrics = client.get_run(parent).data.metrics
+    assert metrics["eval/all/alignment"] == pytest.approx(result.summary["all"]["alignment"])
+    assert metrics["eval/all/assets"] == 4
+    some = result.scores[0]
+    assert client.get_run(children[some["asset_id"]]).data.metrics["eval/alignment"] == pytest.approx(some["alignment"])
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="views"):
+        load_evaluation_config(None, ["views=sideways"])
+    with pytest.raises(ConfigError, match="num_views"):
+        load_evaluation_config(None, ["evaluate.num_views=0"])
+    with pytest.raises(ConfigError, match="bogus"):
+        load_evaluation_config(None, ["bogus=1"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_evaluation_config(tmp_path / "nope.yaml")
+    repo = Path(__file__).resolve().parents[1]
+    config = load_evaluation_config(repo / "configs" / "evaluate.yaml")
+    assert config.evaluate.elevation == 15.0
+    for name, path in config.groups.items():
+        assert Path(path).is_file(), f"groups.{name}: {path}"
