@@ -278,12 +278,14 @@ def evaluate_dataset(
     evaluator: Evaluator | None = None,
     method: Any | None = None,
     stream: TextIO | None = None,
+    mlflow_client: Any | None = None,
 ) -> EvaluationResult:
     """Score every succeeded asset of the dataset at ``output``; write shards, report, MLflow.
 
     ``method`` (an ``OptimizeConfig``) overrides ``config.dataset_config``; assets whose
     ``config_digest`` differs from the dataset config's are not rendered with it (their
-    preview is used under ``views: auto``).
+    preview is used under ``views: auto``). ``mlflow_client`` replaces the ``MlflowClient``
+    of ``config.tracking`` (tests).
     """
     stream = stream or sys.stderr
     writer = DatasetWriter(output)
@@ -369,7 +371,7 @@ def evaluate_dataset(
 
     result = EvaluationResult(result_rows, diversity, summary, scores_path, report_dir, None, len(new_rows) - failed, reused, failed)
     if config.tracking.enabled:
-        result.mlflow_run_id = log_to_mlflow(output, config, result, manifest, markdown)
+        result.mlflow_run_id = log_to_mlflow(output, config, result, manifest, markdown, mlflow_client)
     print(markdown, file=stream, flush=True)
     return result
 
@@ -381,7 +383,14 @@ def _json_default(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------ MLflow
-def log_to_mlflow(output: str, config: EvaluationRunConfig, result: EvaluationResult, manifest: Sequence[dict[str, Any]], markdown: str) -> str:
+def log_to_mlflow(
+    output: str,
+    config: EvaluationRunConfig,
+    result: EvaluationResult,
+    manifest: Sequence[dict[str, Any]],
+    markdown: str,
+    client: Any | None = None,
+) -> str:
     """Metrics ``eval/<list>/<metric>`` on the dataset's parent run (found through the child
     runs named in the manifest), per-asset ``eval/*`` on each child run; else a new run."""
     import time
@@ -392,7 +401,7 @@ def log_to_mlflow(output: str, config: EvaluationRunConfig, result: EvaluationRe
 
     from pipeline.tracking import default_tracking_uri
 
-    client = MlflowClient(tracking_uri=config.tracking.tracking_uri or default_tracking_uri(output))
+    client = client or MlflowClient(tracking_uri=config.tracking.tracking_uri or default_tracking_uri(output))
     children: dict[str, str] = {r["asset_id"]: r["mlflow_run_id"] for r in manifest if r.get("mlflow_run_id")}
     parents: Counter[str] = Counter()
     for run_id in children.values():

@@ -138,13 +138,14 @@ def _optional_int(value: Any) -> int | None:
 
 
 def read_manifest(output_dir: str | os.PathLike) -> list[AssetRecord]:
-    """Latest manifest row per asset_id (later shards and later rows supersede earlier ones).
+    """Latest manifest row per asset_id: rows ordered by ``finished_at``, ties by shard name
+    (``part-<timestamp>-...``) and row order, as the dataset writer orders them.
 
     Raises FileNotFoundError when ``<output>/manifest`` is missing and ValueError naming the
     shard and column when a required column is absent or a JSON column does not parse.
     """
     dataset = _Dataset(output_dir)
-    latest: dict[str, AssetRecord] = {}
+    ordered: list[tuple[str, AssetRecord]] = []
     for shard in dataset.manifest_shards():
         with dataset.fs.open_input_file(dataset.path(shard)) as handle:
             table = pq.read_table(handle)
@@ -165,8 +166,11 @@ def read_manifest(output_dir: str | os.PathLike) -> list[AssetRecord]:
                 metrics=_parse_json_column(row.get("metrics"), "metrics", where),
                 details={k: v for k, v in row.items() if k not in RECORD_COLUMNS},
             )
-            latest.pop(record.asset_id, None)  # keep insertion order = order of the latest row
-            latest[record.asset_id] = record
+            ordered.append((str(row.get("finished_at") or ""), record))
+    latest: dict[str, AssetRecord] = {}
+    for _, record in sorted(ordered, key=lambda item: item[0]):  # stable: ties keep shard/row order
+        latest.pop(record.asset_id, None)
+        latest[record.asset_id] = record
     return list(latest.values())
 
 

@@ -62,6 +62,17 @@ def evaluator():
     return Evaluator.from_config(EvaluateConfig(clip="tiny", aesthetic_head="tiny", num_views=3, resolution=16, device="cpu"))
 
 
+@pytest.fixture(scope="module")
+def evaluated(dataset, method, evaluator, tmp_path_factory):
+    """The dataset copied and evaluated once (rendered views, a prompt list named ``balls``)."""
+    root = tmp_path_factory.mktemp("evaluated") / "ds"
+    shutil.copytree(dataset[0], root)
+    manifest_before = sorted(p.name for p in (root / "manifest").iterdir())
+    config = _config(groups={"balls": str(_prompt_file(root.parent, ["a red ball"]))})
+    result = evaluate_dataset(str(root), config, evaluator=evaluator, method=method, stream=io.StringIO())
+    return root, result, manifest_before
+
+
 def _config(**overrides) -> EvaluationRunConfig:
     config = EvaluationRunConfig(evaluate=EvaluateConfig(clip="tiny", aesthetic_head="tiny", num_views=3, resolution=16, device="cpu"))
     config.tracking.enabled = False
@@ -76,18 +87,21 @@ def _copy(root: Path, tmp_path: Path) -> Path:
     return target
 
 
+_SCENES: dict = {}
+
+
 def _independent_views(asset_dir: Path, method, n: int, elevation: float, resolution: int) -> list[Image.Image]:
-    scene = NeRFScene(method.nerf, seed=123)
+    if "nerf" not in _SCENES:
+        _SCENES["nerf"] = NeRFScene(method.nerf, seed=123)
+    scene = _SCENES["nerf"]
     scene.load_state_dict(torch.load(asset_dir / "checkpoint.pt", weights_only=True))
     cams = orbit_cameras(n, elevation, method.cameras.eval_distance, method.cameras.eval_fovy)
     rgb = render_views(scene, cams, resolution)["rgb"]
     return [to_pil(v) for v in rgb]
 
 
-def test_scores_land_in_a_new_shard_and_match_an_independent_recomputation(dataset, method, evaluator, tmp_path):
-    root = _copy(dataset[0], tmp_path)
-    manifest_before = sorted(p.name for p in (root / "manifest").iterdir())
-    result = evaluate_dataset(str(root), _config(), evaluator=evaluator, method=method, stream=io.StringIO())
+def test_scores_land_in_a_new_shard_and_match_an_independent_recomputation(dataset, evaluated, method, evaluator):
+    root, result, manifest_before = evaluated
     assert sorted(p.name for p in (root / "manifest").iterdir()) == manifest_before  # manifest untouched
     shards = list((root / "scores").glob("part-*.parquet"))
     assert len(shards) == 1 and not list((root / "scores").glob(".*tmp"))
@@ -100,16 +114,14 @@ def test_scores_land_in_a_new_shard_and_match_an_independent_recomputation(datas
         features = clip.images(images).numpy()
         text = clip.texts([row["prompt"]])[0].numpy()
         assert row["alignment"] == pytest.approx(100.0 * float(np.mean(features @ text)), rel=1e-4, abs=1e-4)
-        quality = float(head(torch.from_numpy(features)).mean())
+        quality = float(head(torch.from_numpy(features)).detach().mean())
         assert row["quality"] == pytest.approx(quality, rel=1e-4, abs=1e-5)
         np.testing.assert_allclose(np.array(row["image_features"]), features, atol=1e-5)
     assert result.scored == 4 and result.failed == 0
 
 
-def test_diversity_zero_for_identical_variants_positive_for_different(dataset, method, evaluator, tmp_path):
-    root = _copy(dataset[0], tmp_path)
-    config = _config(groups={"balls": str(_prompt_file(tmp_path, ["a red ball"]))})
-    result = evaluate_dataset(str(root), config, evaluator=evaluator, method=method, stream=io.StringIO())
+def test_diversity_zero_for_identical_variants_positive_for_different(evaluated):
+    root, result, _ = evaluated
     by_prompt = {d.prompt: d for d in result.diversity}
     assert by_prompt["a red ball"].variants == 2
     assert by_prompt["a red ball"].diversity == pytest.approx(0.0, abs=1e-6)
@@ -136,9 +148,9 @@ def _prompt_file(tmp_path: Path, prompts: list[str]) -> Path:
     return path
 
 
-def test_rerun_reuses_scores_and_later_rows_supersede(dataset, method, evaluator, tmp_path):
-    root = _copy(dataset[0], tmp_path)
-    first = evaluate_dataset(str(root), _config(), evaluator=evaluator, method=method, stream=io.StringIO())
+def test_rerun_reuses_scores_and_later_rows_supersede(evaluated, method, evaluator, tmp_path):
+    root = _copy(evaluated[0], tmp_path)
+    first = evaluated[1]
     second = evaluate_dataset(str(root), _config(), evaluator=evaluator, method=method, stream=io.StringIO())
     assert second.reused == 4 and second.scored == 0 and second.scores_path is None
     assert [r["alignment"] for r in second.scores] == [r["alignment"] for r in first.scores]
@@ -188,32 +200,64 @@ def test_missing_checkpoint_gives_a_failed_row_naming_the_file(dataset, method, 
         asset_views(root / "assets" / victim, evaluator.config, None, "render")
 
 
-def test_scores_go_to_the_datasets_parent_mlflow_run(dataset, method, evaluator, tmp_path):
-    from mlflow.tracking import MlflowClient
+class FakeMlflow:
+    """The MlflowClient calls log_to_mlflow makes, in memory."""
 
-    root = _copy(dataset[0], tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
-    parent = client.create_run(experiment).info.run_id
-    writer = DatasetWriter(str(root))
-    rows = list(writer.latest_rows().values())
-    children = {}
-    for row in rows:
-        children[row["asset_id"]] = client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id
-        row["mlflow_run_id"] = children[row["asset_id"]]
-        row["finished_at"] = row["finished_at"] + "Z"  # the newer rows supersede
-    writer.write_manifest(rows)
+    def __init__(self, parents: dict[str, str]):
+        self.parents = parents
+        self.metrics: dict[str, dict[str, float]] = {}
+        self.created: list[str] = []
+
+    def get_run(self, run_id):
+        from types import SimpleNamespace
+
+        from mlflow.exceptions import MlflowException
+
+        if run_id not in self.parents:
+            raise MlflowException(f"run {run_id} not found")
+        return SimpleNamespace(data=SimpleNamespace(tags={"mlflow.parentRunId": self.parents[run_id]}))
+
+    def log_batch(self, run_id, metrics=()):
+        self.metrics.setdefault(run_id, {}).update({m.key: m.value for m in metrics})
+
+    def log_text(self, run_id, text, path):
+        assert "| metric |" in text
+
+    def get_experiment_by_name(self, name):
+        return None
+
+    def create_experiment(self, name):
+        return "1"
+
+    def create_run(self, experiment_id, run_name=None, tags=None):
+        from types import SimpleNamespace
+
+        self.created.append(run_name)
+        return SimpleNamespace(info=SimpleNamespace(run_id="new-run"))
+
+    def set_terminated(self, run_id, status):
+        pass
+
+
+def test_scores_go_to_the_datasets_parent_mlflow_run(evaluated):
+    from pipeline.evaluate import log_to_mlflow
+
+    root, result, _ = evaluated
+    manifest = [dict(r, mlflow_run_id=f"child-{i}") for i, r in enumerate(DatasetWriter(str(root)).latest_rows().values())]
+    fake = FakeMlflow({f"child-{i}": "parent" for i in range(len(manifest))})
     config = _config()
-    config.tracking.enabled = True
-    config.tracking.tracking_uri = uri
-    result = evaluate_dataset(str(root), config, evaluator=evaluator, method=method, stream=io.StringIO())
-    assert result.mlflow_run_id == parent
-    metrics = client.get_run(parent).data.metrics
-    assert metrics["eval/all/alignment"] == pytest.approx(result.summary["all"]["alignment"])
-    assert metrics["eval/all/assets"] == 4
+    assert log_to_mlflow(str(root), config, result, manifest, "| metric |", fake) == "parent"
+    assert fake.metrics["parent"]["eval/all/alignment"] == pytest.approx(result.summary["all"]["alignment"])
+    assert fake.metrics["parent"]["eval/balls/diversity"] == pytest.approx(0.0, abs=1e-6)
+    child = {r["asset_id"]: r["mlflow_run_id"] for r in manifest}
     some = result.scores[0]
-    assert client.get_run(children[some["asset_id"]]).data.metrics["eval/alignment"] == pytest.approx(some["alignment"])
+    assert fake.metrics[child[some["asset_id"]]]["eval/alignment"] == pytest.approx(some["alignment"])
+    assert not fake.created
+    # no child runs recorded: a new "evaluation" run gets the summary
+    lonely = FakeMlflow({})
+    bare = [dict(r, mlflow_run_id=None) for r in manifest]
+    assert log_to_mlflow(str(root), config, result, bare, "| metric |", lonely) == "new-run"
+    assert lonely.created == ["evaluation"] and "eval/all/assets" in lonely.metrics["new-run"]
 
 
 def test_config_errors_name_the_key(tmp_path):

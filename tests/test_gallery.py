@@ -86,13 +86,19 @@ def make_dataset(root: Path) -> dict[str, dict]:
              _write_asset(root, "xss0", glb=False, turntable="gif", color=(30, 200, 30)), {"loss": 0.5}),
         _row("flag0", FLAG_PROMPT, 2, 0, "failed", FAILED_ERROR, {}, {}),
     ]
-    # "retry0" fails in the first shard and succeeds in the second: the later row wins.
+    # "retry0" fails in the first shard and succeeds in the second (same finished_at): the later row wins.
     first = _row("retry0", "a chair", 3, 0, "failed", "first attempt died", {}, {})
     retried = _row("retry0", "a chair", 3, 0, "succeeded", None,
                    _write_asset(root, "retry0", glb=True, turntable="mp4", color=(120, 120, 120)), {"loss": 1.0})
-    _write_shard(root, "part-20260101T000000-aaaa.parquet", rows[:2] + [first])
-    _write_shard(root, "part-20260101T000100-bbbb.parquet", rows[2:] + [retried])
-    return {row["asset_id"]: row for row in rows + [retried]}
+    # "late0" is in the older shard but finished later than its row in the newer shard: finished_at wins.
+    late = _row("late0", "a lamp", 4, 0, "succeeded", None,
+                _write_asset(root, "late0", glb=True, turntable="gif", color=(200, 200, 30)), {"loss": 2.0})
+    late["finished_at"] = "2026-01-01T00:09:00+00:00"
+    early = {**_row("late0", "a lamp", 4, 0, "failed", "superseded failure", {}, {}),
+             "finished_at": "2026-01-01T00:02:00+00:00"}
+    _write_shard(root, "part-20260101T000000-aaaa.parquet", rows[:2] + [first, late])
+    _write_shard(root, "part-20260101T000100-bbbb.parquet", rows[2:] + [retried, early])
+    return {row["asset_id"]: row for row in rows + [retried, late]}
 
 
 class _Collector(HTMLParser):
@@ -143,6 +149,7 @@ def test_manifest_latest_row_wins(built):
     records = {r.asset_id: r for r in read_manifest(root)}
     assert set(records) == set(expected)
     assert records["retry0"].status == "succeeded" and records["retry0"].error is None
+    assert records["late0"].status == "succeeded"
     assert records["flag0"].error == FAILED_ERROR
     assert records["boxa0"].metrics["loss"] == 0.125
 
@@ -160,6 +167,7 @@ def test_index_lists_every_asset_and_escapes_text(built):
     # The failed asset shows its error; the retried one does not show the old error.
     assert FAILED_ERROR in cards["flag0"]["text"]
     assert "first attempt died" not in (gallery / "index.html").read_text()
+    assert "superseded failure" not in (gallery / "index.html").read_text()
     # Variants of one prompt share a group; the HTML prompt is literal text, not markup.
     groups = {e["attrs"]["data-prompt"]: e for e in page.find("section")}
     assert set(groups) == {row["prompt"] for row in expected.values()}
@@ -175,7 +183,7 @@ def test_index_lists_every_asset_and_escapes_text(built):
     assert data["boxa0"]["metrics"]["note"] == json.loads(expected["boxa0"]["metrics"])["note"]
     # Media are inlined: reference beside preview and turntable, thumbnails decode as images.
     imgs = [e for e in page.find("img") if e["attrs"].get("class") == "reference"]
-    assert len(imgs) == 4
+    assert len(imgs) == sum(row["status"] == "succeeded" for row in expected.values())
     head, payload = imgs[0]["attrs"]["src"].split(",", 1)
     assert head == "data:image/jpeg;base64"
     assert Image.open(io.BytesIO(base64.b64decode(payload))).size == (64, 64)
@@ -287,6 +295,7 @@ def test_log_gallery_to_mlflow(built, tmp_path, monkeypatch):
 CHROMIUM_FLAGS = (
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--no-first-run", "--window-size=1024,768",
+    "--disable-dev-shm-usage",  # containers often have a 64 MB /dev/shm
     # WebGL without a GPU: SwiftShader, opted in explicitly (the silent fallback is deprecated).
     "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
 )
@@ -295,7 +304,8 @@ ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", Path(__file__).parent / "a
 
 @pytest.fixture(scope="module")
 def browser():
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    binary = shutil.which("chromium") or shutil.which("chromium-browser") or next(
+        (p for p in ("/usr/bin/chromium",) if os.path.exists(p)), None)
     driver_path = shutil.which("chromedriver") or next(
         (p for p in ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver") if os.path.exists(p)), None)
     if binary is None or driver_path is None:

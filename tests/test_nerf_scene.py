@@ -110,7 +110,7 @@ def test_gradients_reach_every_parameter_group():
     groups = scene.param_groups({"encoding": 0.02})
     assert [g["name"] for g in groups] == ["encoding", "density", "feature", "background"]
     assert groups[0]["lr"] == 0.02 and groups[1]["lr"] == DEFAULT_LR["density"]
-    out = scene.render(orbit_cameras(2), 12, 12, shading="diffuse")
+    out = scene.render(orbit_cameras(2), 8, 8, shading="diffuse")
     regs = scene.regularizers(out)
     loss = out["rgb"].square().mean() + regs["orient"] + regs["normal_smooth"] + regs["opaque"]
     loss.backward()
@@ -124,11 +124,11 @@ def test_gradients_reach_every_parameter_group():
 def test_same_seed_same_renders_and_different_seed_differs():
     cams = orbit_cameras(2)
     a, b, c = (NeRFScene(NeRFConfig.tiny(), seed=s) for s in (3, 3, 4))
-    renders = [scene.render(cams, 10, 10, shading="diffuse")["rgb"] for scene in (a, b, c)]
+    renders = [scene.render(cams, 8, 8, shading="diffuse")["rgb"] for scene in (a, b, c)]
     assert torch.equal(renders[0], renders[1])
     assert not torch.equal(renders[0], renders[2])
     # the second training render differs from the first (new jitter / light), identically for a and b
-    again_a, again_b = a.render(cams, 10, 10)["rgb"], b.render(cams, 10, 10)["rgb"]
+    again_a, again_b = a.render(cams, 8, 8)["rgb"], b.render(cams, 8, 8)["rgb"]
     assert torch.equal(again_a, again_b)
 
 
@@ -147,8 +147,8 @@ def test_state_dict_round_trip_renders_identically():
         source.train(mode == "train")
         target.train(mode == "train")
         with torch.no_grad():
-            want = source.render(cams, 10, 10, shading="diffuse")
-            got = target.render(cams, 10, 10, shading="diffuse")
+            want = source.render(cams, 8, 8, shading="diffuse")
+            got = target.render(cams, 8, 8, shading="diffuse")
         assert torch.equal(want["rgb"], got["rgb"]), mode  # includes the RNG stream in train mode
 
 

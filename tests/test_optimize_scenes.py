@@ -60,7 +60,7 @@ def _resume_config(representation: str) -> OptimizeConfig:
     cfg = _target_config(representation, iterations=6, resolution=8)
     cfg.checkpoint_every = 2
     cfg.nerf.background.kind, cfg.nerf.background.random_aug = "neural", True  # scene-internal randomness
-    cfg.nerf.renderer.num_samples_per_ray, cfg.nerf.renderer.grid_update_every = 8, 2
+    cfg.nerf.renderer.num_samples_per_ray, cfg.nerf.renderer.grid_update_every = 8, 3
     cfg.splats.init_num_points = 64
     cfg.splats.background_random_aug, cfg.splats.background_learned = True, True
     d = cfg.splats.densify  # grow on every other step so the Gaussian count changes before the kill
@@ -102,23 +102,33 @@ def test_real_scene_resumes_exactly_after_a_kill(tmp_path, representation):
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history], rel=1e-5)
 
 
-@pytest.mark.slow
-def test_isd_in_3d_reaches_the_reference_mode(tmp_path):
+def _teacher_run(tmp_path, loss: str, reference_mode: int):
     teacher = AnalyticGuidance()
     teacher.register("probe", "a red apple")
-    modes = teacher.mode_colours("probe")
-    # the reference picks the prompt mode that is NOT the heaviest one
-    weights = teacher.mixture("probe").weights
-    reference_mode = int(weights.argmin())
-    reference = reference_image(modes[reference_mode], size=16)
+    reference = reference_image(teacher.mode_colours("probe")[reference_mode], size=16)
     cfg = _target_config("splats", iterations=40, resolution=8)
-    cfg.loss = "isd"
+    cfg.loss = loss
+    cfg.splats.init_num_points = 64
     cfg.splats.background_learned = True
-    cfg.optimizer.lr = {"colors": 0.1, "background": 0.05, "opacities": 0.05}
-    result = optimize_asset(cfg, GuidanceSet(ip=teacher), reference, 0, tmp_path, "a red apple", "apple")
-    assert int(teacher.reference_colour("apple").sub(modes[reference_mode]).abs().max() < 1e-6)
-    views = render_views(result.scene, t3bench_cameras(cfg.cameras), 8)["rgb"]
-    mean_colour = views.mean(dim=(0, 2, 3))
-    distances = (modes - mean_colour).norm(dim=1)
-    assert int(distances.argmin()) == reference_mode, (mean_colour, modes)
-    assert float(distances[reference_mode]) < 0.15
+    cfg.optimizer.lr = {"colors": 0.1, "background": 0.05}
+    result = optimize_asset(cfg, GuidanceSet(ip=teacher), reference, 0, tmp_path / f"{loss}{reference_mode}", "a red apple", "apple")
+    assert teacher.teacher("apple").reference_index == reference_mode
+    rgb = render_views(result.scene, t3bench_cameras(cfg.cameras), 8)["rgb"]
+    return teacher.mode_index("apple", rgb)  # (V, H, W): the prompt mode whose basin holds each pixel
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reference_mode", [1, 3])
+def test_isd_in_3d_reaches_the_reference_mode(tmp_path, reference_mode):
+    """With the analytic teacher, ISD drives the rendered colours into the basin of the mode
+    the reference image picks (not the prompt's dominant mode 0). As DESIGN.md says, pure ISD
+    ascends log p_IP/p_SD and saturates the sigmoid colours past the mode centre, so the
+    check is the basin, not the distance to the mode colour."""
+    modes = _teacher_run(tmp_path, "isd", reference_mode)
+    assert (modes == reference_mode).float().mean() >= 0.9, torch.bincount(modes.flatten(), minlength=4)
+
+
+@pytest.mark.slow
+def test_sds_in_3d_ignores_the_reference(tmp_path):
+    modes = _teacher_run(tmp_path, "sds", 3)
+    assert (modes == 3).float().mean() < 0.5, torch.bincount(modes.flatten(), minlength=4)

@@ -39,6 +39,8 @@ class Evaluator:
         self.clip = clip
         self.head = head
         self._text: dict[str, Tensor] = {}
+        self._scenes: dict[str, torch.nn.Module] = {}
+        """One scene per method digest, reloaded per asset (building a NeRF costs more than loading)."""
 
     @classmethod
     def from_config(cls, config: EvaluateConfig) -> "Evaluator":
@@ -73,7 +75,15 @@ class Evaluator:
 
     def score_asset(self, asset_dir: Path, prompt: str, method: Any | None = None, views: str = "auto") -> AssetScores:
         """Render (or cut from the preview) the asset's evaluation views and score them."""
-        rendered: AssetViews = asset_views(Path(asset_dir), self.config, method, views, self.device)
+        scene = None
+        if method is not None and views != "preview":
+            key = method.digest()
+            if key not in self._scenes:
+                from stages.scene.factory import build_scene
+
+                self._scenes[key] = build_scene(method, seed=0).to(self.device)
+            scene = self._scenes[key]
+        rendered: AssetViews = asset_views(Path(asset_dir), self.config, method, views, self.device, scene)
         return self.score_images(prompt, rendered.images, rendered.source)
 
 

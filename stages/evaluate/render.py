@@ -70,8 +70,11 @@ def read_method_config(asset_dir: Path) -> Any | None:
         raise AssetViewsError(f"{path}: {error}") from None
 
 
-def load_asset_scene(asset_dir: Path, method: Any, device: torch.device) -> nn.Module:
-    """The final scene of an asset: ``build_scene(method)`` + ``checkpoint.pt``, eval mode."""
+def load_asset_scene(asset_dir: Path, method: Any, device: torch.device, scene: nn.Module | None = None) -> nn.Module:
+    """The final scene of an asset: ``build_scene(method)`` + ``checkpoint.pt``, eval mode.
+
+    ``scene``: a scene built from the same ``method`` to load into (saves the build).
+    """
     from stages.optimize.checkpoint import load_scene_state
     from stages.scene.factory import build_scene
 
@@ -82,7 +85,8 @@ def load_asset_scene(asset_dir: Path, method: Any, device: torch.device) -> nn.M
         state = load_scene_state(path)
     except Exception as error:  # noqa: BLE001 - any unreadable file is reported by name
         raise AssetViewsError(f"{path}: cannot read the scene checkpoint ({type(error).__name__}: {error})") from None
-    scene = build_scene(method, seed=0)  # every parameter is overwritten by the checkpoint
+    if scene is None:
+        scene = build_scene(method, seed=0)  # every parameter is overwritten by the checkpoint
     try:
         scene.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as error:
@@ -94,11 +98,13 @@ def load_asset_scene(asset_dir: Path, method: Any, device: torch.device) -> nn.M
     return scene.to(device).eval()
 
 
-def render_asset_views(asset_dir: Path, config: EvaluateConfig, method: Any, device: torch.device) -> AssetViews:
+def render_asset_views(
+    asset_dir: Path, config: EvaluateConfig, method: Any, device: torch.device, scene: nn.Module | None = None
+) -> AssetViews:
     """Render the evaluation views of the asset's final scene at ``config.resolution``."""
     from stages.optimize.loop import render_views
 
-    scene = load_asset_scene(asset_dir, method, device)
+    scene = load_asset_scene(asset_dir, method, device, scene)
     cameras = evaluation_cameras(config, method.cameras)
     rgb = render_views(scene, cameras, config.resolution, chunk=method.export.render_chunk)["rgb"]  # (V,3,R,R)
     return AssetViews(
@@ -130,19 +136,23 @@ def asset_views(
     method: Any | None = None,
     views: str = "auto",
     device: torch.device | None = None,
+    scene: nn.Module | None = None,
 ) -> AssetViews:
     """Evaluation views of one asset.
 
     ``views``: ``render`` (needs ``method`` or ``method.yaml``; errors otherwise), ``preview``,
     or ``auto`` (render when a method config is known, else the preview views). A
-    ``method.yaml`` in the asset dir wins over ``method``.
+    ``method.yaml`` in the asset dir wins over ``method``. ``scene``: a scene built from
+    ``method`` to reuse (its state is replaced by the asset's).
     """
     if views not in VIEW_SOURCES:
         raise AssetViewsError(f"views must be one of {VIEW_SOURCES}, got {views!r}")
     asset_dir = Path(asset_dir)
     if views == "preview":
         return preview_views(asset_dir, method.cameras.eval_elevation if method is not None else 15.0)
-    method = read_method_config(asset_dir) or method
+    own = read_method_config(asset_dir)
+    if own is not None:
+        method, scene = own, None
     if method is None:
         if views == "render":
             raise AssetViewsError(
@@ -150,4 +160,4 @@ def asset_views(
                 "or the dataset's pipeline YAML as dataset_config)"
             )
         return preview_views(asset_dir)
-    return render_asset_views(asset_dir, config, method, device or torch.device("cpu"))
+    return render_asset_views(asset_dir, config, method, device or torch.device("cpu"), scene)

@@ -91,8 +91,12 @@ class ShadingConfig:
     light_position_perturb: float = 1.0
     """Training: light direction = normalize(camera position + N(0, perturb²)) (DreamFusion)."""
     normal_type: str = "finite_difference"
-    """``finite_difference`` (central differences of density, 6 extra density lookups, no
-    double backward: the cheaper choice on CPU) | ``analytic`` (autograd of raw density)."""
+    """``finite_difference`` (threestudio's default: central differences of density with step
+    ``finite_difference_eps``, 6 extra density lookups per visible sample; smooth at the scale
+    of eps) | ``analytic`` (autograd of the raw density, double backward; exact derivative of
+    the trilinear hash cells, so noisier). Measured on CPU, tiny preset, 64² diffuse render
+    forward+backward on one thread: finite_difference ≈ 0.55 s, analytic ≈ 0.32 s, albedo
+    (no normals) ≈ 0.08 s."""
     finite_difference_eps: float = 0.01
     normal_min_weight: float = 1e-4
     """Normals are computed only at samples whose compositing weight exceeds this (others get a

@@ -104,7 +104,7 @@ class TorchHashGrid(nn.Module):
         n = x.shape[0]
         # Corner c = bx + 2·by + 4·bz is built as a (2, 2, 2) block indexed [bz, by, bx]; index
         # terms and weights factor per axis, so each level costs a few (N, 8) ops only.
-        index = torch.empty(n, len(self.layout), 8, dtype=torch.int32, device=x.device)
+        index = torch.empty(n, len(self.layout), 8, dtype=torch.int64, device=x.device)
         weights = []
         for layout in self.layout:
             pos = x * layout.scale + 0.5
@@ -122,13 +122,14 @@ class TorchHashGrid(nn.Module):
                     # size is a power of two here, so masking each term first equals masking the XOR
                     mask = layout.size - 1
                     terms = (both * torch.tensor(PRIMES, device=x.device)) & mask
-                    t = terms.to(torch.int32)
-                    combined = (t[:, None, None, :, 0] ^ t[:, None, :, None, 1] ^ t[:, :, None, None, 2]).reshape(n, 8)
+                    combined = terms[:, None, None, :, 0] ^ terms[:, None, :, None, 1] ^ terms[:, :, None, None, 2]
+                    combined = combined.reshape(n, 8)
                 index[:, layout.level] = combined + layout.offset
             wx, wy, wz = (torch.stack([1.0 - frac[:, d], frac[:, d]], dim=1) for d in range(3))  # (N, 2) each
             weights.append((wz[:, :, None, None] * wy[:, None, :, None] * wx[:, None, None, :]).reshape(n, 8))
         w = torch.stack(weights, dim=1)  # (N, L, 8)
-        feats = nn.functional.embedding(index, table)  # (N, L, 8, F)
+        # index_select: its CPU backward (index_add) is ~10x faster than embedding's
+        feats = table.index_select(0, index.reshape(-1)).view(n, len(self.layout), 8, n_features)
         out = (feats * w[..., None]).sum(dim=2)  # (N, L, F)
         return out.reshape(n, self.n_output_dims)
 
