@@ -1,0 +1,54 @@
+"""``python -m stages.optimize``: a tiny end-to-end run on CPU and clear errors for bad input."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from stages.optimize.__main__ import main, split_overrides
+
+SMALL = [
+    "iterations=2", "nerf.renderer.num_samples_per_ray=8", "schedule.resolutions=[16,16]",
+    "export.preview_resolution=16", "export.turntable_frames=3", "export.turntable_resolution=16",
+    "export.mesh_resolution=16",
+]
+
+
+def test_split_overrides():
+    method, models, tiny = split_overrides(["models=tiny", "models.device=cpu", "method.iterations=3", "loss=sds"])
+    assert (method, models, tiny) == (["iterations=3", "loss=sds"], ["device=cpu"], True)
+    with pytest.raises(ValueError, match="key=value"):
+        split_overrides(["iterations"])
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_an_asset_and_resumes(tmp_path, capsys):
+    out = tmp_path / "apple"
+    args = ["--prompt", "a red apple", "--out", str(out), "--no-progress", "--seed", "1", "models=tiny", *SMALL]
+    assert main(args) == 0
+    asset = json.loads((out / "asset.json").read_text())
+    assert asset["prompt"] == "a red apple" and asset["representation"] == "nerf" and asset["method"] == "isd"
+    for name in asset["files"].values():
+        assert (out / name).is_file(), name
+    with Image.open(out / "reference.png") as ref:
+        assert ref.mode == "RGB"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["iterations"] == 2
+    # a second call finds the finished checkpoint and does not optimise again
+    assert main(args) == 0
+    assert json.loads((out / "metrics.json").read_text())["iterations"] == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--reference", "nowhere.png"], "nowhere.png"),
+        (["iterations=0"], "method.iterations"),
+        (["nosuch.key=1"], "nosuch"),
+        (["--config", "missing.yaml"], "missing.yaml"),
+    ],
+)
+def test_bad_input_exits_with_a_clear_message(tmp_path, capsys, extra, message):
+    code = main(["--prompt", "x", "--out", str(tmp_path / "o"), "models=tiny", *extra])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

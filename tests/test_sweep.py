@@ -1,0 +1,67 @@
+"""pipeline.sweep: one validated config per value, each dataset evaluated, a comparison table."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from evaluate_fixtures import build_dataset, tiny_method
+from pipeline.config import ConfigError
+from pipeline.evaluate import EvaluationRunConfig
+from pipeline.sweep import SweepConfig, load_sweep_config, plan_sweep, run_sweep
+from stages.evaluate.config import EvaluateConfig
+from stages.evaluate.evaluator import Evaluator
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _base(tmp_path: Path) -> Path:
+    path = tmp_path / "base.yaml"
+    path.write_text("prompts:\n  inline: [a red ball]\nvariants: 2\nmethod_preset: tiny\nmethod:\n  loss: mvdream\n")
+    return path
+
+
+def test_sweep_runs_each_value_into_its_own_dir_and_compares(tmp_path):
+    config = SweepConfig(base=str(_base(tmp_path)), key="method.isd.ip_scale", values=[0.0, 1.0], output=str(tmp_path / "sweep"))
+    seen = []
+    method = tiny_method()
+
+    def fake_run(pipeline_config):
+        seen.append((pipeline_config.method.isd.ip_scale, pipeline_config.output))
+        radius = 0.3 + 0.4 * pipeline_config.method.isd.ip_scale  # different scenes per value
+        build_dataset(Path(pipeline_config.output), [("a red ball", 0, 1, radius), ("a red ball", 1, 2, 0.5)], method)
+
+    evaluation = EvaluationRunConfig(evaluate=EvaluateConfig(clip="tiny", aesthetic_head="none", num_views=2, resolution=16, device="cpu"))
+    evaluation.tracking.enabled = False
+    evaluator = Evaluator.from_config(evaluation.evaluate)
+    rows = run_sweep(config, run=fake_run, evaluation=evaluation, evaluator=evaluator, stream=io.StringIO())
+    assert seen == [(0.0, str(tmp_path / "sweep" / "ip_scale_0.0")), (1.0, str(tmp_path / "sweep" / "ip_scale_1.0"))]
+    saved = json.loads((tmp_path / "sweep" / "comparison.json").read_text())
+    assert [r["method.isd.ip_scale"] for r in saved["rows"]] == [0.0, 1.0]
+    for row, (_, output) in zip(saved["rows"], seen):
+        summaries = sorted((Path(output) / "evaluation").glob("*/summary.json"))
+        assert len(summaries) == 1
+        summary = json.loads(summaries[0].read_text())["summary"]["all"]
+        assert row["alignment"] == pytest.approx(summary["alignment"]) and row["diversity"] == pytest.approx(summary["diversity"])
+        assert row["quality"] is None and row["assets"] == 2
+    assert rows[0]["alignment"] != rows[1]["alignment"]
+    assert "| method.isd.ip_scale |" in (tmp_path / "sweep" / "comparison.md").read_text()
+
+
+def test_bad_key_or_value_fails_before_any_run(tmp_path):
+    base = str(_base(tmp_path))
+    with pytest.raises(ConfigError, match="nope"):
+        plan_sweep(SweepConfig(base=base, key="method.isd.nope", values=[1.0], output=str(tmp_path)))
+    with pytest.raises(ConfigError, match="ip_scale"):
+        plan_sweep(SweepConfig(base=base, key="method.isd.ip_scale", values=[0.5, -1.0], output=str(tmp_path)))
+
+
+def test_shipped_ip_scale_sweep_plans_the_paper_values():
+    config = load_sweep_config(REPO / "configs" / "sweep_ip_scale.yaml")
+    runs = plan_sweep(config)
+    assert [r.config.method.isd.ip_scale for r in runs] == [0.0, 0.2, 0.5, 0.7, 1.0]
+    assert len({r.config.output for r in runs}) == 5
+    assert Path(config.evaluate).is_file()
