@@ -320,6 +320,13 @@ def evaluate_dataset(
             "aesthetic_head": config.evaluate.aesthetic_head,
         }
         asset_method = method if digest is None or digest == row["config_digest"] else None
+        if method is not None and asset_method is None:
+            print(
+                f"[evaluate] {row['asset_id']}: config_digest {row['config_digest']} differs from dataset_config's "
+                f"{digest}; not rendering it with that config (views={config.views})",
+                file=stream,
+                flush=True,
+            )
         try:
             if local is None:
                 raise AssetViewsError(f"{output}: evaluating remote datasets needs a local copy (pyarrow fs download not implemented)")
@@ -360,7 +367,7 @@ def evaluate_dataset(
         "diversity": [asdict(d) for d in diversity],
         "assets": {"scored": len(new_rows) - failed, "reused": reused, "failed": failed},
     }
-    _write_text(writer, f"{report_dir}/summary.json", json.dumps(payload, indent=2, default=_json_default) + "\n")
+    _write_text(writer, f"{report_dir}/summary.json", json.dumps(json_safe(payload), indent=2) + "\n")
     _write_text(writer, f"{report_dir}/summary.md", markdown)
     buffer = io.StringIO()
     table = csv.writer(buffer)
@@ -376,10 +383,15 @@ def evaluate_dataset(
     return result
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    raise TypeError(type(value).__name__)
+def json_safe(value: Any) -> Any:
+    """NaN / inf floats (also nested) as None, so the JSON is standard."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 # ------------------------------------------------------------------ MLflow
@@ -465,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"scores: {result.scores_path}; report: {result.report_dir}",
         file=sys.stderr,
     )
-    return 0
+    return 1 if result.failed and not (result.scored or result.reused) else 0
 
 
 if __name__ == "__main__":

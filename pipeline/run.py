@@ -90,7 +90,9 @@ def connect_ray(config: PipelineConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=config.local_ray.num_cpus, include_dashboard=config.local_ray.include_dashboard)
+        # address="local": always a fresh local Ray, never a stale `ray start` head that
+        # /tmp/ray/ray_current_cluster may still name.
+        ray.init(address="local", num_cpus=config.local_ray.num_cpus, include_dashboard=config.local_ray.include_dashboard)
 
 
 def work_dir_of(config: PipelineConfig, writer: DatasetWriter) -> str:

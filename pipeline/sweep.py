@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TextIO
 
 from pipeline.config import ConfigError, PipelineConfig, load_config
-from pipeline.evaluate import EvaluationRunConfig, evaluate_dataset, load_evaluation_config
+from pipeline.evaluate import EvaluationRunConfig, evaluate_dataset, json_safe, load_evaluation_config
 
 
 @dataclass
@@ -148,7 +148,7 @@ def run_sweep(
         results.append((item.value, item.config.output, result))
     rows = comparison_rows(config.key, results)
     out = Path(config.output)
-    _write(out / "comparison.json", json.dumps({"key": config.key, "rows": rows}, indent=2, default=lambda v: None) + "\n")
+    _write(out / "comparison.json", json.dumps(json_safe({"key": config.key, "rows": rows}), indent=2) + "\n")
     _write(out / "comparison.md", comparison_markdown(config.key, rows))
     print(comparison_markdown(config.key, rows), file=stream, flush=True)
     return rows

@@ -21,8 +21,26 @@ from stages.optimize.config import OptimizeConfig
 from stages.optimize.loop import optimize_asset
 
 
-def tiny_method(iterations: int = 2) -> OptimizeConfig:
-    """Tiny NeRF, MVDream-only loss (one guidance), 16² training renders, minimal exports."""
+# A pipeline YAML whose method is as cheap as tiny_method(); replace ITERATIONS before use.
+TINY_PIPELINE_YAML = """
+prompts:
+  inline: [a red ball]
+method_preset: tiny
+models: {sd: tiny, ip_adapter: tiny, image_encoder: tiny, mvdream: tiny, mvdream_text: tiny, reference: tiny}
+method:
+  loss: mvdream
+  iterations: ITERATIONS
+  checkpoint_every: 0
+  schedule: {milestones: [0.5], resolutions: [16, 16], batch_sizes: [4, 4]}
+  export: {preview_resolution: 16, turntable_frames: 1, turntable_resolution: 16, video_format: gif, mesh: false}
+  nerf:
+    hash_grid: {n_levels: 4, log2_hashmap_size: 10}
+    renderer: {grid_resolution: 8, num_samples_per_ray: 12}
+"""
+
+
+def tiny_method(iterations: int = 1) -> OptimizeConfig:
+    """Tinier-than-tiny NeRF, MVDream-only loss (one guidance), 16² renders, minimal exports."""
     from stages.guidance.schedules import ScheduleConfig
 
     cfg = OptimizeConfig.tiny("nerf")
@@ -35,6 +53,11 @@ def tiny_method(iterations: int = 2) -> OptimizeConfig:
     cfg.export.turntable_resolution = 16
     cfg.export.video_format = "gif"
     cfg.export.mesh = False
+    # smaller than the tiny NeRF preset: the occupancy-grid update dominates on CPU
+    cfg.nerf.hash_grid.n_levels = 4
+    cfg.nerf.hash_grid.log2_hashmap_size = 10
+    cfg.nerf.renderer.grid_resolution = 8
+    cfg.nerf.renderer.num_samples_per_ray = 12
     return cfg
 
 

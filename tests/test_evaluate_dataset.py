@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluate_fixtures import build_dataset, tiny_method
+from evaluate_fixtures import TINY_PIPELINE_YAML, build_dataset, tiny_method
 from pipeline.config import ConfigError
 from pipeline.evaluate import (
     EvaluationRunConfig,
@@ -274,3 +274,37 @@ def test_config_errors_name_the_key(tmp_path):
     assert config.evaluate.elevation == 15.0
     for name, path in config.groups.items():
         assert Path(path).is_file(), f"groups.{name}: {path}"
+
+
+
+
+def test_dataset_config_rebuilds_scenes_only_for_assets_of_its_digest(evaluator, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.jobs import config_digest
+
+    made_with = tmp_path / "made.yaml"
+    made_with.write_text(TINY_PIPELINE_YAML.replace("ITERATIONS", "1"))
+    other = tmp_path / "other.yaml"
+    other.write_text(TINY_PIPELINE_YAML.replace("ITERATIONS", "2"))
+    pipeline_config = load_config(made_with)
+    root = tmp_path / "ds"
+    build_dataset(root, [("a red ball", 0, 5, 0.4)], pipeline_config.method, digest=config_digest(pipeline_config))
+
+    result = evaluate_dataset(str(root), _config(dataset_config=str(made_with)), evaluator=evaluator, stream=io.StringIO())
+    assert result.scores[0]["view_source"] == "render" and result.scores[0]["num_views"] == 3
+    log = io.StringIO()
+    config = _config(dataset_config=str(other), skip_scored=False)
+    result = evaluate_dataset(str(root), config, evaluator=evaluator, stream=log)
+    assert result.scores[0]["view_source"] == "preview" and "differs from dataset_config" in log.getvalue()
+
+
+def test_cli_scores_a_dataset_and_fails_cleanly_without_one(dataset, tmp_path, capsys):
+    from pipeline.evaluate import main
+
+    root = _copy(dataset[0], tmp_path)
+    args = [str(root), "evaluate.clip=tiny", "evaluate.num_views=2", "evaluate.resolution=16", "tracking.enabled=false", "views=preview"]
+    assert main(args) == 0
+    assert len(list((root / "scores").glob("part-*.parquet"))) == 1
+    assert "4 scored" in capsys.readouterr().err
+    assert main([str(tmp_path / "empty"), "evaluate.clip=tiny", "tracking.enabled=false"]) == 2
+    assert "no succeeded assets" in capsys.readouterr().err

@@ -27,7 +27,7 @@ def test_structured_round_trip_and_overrides(tmp_path):
     cfg = load_optimize_config(path, ["loss=ip_sds", "optimizer.lr.means=0.01", "regularizers.sparsity=0.5"])
     assert (cfg.representation, cfg.iterations, cfg.loss) == ("splats", 30, "ip_sds")
     assert cfg.schedule.resolutions == [16, 32] and cfg.optimizer.lr == {"means": 0.01}
-    assert cfg.regularizers == {"sparsity": 0.5}
+    assert cfg.regularizers["sparsity"] == 0.5 and cfg.regularizers["orient"] == 0.0
     tiny = load_optimize_config(None, ["preset=tiny"])
     assert tiny.iterations == OptimizeConfig.tiny().iterations
     assert load_optimize_config({"iterations": 7}).iterations == 7
@@ -59,6 +59,7 @@ def test_digest_tracks_method_not_runtime_keys():
         ("cameras.fovy_range=[60,15]", "method.cameras.fovy_range"),
         ("shading.albedo=0", "method.shading"),
         ("export.video_format=avi", "method.export.video_format"),
+        ("nerf.radius=-1", "method.nerf.radius"),
     ],
 )
 def test_invalid_values_name_the_key(override, key):

@@ -141,6 +141,10 @@ def test_regulariser_weight_adds_its_gradient(tmp_path):
     assert torch.allclose(scene.grads[0], expected, rtol=1e-4)
     with pytest.raises(ValueError, match="method.regularizers.shiny"):
         _run(_config(iterations=1, regularizers={"shiny": 1.0}), GuidanceSet(ip=Recorder(), mvd=Recorder()), tmp_path / "b")
+    # normal-based terms are skipped on renders without normals; zero weights are ignored
+    result, _ = _run(_config(iterations=1, regularizers={"orient": 1.0, "sparsity": 0.0}),
+                     GuidanceSet(ip=Recorder(), mvd=Recorder()), tmp_path / "c")
+    assert "reg_orient" not in result.history[0] and "loss_reg" not in result.history[0]
 
 
 def test_loss_selection_uses_only_the_needed_guidance(tmp_path):
@@ -236,3 +240,28 @@ def test_callback_gets_metrics_and_previews(tmp_path):
     assert seen[1][2].shape == (8, 3, 5, 5)
     for key in ("loss", "alpha", "beta", "t_ip", "t_mvd", "grad_norm_ip", "grad_norm_mvd", "its", "peak_memory_mb"):
         assert math.isfinite(seen[0][1][key]), key
+
+
+def test_image_target_guidance_and_sphere_target():
+    from stages.guidance.image_target import ImageTargetGuidance, SphereTarget
+    from stages.guidance.protocol import GuidanceRequest
+    from stages.scene.cameras import orbit_cameras
+
+    cams = orbit_cameras(2, elevation=0.0, distance=3.0, fovy=40.0)  # azimuth 0 and 180
+    target = SphereTarget(radius=0.5, background=(0.0, 0.0, 1.0))
+    image = target(cams, 9, 9)
+    assert torch.allclose(image[0, :, 4, 4], torch.tensor([0.9, 0.5, 0.5]), atol=0.02)  # normal +x
+    assert torch.allclose(image[1, :, 4, 4], torch.tensor([0.1, 0.5, 0.5]), atol=0.02)  # normal −x
+    assert torch.equal(image[:, :, 0, 0], torch.tensor([[0.0, 0.0, 1.0]] * 2))  # corners miss the ball
+    guidance = ImageTargetGuidance(target, scale=2.0)
+    rgb = torch.rand(2, 3, 9, 9)
+    request = GuidanceRequest("a", rgb, torch.tensor([10, 10]), seed=0, c2w=cams.c2w,
+                              options={"fovy": cams.fovy.tolist()})
+    with pytest.raises(UnknownAssetError):
+        guidance.grad([request])
+    guidance.register("a", "a ball")
+    (response,) = guidance.grad([request])
+    assert torch.allclose(response.grad_rgb, 2.0 * (rgb - image))
+    request.options = {}
+    with pytest.raises(ValueError, match="fovy"):
+        guidance.grad([request])

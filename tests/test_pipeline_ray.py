@@ -79,6 +79,11 @@ def head():
                 process.wait(wait)
             except subprocess.TimeoutExpired:
                 continue
+        # `ray start` recorded this head as the machine's default cluster; forget it so later
+        # ray.init() calls (ours or anyone's) do not try to join a dead head.
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -287,3 +292,36 @@ def test_killed_driver_loses_nothing_and_rerun_completes(head, tmp_path):
     assert sorted(os.listdir(out / "assets")) == sorted(rows)
     for asset_id, mtime in committed_before.items():  # finished assets were not redone
         assert (out / "assets" / asset_id / "asset.json").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_quickstart_through_ray_job_submit(head, tmp_path):
+    """The path users run: ``ray job submit --working-dir . -- python -m pipeline.run
+    configs/quickstart.yaml`` (real tiny models, shortened), then check the dataset."""
+    out = tmp_path / "qs"
+    overrides = [
+        f"output={out}", "variants=1", "method.iterations=4", "method.checkpoint_every=2",
+        "prompts.inline=[a red apple,a wooden chair]",
+    ]
+    cmd = [
+        sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", head["dashboard"],
+        "--working-dir", str(REPO), "--", "python", "-m", "pipeline.run", "configs/quickstart.yaml", *overrides,
+    ]
+    result = subprocess.run(cmd, env=head["env"], cwd=REPO, capture_output=True, text=True, timeout=400)
+    log = result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0 and "succeeded" in result.stdout, log
+    rows = DatasetWriter(str(out)).latest_rows()
+    assert len(rows) == 2 and all(r["status"] == "succeeded" for r in rows.values()), log
+    import trimesh
+    from PIL import Image
+
+    for row in rows.values():
+        files = json.loads(row["files"])
+        for rel in files.values():
+            assert (out / rel).is_file(), rel
+        with Image.open(out / row["asset_dir"] / "reference.png") as image:
+            assert image.mode == "RGB"
+        if "mesh" in files:
+            assert trimesh.load(out / files["mesh"]).bounds is not None
+        assert row["mlflow_run_id"]
+    assert sorted(os.listdir(out / "assets")) == sorted(rows)

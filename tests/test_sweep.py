@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluate_fixtures import build_dataset, tiny_method
+from evaluate_fixtures import TINY_PIPELINE_YAML, build_dataset
 from pipeline.config import ConfigError
 from pipeline.evaluate import EvaluationRunConfig
 from pipeline.sweep import SweepConfig, load_sweep_config, plan_sweep, run_sweep
@@ -20,19 +20,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _base(tmp_path: Path) -> Path:
     path = tmp_path / "base.yaml"
-    path.write_text("prompts:\n  inline: [a red ball]\nvariants: 2\nmethod_preset: tiny\nmethod:\n  loss: mvdream\n")
+    path.write_text(TINY_PIPELINE_YAML.replace("ITERATIONS", "1") + "variants: 2\n")
     return path
 
 
 def test_sweep_runs_each_value_into_its_own_dir_and_compares(tmp_path):
     config = SweepConfig(base=str(_base(tmp_path)), key="method.isd.ip_scale", values=[0.0, 1.0], output=str(tmp_path / "sweep"))
     seen = []
-    method = tiny_method()
-
     def fake_run(pipeline_config):
         seen.append((pipeline_config.method.isd.ip_scale, pipeline_config.output))
         radius = 0.3 + 0.4 * pipeline_config.method.isd.ip_scale  # different scenes per value
-        build_dataset(Path(pipeline_config.output), [("a red ball", 0, 1, radius), ("a red ball", 1, 2, 0.5)], method)
+        build_dataset(Path(pipeline_config.output), [("a red ball", 0, 1, radius), ("a red ball", 1, 1, radius)], pipeline_config.method)
 
     evaluation = EvaluationRunConfig(evaluate=EvaluateConfig(clip="tiny", aesthetic_head="none", num_views=2, resolution=16, device="cpu"))
     evaluation.tracking.enabled = False

@@ -90,7 +90,7 @@ def load_asset_scene(asset_dir: Path, method: Any, device: torch.device, scene: 
     try:
         scene.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as error:
-        first = str(error).splitlines()[0]
+        first = " ".join(str(error).split())[:400]  # the lines after the first name the keys
         raise AssetViewsError(
             f"{path}: does not fit a method.representation={method.representation!r} scene of the given "
             f"method config (was the asset made with another config?): {first}"

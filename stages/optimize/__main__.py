@@ -37,6 +37,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", default=None, help="YAML with method:/models: sections or method keys")
     parser.add_argument("--out", default=None, help="output directory (default outputs/single/<asset_id>)")
     parser.add_argument("--seed", type=int, default=0, help="optimiser seed (and reference seed when sampled)")
+    parser.add_argument("--reference-steps", type=int, default=30, help="sampling steps of the reference image")
     parser.add_argument("--asset-id", default=None, help="asset id (default: hash of prompt, seed and config)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (method keys, models.<key>, models=tiny, preset=tiny)")
@@ -130,7 +131,7 @@ def load_or_sample_reference(args: argparse.Namespace, config: Any, models: Mode
 
     device = resolve_device(models.device)
     sampler = ReferenceSampler(models.reference, dtype=resolve_dtype(models.dtype, device), device=device, seed=models.seed)
-    return sampler.sample(args.prompt, seed=args.seed)
+    return sampler.sample(args.prompt, seed=args.seed, num_inference_steps=args.reference_steps)
 
 
 def default_asset_id(prompt: str, seed: int, digest: str) -> str:
@@ -178,7 +179,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "files": files,
     }
     (out / "asset.json").write_text(json.dumps(asset, indent=2, default=str))
-    for kind, name in sorted({**files, "metrics": "metrics.json", "asset": "asset.json"}.items()):
+    from omegaconf import OmegaConf
+
+    # the method config, so stages.evaluate can rebuild the scene from checkpoint.pt
+    (out / "method.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+    extra = {"metrics": "metrics.json", "asset": "asset.json", "method": "method.yaml"}
+    for kind, name in sorted({**files, **extra}.items()):
         print(f"{kind:>10}: {out / name}")
     return 0
 

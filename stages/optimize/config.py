@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from stages.guidance.losses import LOSS_NAMES, SD_BRANCHES
 from stages.guidance.schedules import ScheduleConfig
@@ -81,7 +81,9 @@ class OptimizerConfig:
     """Learning-rate overrides by parameter-group name (the scene's ``param_groups`` defaults otherwise)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     eps: float = 1e-15
-    weight_decay: float = 0.0
+    weight_decay: Optional[float] = None
+    """AdamW weight decay; ``None``: 0.01 for NeRF (torch's AdamW default, which
+    MVDream-threestudio runs with) and 0 for splats (3DGS / gsplat use plain Adam)."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
@@ -140,9 +142,13 @@ class OptimizeConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     cameras: CameraConfig = field(default_factory=CameraConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    regularizers: dict[str, float] = field(default_factory=dict)
-    """Weights of the scene's named regularisation terms (see the scene's ``regularizers``);
-    a term without a weight is not used."""
+    regularizers: dict[str, float] = field(
+        default_factory=lambda: {"sparsity": 0.0, "opaque": 0.0, "orient": 0.0, "normal_smooth": 0.0}
+    )
+    """Weights of the scene's named regularisation terms (its ``regularizers()``): NeRF
+    ``sparsity`` / ``opaque`` / ``orient`` / ``normal_smooth`` (the last two only on renders
+    with normals); splats ``opacity`` / ``scale`` / ``outside`` / ``sparsity``. Weight 0 or
+    absent: unused (MVDream-threestudio sets all to 0)."""
     shading: ShadingConfig = field(default_factory=ShadingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     checkpoint_every: int = 500
@@ -169,6 +175,12 @@ class OptimizeConfig:
         )
         cfg.device = "cpu"
         return cfg
+
+    def weight_decay(self) -> float:
+        """The AdamW weight decay of this representation (see ``optimizer.weight_decay``)."""
+        if self.optimizer.weight_decay is not None:
+            return float(self.optimizer.weight_decay)
+        return 0.01 if self.representation == "nerf" else 0.0
 
     def scene_config(self) -> NeRFConfig | SplatConfig:
         """The config of the chosen representation."""
@@ -209,7 +221,11 @@ class OptimizeConfig:
         self.cameras.validate(f"{p}.cameras")
         scene_validate = getattr(self.scene_config(), "validate", None)
         if callable(scene_validate):
-            scene_validate()
+            try:
+                scene_validate()
+            except ValueError as error:  # "nerf.x ..." / "splats.x ..." → "method.nerf.x ..."
+                message = str(error)
+                raise ValueError(message if message.startswith(p) else f"{p}.{message}") from error
         for key, weight in self.regularizers.items():
             _require(math.isfinite(float(weight)) and float(weight) >= 0, f"{p}.regularizers.{key} must be >= 0, got {weight}")
         opt = self.optimizer
@@ -217,7 +233,7 @@ class OptimizeConfig:
             _require(math.isfinite(float(lr)) and float(lr) >= 0, f"{p}.optimizer.lr.{key} must be >= 0, got {lr}")
         _require(len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas), f"{p}.optimizer.betas must be two numbers in [0, 1), got {list(opt.betas)}")
         _require(opt.eps > 0, f"{p}.optimizer.eps must be > 0, got {opt.eps}")
-        _require(opt.weight_decay >= 0, f"{p}.optimizer.weight_decay must be >= 0, got {opt.weight_decay}")
+        _require(opt.weight_decay is None or opt.weight_decay >= 0, f"{p}.optimizer.weight_decay must be >= 0, got {opt.weight_decay}")
         _require(opt.grad_clip >= 0, f"{p}.optimizer.grad_clip must be >= 0 (0 disables), got {opt.grad_clip}")
         probs = [self.shading.albedo, self.shading.diffuse, self.shading.textureless]
         for name, value in zip(SHADINGS, probs):

@@ -36,6 +36,10 @@ from stages.scene.base import Cameras
 from stages.scene.cameras import preview_cameras, sample_cameras
 from stages.scene.factory import build_scene
 
+NORMAL_REGULARIZERS = ("orient", "normal_smooth")
+"""Terms a scene offers only for renders with normals (non-albedo shading, or NeRF
+``shading.compute_normals``); skipped on renders without them."""
+
 Callback = Callable[[int, dict[str, float], "Tensor | None"], None]
 """``callback(step, metrics, previews)``: ``previews`` is (V, 3, H, W) in [0, 1] every
 ``preview_every`` iterations, else ``None``. An exception raised here stops the run (the last
@@ -77,11 +81,12 @@ def choose_shading(config: OptimizeConfig, step: int, generator: torch.Generator
 
 
 def make_optimizer(scene: torch.nn.Module, config: OptimizeConfig) -> torch.optim.Optimizer:
-    """AdamW over ``scene.param_groups(lr)`` with the configured betas / eps / weight decay."""
+    """AdamW over ``scene.param_groups(lr)`` with the configured betas / eps / weight decay
+    (``param_groups`` fills learning rates missing from ``optimizer.lr`` with the scene's defaults)."""
     opt = config.optimizer
     groups = scene.param_groups(dict(opt.lr))
     return torch.optim.AdamW(
-        groups, betas=(float(opt.betas[0]), float(opt.betas[1])), eps=float(opt.eps), weight_decay=float(opt.weight_decay)
+        groups, betas=(float(opt.betas[0]), float(opt.betas[1])), eps=float(opt.eps), weight_decay=config.weight_decay()
     )
 
 
@@ -151,7 +156,6 @@ class _Run:
         self.ip_registration = Registration(asset_id, prompt, reference, config.isd.negative_prompt)
         self.mvd_registration = Registration(asset_id, prompt, None, config.mvd.negative_prompt)
         self.optimizer = make_optimizer(scene, config)
-        self.checked_regularizers = False
 
     def _registration(self, slot: str) -> Registration:
         # one object serving both slots keeps the IP registration (it carries the reference)
@@ -194,7 +198,7 @@ class _Run:
         if not weights:
             return None
         terms = self.scene.regularizers(out)
-        missing = sorted(set(weights) - set(terms))
+        missing = sorted(set(weights) - set(terms) - set(NORMAL_REGULARIZERS))
         if missing:
             raise ValueError(
                 f"method.regularizers.{missing[0]}: {type(self.scene).__name__} has no regulariser "
@@ -202,6 +206,8 @@ class _Run:
             )
         total = None
         for name, weight in weights.items():
+            if name not in terms:  # a normal-based term of a render without normals
+                continue
             metrics[f"reg_{name}"] = float(terms[name].detach())
             total = weight * terms[name] if total is None else total + weight * terms[name]
         return total
@@ -338,7 +344,7 @@ def optimize_asset(
         start, history = run.restore(state, checkpoint_dir)
     run.register()
     total = config.iterations
-    rng_devices = [device] if device.type == "cuda" else []
+    rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     progress = _progress_bar(config.progress, start, total, asset_id)
     began = time.perf_counter()
     try:

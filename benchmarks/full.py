@@ -1,0 +1,496 @@
+"""Full-size benchmark: SD1.5 + IP-Adapter (ISD) and MVDream guidance built from their configs.
+
+    python -m benchmarks.full [--quick] [--out benchmarks/out/full.json] [--device auto] [--compile]
+
+No weights are downloaded: every model is its real architecture with seeded random weights
+(timings and FLOPs do not depend on the weights). On CUDA it measures, at the paper's settings
+(ISD at 512 px = 64² latents, MVDream at 256 px = 32² latents, 4 views, NeRF renders 8 views
+at 64² then 4 views at 256² from half-way):
+
+- seconds per optimisation iteration of the real loop (``optimize_asset``: render, both
+  guidance terms, backward, Adam) in each phase; assets per GPU-hour at 6000 iterations;
+  peak GPU memory;
+- batching gain: k assets' requests answered by ONE ``grad`` call vs k calls (k = 1, 2, 4, 8);
+- dtype (fp32 / fp16 / bf16), SDPA backend and ``torch.compile`` effects on the ISD UNet forward;
+- FLOPs per iteration (``torch.utils.flop_counter.FlopCounterMode``: both guidance calls, UNets +
+  VAE encoder forward/backward + text/image encoders not included since they run once per
+  asset) and the fraction of the card's peak dense bf16/fp16 throughput that this reaches.
+
+On CPU everything runs at tiny size (``"size": "tiny-cpu"``) and says so; the FLOPs of the
+full-size guidance are still counted there on the ``meta`` device (no memory, no compute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from PIL import Image
+from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from benchmarks.common import environment, format_table, synchronize, time_call, write_json
+from stages.guidance.ip_guidance import IPComponents, IPGuidance
+from stages.guidance.mvdream_guidance import MVDreamGuidance
+from stages.guidance.protocol import GuidanceRequest
+from stages.models.device import resolve_device
+from stages.models.ip_adapter import VIT_H_14_CONFIG, IPAdapter, install_ip_adapter_state, load_ip_adapter, tiny_ip_adapter_state_dict
+from stages.models.mvdream import (
+    MVDreamComponents,
+    build_mvdream_unet,
+    build_tiny_mvdream,
+    mvdream_alphas_cumprod,
+    mvdream_unet_config,
+)
+from stages.models.sd import SD15_SCHEDULER_CONFIG, SD15_UNET_CONFIG, SDComponents, build_tiny_sd, place, seeded
+from stages.models.tiny import tiny_tokenizer
+from stages.scene.cameras import CameraConfig, sample_cameras
+
+DEFAULT_OUT = Path("benchmarks/out/full.json")
+ITERATIONS_PER_ASSET = 6000
+
+SD_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+"""The SD1.5 / SD2.1 VAE (``vae/config.json``)."""
+
+CLIP_L_TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+"""SD1.5's text encoder, CLIP ViT-L/14 text tower."""
+
+OPENCLIP_H_TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=1024,
+)
+"""SD2.1's (MVDream's) OpenCLIP ViT-H text tower in diffusers layout: 23 of 24 layers (penultimate)."""
+
+IP_ADAPTER_TOKENS = 4
+"""``ip-adapter_sd15``: 4 image tokens projected from 1024-d ViT-H image embeds to 768."""
+
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM / HBM3
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("L4", 121.0),
+)
+"""Dense bf16/fp16 tensor-core peak (TFLOP/s) by device-name substring, first match wins."""
+
+
+def peak_tflops(device_name: str | None) -> float | None:
+    """Spec-sheet dense bf16 peak of a card by name; None when unknown (or CPU)."""
+    if not device_name:
+        return None
+    for key, value in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return value
+    return None
+
+
+# ----------------------------------------------------------------------------- models
+def build_ip_guidance(full: bool, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> IPGuidance:
+    """SD1.5 + IP-Adapter guidance: real-size random weights (``full``) or the tiny preset."""
+    if not full:
+        sd = build_tiny_sd(seed)
+        for module in (sd.unet, sd.vae, sd.text_encoder):
+            place(module, device, dtype)
+        ip = load_ip_adapter(sd.unet, "tiny", "tiny", dtype=dtype, device=device, seed=seed)
+        return IPGuidance(IPComponents(sd, ip), render_resolution=64)
+    with torch.device(device):
+        unet = seeded(seed, lambda: UNet2DConditionModel.from_config(SD15_UNET_CONFIG))
+        vae = seeded(seed + 1, lambda: AutoencoderKL.from_config(SD_VAE_CONFIG))
+        text = seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG)))
+        encoder = seeded(seed + 4, lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H_14_CONFIG)))
+    for module in (unet, vae, text, encoder):
+        place(module, device, dtype)
+    state = tiny_ip_adapter_state_dict(unet, encoder.config, "base", seed + 3)  # real ip-adapter_sd15 shapes
+    on_meta = torch.device(device).type == "meta"
+    if on_meta:  # FLOP counting: the adapter's modules are created and loaded on meta too
+        state = {group: {k: v.to("meta") for k, v in values.items()} for group, values in state.items()}
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        install_ip_adapter_state(unet, state)
+    place(unet, device, dtype)
+    sd = SDComponents(unet, vae, text, tiny_tokenizer(), DDPMScheduler(**SD15_SCHEDULER_CONFIG))
+    size = encoder.config.image_size
+    ip = IPAdapter(encoder, CLIPImageProcessor(size=size, crop_size=size), "base", IP_ADAPTER_TOKENS, "random")
+    return IPGuidance(IPComponents(sd, ip), render_resolution=512)
+
+
+def build_mvd_guidance(full: bool, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> MVDreamGuidance:
+    """MVDream (SD2.1-base 4-view UNet with camera embedding) guidance, real size or tiny."""
+    if not full:
+        parts = build_tiny_mvdream(seed)
+        resolution = 64
+    else:
+        with torch.device(device):
+            unet = seeded(seed, lambda: build_mvdream_unet(mvdream_unet_config()))
+            vae = seeded(seed + 1, lambda: AutoencoderKL.from_config(SD_VAE_CONFIG))
+            text = seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**OPENCLIP_H_TEXT_CONFIG)))
+        parts = MVDreamComponents(unet, vae, text, tiny_tokenizer(), mvdream_alphas_cumprod())
+        resolution = 256
+    for module in (parts.unet, parts.vae, parts.text_encoder):
+        place(module, device, dtype)
+    return MVDreamGuidance(parts, render_resolution=resolution, guidance_scale=None)
+
+
+# ----------------------------------------------------------------------------- requests
+def register_assets(ip: IPGuidance | None, mvd: MVDreamGuidance | None, count: int) -> list[str]:
+    ids = [f"bench-{k}" for k in range(count)]
+    for k, asset_id in enumerate(ids):
+        reference = Image.new("RGB", (64, 64), (40 * k % 256, 90, 160))
+        if ip is not None:
+            ip.register(asset_id, f"a ceramic teapot number {k}", reference)
+        if mvd is not None:
+            mvd.register(asset_id, f"a ceramic teapot number {k}")
+    return ids
+
+
+def make_request(asset_id: str, kind: str, views: int, resolution: int, seed: int) -> GuidanceRequest:
+    """A request as the loop builds it: ``ip`` (ISD, one t per view) or ``mvd`` (one t per 4 views)."""
+    g = torch.Generator().manual_seed(seed)
+    cameras = sample_cameras(g, views, CameraConfig())
+    rgb = torch.rand(views, 3, resolution, resolution, generator=g)
+    common = dict(asset_id=asset_id, rgb=rgb, seed=seed, c2w=cameras.c2w, elevation=cameras.elevation, azimuth=cameras.azimuth)
+    if kind == "ip":
+        t = torch.randint(20, 980, (views,), generator=g)
+        options = {"sd_branch": "vanilla", "cv_guidance_scale": 100.0, "delta_t": 50, "view_prompts": True, "fovy": cameras.fovy.tolist()}
+        return GuidanceRequest(timesteps=t, loss="isd", guidance_scale=7.5, ip_scale=0.5, options=options, **common)
+    t = torch.randint(20, 980, (views // 4,), generator=g).repeat_interleave(4)
+    options = {"recon_loss": True, "recon_std_rescale": 0.5, "n_view": 4, "fovy": cameras.fovy.tolist()}
+    return GuidanceRequest(timesteps=t, loss="sds_mvd", guidance_scale=50.0, ip_scale=0.0, options=options, **common)
+
+
+# ----------------------------------------------------------------------------- measurements
+def iteration_seconds(
+    ip: IPGuidance, mvd: MVDreamGuidance, full: bool, device: torch.device, iterations: int
+) -> list[dict[str, Any]]:
+    """Seconds per iteration of the real loop in both resolution phases (median after warm-up)."""
+    from stages.guidance.schedules import ScheduleConfig
+    from stages.guidance.set import GuidanceSet
+    from stages.optimize.config import OptimizeConfig
+    from stages.optimize.loop import optimize_asset
+
+    phases = [(8, 64), (4, 256)] if full else [(8, 16), (4, 32)]
+    rows = []
+    reference = Image.new("RGB", (64, 64), (200, 120, 40))
+    for batch, resolution in phases:
+        config = OptimizeConfig() if full else OptimizeConfig.tiny()
+        config.iterations = iterations
+        config.device = str(device)
+        config.checkpoint_every = 0
+        config.schedule = ScheduleConfig(milestones=[0.5], resolutions=[resolution, resolution], batch_sizes=[batch, batch])
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with tempfile.TemporaryDirectory() as work:
+            result = optimize_asset(config, GuidanceSet(ip=ip, mvd=mvd), reference, 0, Path(work), "a ceramic teapot", f"iter-{resolution}")
+        seconds = [h["seconds"] for h in result.history[1:]] or [result.history[0]["seconds"]]
+        rows.append(
+            {
+                "views": batch,
+                "render": resolution,
+                "seconds_per_iteration": statistics.median(seconds),
+                "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                "scene": f"{config.representation} ({'paper' if full else 'tiny'} config)",
+            }
+        )
+    return rows
+
+
+def batching_gain(guidance: Any, kind: str, counts: Sequence[int], views: int, resolution: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:
+    """k assets' requests in ONE ``grad`` call vs k separate calls; gain = separate / batched."""
+    ids = [f"bench-{k}" for k in range(max(counts))]
+    rows = []
+    for count in counts:
+        requests = [make_request(ids[k], kind, views, resolution, seed=100 + k) for k in range(count)]
+        batched = time_call(lambda: guidance.grad(requests), repeats=repeats, warmup=1, device=device)
+        separate = time_call(lambda: [guidance.grad([r]) for r in requests], repeats=repeats, warmup=0, device=device)
+        rows.append({"guidance": kind, "assets": count, "batched_s": batched, "separate_s": separate, "gain": separate / batched})
+    return rows
+
+
+def _isd_unet_inputs(unet: UNet2DConditionModel, views: int, latent: int, embed_dim: int, device, dtype) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    rows = 4 * views  # IP-cond, IP-uncond, SD-cond, SD-uncond per view
+    return {
+        "sample": torch.randn(rows, 4, latent, latent, generator=g).to(device, dtype),
+        "timestep": torch.randint(20, 980, (rows,), generator=g).to(device),
+        "encoder_hidden_states": torch.randn(rows, 77, unet.config.cross_attention_dim, generator=g).to(device, dtype),
+        "added_cond_kwargs": {"image_embeds": [torch.randn(rows, 1, embed_dim, generator=g).to(device, dtype)]},
+    }
+
+
+def unet_variants(full: bool, device: torch.device, dtypes: Sequence[torch.dtype], compile_unet: bool, repeats: int) -> dict[str, Any]:
+    """The ISD UNet forward (4 views · 4 evaluations, per-sample IP scale) by dtype, SDPA backend
+    and ``torch.compile``."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from benchmarks.guidance import build_unet
+    from stages.models.ip_adapter import per_sample_ip_scale
+
+    latent = 64 if full else 8
+    scales = torch.tensor([0.5] * 8 + [0.0] * 8)
+    out: dict[str, Any] = {"latent": latent, "rows": 16, "dtype": [], "sdpa": [], "compile": None}
+    fastest = None
+    for dtype in dtypes:
+        unet, embed_dim = build_unet(full, device, dtype)
+        inputs = _isd_unet_inputs(unet, 4, latent, embed_dim, device, dtype)
+
+        def forward(model=unet, inputs=inputs) -> None:
+            with torch.no_grad(), per_sample_ip_scale(unet, scales):
+                model(**inputs)
+
+        seconds = time_call(forward, repeats=repeats, warmup=1, device=device)
+        out["dtype"].append({"dtype": str(dtype).replace("torch.", ""), "seconds": seconds})
+        if dtype == dtypes[-1]:
+            backends = [("default", None), ("math", SDPBackend.MATH)]
+            if device.type == "cuda":
+                backends += [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]
+            for name, backend in backends:
+                context = contextlib.nullcontext() if backend is None else sdpa_kernel(backend)
+                try:
+                    with context:
+                        value = time_call(forward, repeats=repeats, warmup=1, device=device)
+                except RuntimeError as error:  # backend not available for this dtype / card
+                    out["sdpa"].append({"backend": name, "dtype": str(dtype).replace("torch.", ""), "seconds": None, "note": str(error).splitlines()[0][:120]})
+                    continue
+                out["sdpa"].append({"backend": name, "dtype": str(dtype).replace("torch.", ""), "seconds": value, "note": ""})
+            if compile_unet:
+                compiled = torch.compile(unet)
+                start = time.perf_counter()
+                forward(compiled)
+                synchronize(device)
+                compile_s = time.perf_counter() - start
+                value = time_call(lambda: forward(compiled), repeats=repeats, warmup=1, device=device)
+                out["compile"] = {"dtype": str(dtype).replace("torch.", ""), "eager_s": seconds, "compiled_s": value, "speedup": seconds / value, "first_call_s": compile_s}
+            fastest = seconds
+        del unet
+    out["reference_s"] = fastest
+    return out
+
+
+def count_flops(ip: IPGuidance, mvd: MVDreamGuidance, views: int, ip_resolution: int, mvd_resolution: int) -> dict[str, float]:
+    """FLOPs of one iteration's two guidance calls (one asset, ``views`` views), by counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    register_assets(ip, mvd, 1)
+    result = {}
+    for name, guidance, kind, resolution in (("ip", ip, "ip", ip_resolution), ("mvd", mvd, "mvd", mvd_resolution)):
+        request = make_request("bench-0", kind, views, resolution, seed=7)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            guidance.grad([request])
+        result[f"{name}_flops"] = float(counter.get_total_flops())
+    result["total_flops"] = result["ip_flops"] + result["mvd_flops"]
+    return result
+
+
+def guidance_flops_by_module(ip: IPGuidance, mvd: MVDreamGuidance, views: int = 4, ip_resolution: int = 512, mvd_resolution: int = 256) -> dict[str, float]:
+    """FLOPs of the model work of one iteration, module by module (works on ``meta``):
+
+    - ISD: VAE encode of ``views`` renders at ``ip_resolution`` + its backward; one UNet forward
+      of 4·views rows (IP-cond, IP-uncond, SD-cond, SD-uncond) with the IP-Adapter attention;
+    - MVDream: VAE encode at ``mvd_resolution`` + backward; one multi-view UNet forward of
+      2·views rows (cond / uncond, CFG) with camera embeddings.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stages.models.mvdream import mvdream_forward
+
+    sd_unet, sd_vae = ip.sd.unet, ip.sd.vae
+    embed_dim = int(ip.ip.image_encoder.config.projection_dim)  # ViT-H: 1024
+    device, dtype = next(sd_unet.parameters()).device, next(sd_unet.parameters()).dtype
+
+    def count(fn: Callable[[], Any]) -> float:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        return float(counter.get_total_flops())
+
+    def vae_encode_backward(vae: AutoencoderKL, resolution: int) -> None:
+        x = torch.rand(views, 3, resolution, resolution, device=device, dtype=dtype, requires_grad=True)
+        latents = vae.encode(x).latent_dist.mean
+        latents.backward(torch.ones_like(latents))
+
+    def isd_unet() -> None:
+        rows, latent = 4 * views, ip_resolution // 8
+        with torch.no_grad():
+            sd_unet(
+                torch.rand(rows, 4, latent, latent, device=device, dtype=dtype),
+                torch.full((rows,), 500, device=device),
+                encoder_hidden_states=torch.rand(rows, 77, sd_unet.config.cross_attention_dim, device=device, dtype=dtype),
+                added_cond_kwargs={"image_embeds": [torch.rand(rows, 1, embed_dim, device=device, dtype=dtype)]},
+            )
+
+    mv_unet = mvd.models.unet
+
+    def mvd_unet() -> None:
+        rows, latent = 2 * views, mvd_resolution // 8
+        with torch.no_grad():
+            mvdream_forward(
+                mv_unet,
+                torch.rand(rows, 4, latent, latent, device=device, dtype=dtype),
+                torch.full((rows,), 500, device=device),
+                torch.rand(rows, 77, mv_unet.config.cross_attention_dim, device=device, dtype=dtype),
+                torch.rand(rows, 16, device=device, dtype=dtype),
+            )
+
+    out = {
+        "isd_vae_encode_backward": count(lambda: vae_encode_backward(sd_vae, ip_resolution)),
+        "isd_unet": count(isd_unet),
+        "mvd_vae_encode_backward": count(lambda: vae_encode_backward(mvd.models.vae, mvd_resolution)),
+        "mvd_unet": count(mvd_unet),
+    }
+    out["total_flops"] = sum(out.values())
+    return out
+
+
+def full_size_flops_on_meta() -> dict[str, Any]:
+    """FLOPs per iteration of the full-size guidance in both phases of the paper's schedule
+    (8 views, then 4 views; renders resized to 512² for ISD and 256² for MVDream either way),
+    counted on the ``meta`` device: nothing is materialised. Also FLOPs per asset (6000 its)."""
+    meta = torch.device("meta")
+    try:
+        ip = build_ip_guidance(True, meta, torch.float32)
+        mvd = build_mvd_guidance(True, meta, torch.float32)
+        phases = {views: guidance_flops_by_module(ip, mvd, views=views, ip_resolution=512, mvd_resolution=256) for views in (8, 4)}
+    except Exception as error:  # noqa: BLE001 - reported, the rest of the benchmark still runs
+        return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+    half = ITERATIONS_PER_ASSET // 2
+    return {
+        "phase1_8_views": phases[8],
+        "phase2_4_views": phases[4],
+        "per_asset_flops": half * (phases[8]["total_flops"] + phases[4]["total_flops"]),
+        "note": "model work of both guidance terms (ISD at 512², MVDream at 256²); NeRF render/backward, "
+        "Adam and the once-per-asset text/image encoders not counted",
+    }
+
+
+# ----------------------------------------------------------------------------- driver
+def run(device: torch.device, quick: bool, compile_unet: bool) -> dict[str, Any]:
+    full = device.type == "cuda" and not quick
+    size = "full" if full else ("tiny-cpu" if device.type == "cpu" else "tiny")
+    iterations = 2 if quick else (8 if full else 3)
+    repeats = 1 if quick else (3 if full else 2)
+    counts = (1, 2) if quick else ((1, 2, 4, 8) if full else (1, 2, 4))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    results: dict[str, Any] = {
+        "benchmark": "full",
+        "size": size,
+        "note": "real architectures, random weights" if full else "TINY models on CPU: not representative of GPU speed",
+        "environment": environment(device),
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    results["card"] = card
+    results["peak_tflops"] = peak_tflops(card)
+
+    ip = build_ip_guidance(full, device, dtype)
+    mvd = build_mvd_guidance(full, device, dtype)
+    register_assets(ip, mvd, max(counts))
+    results["iteration"] = iteration_seconds(ip, mvd, full, device, iterations)
+    half = ITERATIONS_PER_ASSET // 2
+    seconds_per_asset = sum(half * row["seconds_per_iteration"] for row in results["iteration"])
+    results["seconds_per_asset"] = seconds_per_asset
+    results["assets_per_gpu_hour"] = 3600.0 / seconds_per_asset
+    memories = [row["peak_memory_gb"] for row in results["iteration"] if row["peak_memory_gb"] is not None]
+    results["peak_memory_gb"] = max(memories) if memories else None
+
+    ip_res, mvd_res = (256, 256) if full else (32, 32)
+    results["batching"] = batching_gain(ip, "ip", counts, 4, ip_res, device, repeats) + batching_gain(mvd, "mvd", counts, 4, mvd_res, device, repeats)
+
+    flops = count_flops(ip, mvd, 4, ip_res, mvd_res)
+    phase2 = results["iteration"][-1]["seconds_per_iteration"]
+    achieved = flops["total_flops"] / phase2 / 1e12
+    flops.update(views=4, render=mvd_res, achieved_tflops=achieved)
+    flops["fraction_of_peak"] = achieved / results["peak_tflops"] if results["peak_tflops"] else None
+    results["flops"] = flops
+    del ip, mvd
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    dtypes = [torch.float32, torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32, torch.bfloat16]
+    if quick:
+        dtypes = dtypes[-1:]
+    results["unet"] = unet_variants(full, device, dtypes, compile_unet, repeats)
+    if not full and not quick:
+        results["full_size_flops_meta"] = full_size_flops_on_meta()
+    return results
+
+
+def print_report(results: dict[str, Any]) -> None:
+    print(f"benchmarks.full — size: {results['size']} ({results['note']}); card: {results['card'] or 'none'}; dtype {results['dtype']}")
+    print(format_table(results["iteration"], ["views", "render", "seconds_per_iteration", "peak_memory_gb", "scene"]))
+    print(f"assets per GPU-hour at {ITERATIONS_PER_ASSET} iterations: {results['assets_per_gpu_hour']:.4g}")
+    print("\nbatching (k assets in one grad call)")
+    print(format_table(results["batching"], ["guidance", "assets", "batched_s", "separate_s", "gain"]))
+    f = results["flops"]
+    peak = results["peak_tflops"]
+    print(f"\nFLOPs per iteration (guidance, 4 views): {f['total_flops']:.4g}; achieved {f['achieved_tflops']:.4g} TFLOP/s; peak {peak if peak else 'unknown'}")
+    print("\nISD UNet forward by dtype")
+    print(format_table(results["unet"]["dtype"], ["dtype", "seconds"]))
+    print(format_table(results["unet"]["sdpa"], ["backend", "dtype", "seconds", "note"]))
+    if results["unet"]["compile"]:
+        print(format_table([results["unet"]["compile"]]))
+    if "full_size_flops_meta" in results:
+        meta = results["full_size_flops_meta"]
+        if "error" in meta:
+            print(f"\nfull-size FLOPs on meta: {meta['error']}")
+        else:
+            print(
+                f"\nfull-size FLOPs per iteration (meta device): phase 1 (8 views) {meta['phase1_8_views']['total_flops']:.4g}, "
+                f"phase 2 (4 views) {meta['phase2_4_views']['total_flops']:.4g}; per asset {meta['per_asset_flops']:.4g}"
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.full", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--quick", action="store_true", help="tiny models, fewest points (for tests)")
+    parser.add_argument("--compile", dest="compile_unet", action="store_true", default=None, help="measure torch.compile (default: on CUDA)")
+    parser.add_argument("--no-compile", dest="compile_unet", action="store_false")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    compile_unet = args.compile_unet if args.compile_unet is not None else (device.type == "cuda" and not args.quick)
+    results = run(device, args.quick, compile_unet)
+    print_report(results)
+    path = write_json(results, args.out)
+    print(f"\nwrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""benchmarks.full: the quick CPU run, its arithmetic, the peak table and the FLOP counter's scaling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import full
+
+
+def test_quick_run_says_tiny_cpu_and_its_derived_numbers_add_up(tmp_path, capsys):
+    out = tmp_path / "full.json"
+    full.main(["--quick", "--device", "cpu", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results["size"] == "tiny-cpu" and "TINY" in results["note"]
+    assert "tiny-cpu" in capsys.readouterr().out
+    assert results["card"] is None and results["peak_tflops"] is None and results["peak_memory_gb"] is None
+    phases = results["iteration"]
+    assert [(p["views"], p["render"]) for p in phases] == [(8, 16), (4, 32)]
+    per_asset = sum(3000 * p["seconds_per_iteration"] for p in phases)
+    assert results["seconds_per_asset"] == pytest.approx(per_asset)
+    assert results["assets_per_gpu_hour"] == pytest.approx(3600.0 / per_asset)
+    for row in results["batching"]:
+        assert row["gain"] == pytest.approx(row["separate_s"] / row["batched_s"])
+    assert {(r["guidance"], r["assets"]) for r in results["batching"]} == {("ip", 1), ("ip", 2), ("mvd", 1), ("mvd", 2)}
+    flops = results["flops"]
+    assert flops["total_flops"] == pytest.approx(flops["ip_flops"] + flops["mvd_flops"]) and flops["total_flops"] > 0
+    assert flops["achieved_tflops"] == pytest.approx(flops["total_flops"] / phases[-1]["seconds_per_iteration"] / 1e12)
+    assert flops["fraction_of_peak"] is None
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("Some Future GPU", None),
+        (None, None),
+    ],
+)
+def test_peak_lookup_by_device_name(name, peak):
+    assert full.peak_tflops(name) == peak
+
+
+def test_module_flop_breakdown_equals_the_counted_guidance_calls():
+    """The per-module count used at full size on meta (VAE encode + backward, one UNet forward
+    of 4·views ISD rows / 2·views MVDream rows) equals FlopCounterMode around the real
+    ``IPGuidance.grad`` + ``MVDreamGuidance.grad`` calls (tiny models, 64² for both)."""
+    cpu = torch.device("cpu")
+    ip = full.build_ip_guidance(False, cpu, torch.float32)
+    mvd = full.build_mvd_guidance(False, cpu, torch.float32)
+    counted = full.count_flops(ip, mvd, views=4, ip_resolution=64, mvd_resolution=64)
+    modules = full.guidance_flops_by_module(ip, mvd, views=4, ip_resolution=64, mvd_resolution=64)
+    assert modules["isd_vae_encode_backward"] + modules["isd_unet"] == counted["ip_flops"]
+    assert modules["mvd_vae_encode_backward"] + modules["mvd_unet"] == counted["mvd_flops"]
+    eight = full.guidance_flops_by_module(ip, mvd, views=8, ip_resolution=64, mvd_resolution=64)
+    assert eight["total_flops"] == 2 * modules["total_flops"]  # linear in views
+
+
+def test_full_size_configs_match_the_published_architectures():
+    """Parameter counts of the real-size models (built on meta: no memory) against the released
+    checkpoints: SD1.5 UNet 859,520,964; SD VAE 83,653,863; CLIP-L text 123,060,480;
+    ip-adapter_sd15 22.3M; SD2.1-base UNet 865,910,724 (+ MVDream's camera MLP 16→1280→1280);
+    SD2.1 OpenCLIP-H text (23 layers) 340,387,840; ViT-H/14 image encoder 632,076,800."""
+    meta = torch.device("meta")
+    ip = full.build_ip_guidance(True, meta, torch.float32)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    ip_params = sum(p.numel() for n, p in ip.sd.unet.named_parameters() if "encoder_hid_proj" in n or "to_k_ip" in n or "to_v_ip" in n)
+    assert count(ip.sd.unet) - ip_params == 859_520_964
+    assert count(ip.sd.vae) == 83_653_863
+    assert count(ip.sd.text_encoder) == 123_060_480
+    assert count(ip.ip.image_encoder) == 632_076_800
+    assert ip_params == pytest.approx(22.3e6, rel=0.01)
+    mvd = full.build_mvd_guidance(True, meta, torch.float32)
+    assert count(mvd.models.unet) == 865_910_724 + (16 * 1280 + 1280) + (1280 * 1280 + 1280)
+    assert count(mvd.models.text_encoder) == 340_387_840

@@ -1,0 +1,67 @@
+"""MicroBatcher (the actors' dynamic batching) on a plain asyncio loop, no Ray."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from pipeline.batching import MicroBatcher
+from pipeline.progress import ProgressPrinter
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_items_share_batches_capped_at_max_batch():
+    calls: list[list[int]] = []
+
+    def handler(items):
+        calls.append(list(items))
+        return [x * 10 for x in items]
+
+    async def main():
+        batcher = MicroBatcher(handler, ThreadPoolExecutor(1), max_batch=4, max_wait_ms=200)
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(10)))
+        return batcher, results
+
+    batcher, results = run(main())
+    assert results == [i * 10 for i in range(10)]  # each caller gets its own answer
+    assert [len(c) for c in calls] == [4, 4, 2] and sorted(sum(calls, [])) == list(range(10))
+    assert batcher.stats()["mean_batch"] == pytest.approx(10 / 3)
+
+
+def test_lone_caller_does_not_wait_for_company():
+    async def main():
+        batcher = MicroBatcher(lambda xs: xs, ThreadPoolExecutor(1), max_batch=8, max_wait_ms=5000, callers=lambda: 1)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await batcher.submit(1)
+        return loop.time() - start
+
+    assert run(main()) < 2.0  # far below max_wait_ms: one registered caller means a full batch
+
+
+def test_a_failing_item_fails_only_its_own_caller():
+    def handler(items):
+        if any(x < 0 for x in items):
+            raise ValueError(f"negative in {items}")
+        return [x + 1 for x in items]
+
+    async def main():
+        batcher = MicroBatcher(handler, ThreadPoolExecutor(1), max_batch=8, max_wait_ms=100)
+        return await asyncio.gather(*(batcher.submit(x) for x in (1, -1, 2)), return_exceptions=True)
+
+    good1, bad, good2 = run(main())
+    assert (good1, good2) == (2, 3)
+    assert isinstance(bad, ValueError) and "[-1]" in str(bad)
+
+
+def test_progress_line_rate_and_eta():
+    printer = ProgressPrinter(total_assets=4, iterations_per_asset=100, done=1, failed=1, in_flight=2)
+    printer.line(0, now=printer._start)  # first sample sets the base
+    line = printer.line(100, now=printer._start + 10.0)  # 100 its in 10 s, 300 left
+    assert "assets 2/4 (done 1, failed 1, in flight 2)" in line
+    assert "10.0 it/s" in line and "ETA 0:00:30" in line
