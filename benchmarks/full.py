@@ -288,17 +288,27 @@ def unet_variants(full: bool, device: torch.device, dtypes: Sequence[torch.dtype
                     continue
                 out["sdpa"].append({"backend": name, "dtype": str(dtype).replace("torch.", ""), "seconds": value, "note": ""})
             if compile_unet:
-                compiled = torch.compile(unet)
-                start = time.perf_counter()
-                forward(compiled)
-                synchronize(device)
-                compile_s = time.perf_counter() - start
-                value = time_call(lambda: forward(compiled), repeats=repeats, warmup=1, device=device)
-                out["compile"] = {"dtype": str(dtype).replace("torch.", ""), "eager_s": seconds, "compiled_s": value, "speedup": seconds / value, "first_call_s": compile_s}
+                out["compile"] = _compile_effect(unet, forward, seconds, dtype, device, repeats)
             fastest = seconds
         del unet
     out["reference_s"] = fastest
     return out
+
+
+def _compile_effect(unet: UNet2DConditionModel, forward: Callable[..., None], eager_s: float, dtype: torch.dtype, device: torch.device, repeats: int) -> dict[str, Any]:
+    """``torch.compile`` of the UNet: first-call (compile) time and steady-state speed-up; a
+    compile failure is reported, not raised."""
+    name = str(dtype).replace("torch.", "")
+    try:
+        compiled = torch.compile(unet)
+        start = time.perf_counter()
+        forward(compiled)
+        synchronize(device)
+        first = time.perf_counter() - start
+        value = time_call(lambda: forward(compiled), repeats=repeats, warmup=1, device=device)
+    except Exception as error:  # noqa: BLE001 - inductor / dynamo failures end up in the JSON
+        return {"dtype": name, "eager_s": eager_s, "compiled_s": None, "speedup": None, "first_call_s": None, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+    return {"dtype": name, "eager_s": eager_s, "compiled_s": value, "speedup": eager_s / value, "first_call_s": first, "error": ""}
 
 
 def count_flops(ip: IPGuidance, mvd: MVDreamGuidance, views: int, ip_resolution: int, mvd_resolution: int) -> dict[str, float]:

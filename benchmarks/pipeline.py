@@ -47,7 +47,11 @@ def _optimise(config: OptimizeConfig, handles: GuidanceHandles, reference: Any, 
     from stages.optimize.loop import optimize_asset
 
     asset_id = f"{tag}-{index}"
-    result = optimize_asset(config, handles.guidance_set(asset_id), reference, index, Path(work) / asset_id, prompt_of(index), asset_id)
+    guidance = handles.guidance_set(asset_id)
+    result = optimize_asset(config, guidance, reference, index, Path(work) / asset_id, prompt_of(index), asset_id)
+    for model in (guidance.ip, guidance.mvd):
+        if model is not None:
+            model.release(asset_id)
     return int(result.iterations - result.resumed_from)
 
 

@@ -1,9 +1,11 @@
 """Score a dataset: ``python -m pipeline.evaluate DATASET [--config configs/evaluate.yaml] [key=value ...]``.
 
 Reads top to bottom: load the evaluation config → the latest succeeded manifest row of every
-asset → views of each asset (rendered from its checkpoint, or cut from its preview) → CLIP
-alignment and quality per asset → one new ``scores/part-*.parquet`` shard → diversity per
-prompt across its variants → ``evaluation/<run>/`` (summary.json, summary.md, diversity.csv)
+asset → the method config each asset was made with (``method.yaml`` in its dir, else
+``dataset_config`` when its digest matches, else the ``config.yaml`` logged on the asset's
+MLflow dataset run) → views of each asset (rendered from its checkpoint with that config, or
+cut from its preview when no config is known) → CLIP alignment and quality per asset → one
+new ``scores/part-*.parquet`` shard → diversity per prompt across its variants → ``evaluation/<run>/`` (summary.json, summary.md, diversity.csv)
 → MLflow (the dataset's parent run when the manifest names its child runs, else a new run).
 
 Scores live in their own shards, not in the manifest: a manifest row means "this asset was
@@ -23,7 +25,7 @@ import math
 import os
 import sys
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +40,7 @@ from pipeline.config import ConfigError
 from pipeline.writer import DatasetWriter, utc_now
 from stages.evaluate.config import EvaluateConfig
 from stages.evaluate.evaluator import Evaluator, diversity_by_prompt
-from stages.evaluate.render import VIEW_SOURCES, AssetViewsError
+from stages.evaluate.render import METHOD_FILE, VIEW_SOURCES, AssetViewsError
 
 SCORES_DIR = "scores"
 REPORTS_DIR = "evaluation"
@@ -94,6 +96,9 @@ class EvaluationRunConfig:
     file). A prompt in none of them counts as ``other``."""
     skip_scored: bool = True
     """Keep an asset's latest score when it was made with the same evaluation settings."""
+    method_from_mlflow: bool = True
+    """Without ``dataset_config``: rebuild scenes from the ``config.yaml`` the pipeline logged on
+    the dataset's parent MLflow run (found through each asset's child run)."""
     tracking: EvalTrackingConfig = field(default_factory=EvalTrackingConfig)
 
 
@@ -246,6 +251,41 @@ def _write_text(writer: DatasetWriter, path: str, text: str) -> None:
             stream.write(text.encode())
 
 
+def mlflow_client_for_reading(output: str, config: EvaluationRunConfig) -> Any | None:
+    return mlflow_client(output, config, create=False)
+
+
+def methods_from_mlflow(client: Any | None, manifest: Sequence[dict[str, Any]], stream: TextIO) -> dict[str, tuple[Any, str]]:
+    """asset_id → (method, digest) recovered from its dataset run, only where the digest matches
+    the asset's ``config_digest``."""
+    if client is None:
+        return {}
+    parents = parent_runs(client, manifest)
+    configs: dict[str, tuple[Any, str] | None] = {}
+    out = {}
+    for row in manifest:
+        parent = parents.get(row["asset_id"])
+        if parent is None:
+            continue
+        if parent not in configs:
+            configs[parent] = method_from_run(client, parent)
+        found = configs[parent]
+        if found is not None and found[1] == row["config_digest"]:
+            out[row["asset_id"]] = found
+    if out:
+        print(f"[evaluate] method config of {len(out)} of {len(manifest)} assets recovered from their MLflow dataset runs", file=stream, flush=True)
+    return out
+
+
+def expected_view_source(views: str, method: Any | None, asset_dir: Path | None) -> str:
+    """Where :func:`stages.evaluate.render.asset_views` will take an asset's views from."""
+    if views == "preview":
+        return "preview"
+    if views == "render" or method is not None:
+        return "render"
+    return "render" if asset_dir is not None and (asset_dir / METHOD_FILE).is_file() else "preview"
+
+
 # ------------------------------------------------------------------ method config of the dataset
 def dataset_method(config: EvaluationRunConfig) -> tuple[Any | None, str | None]:
     """(OptimizeConfig, config digest) of ``dataset_config``, or (None, None)."""
@@ -295,16 +335,37 @@ def evaluate_dataset(
     digest = None
     if method is None:
         method, digest = dataset_method(config)
+    by_asset: dict[str, tuple[Any, str]] = {}
+    if method is None and config.method_from_mlflow and config.tracking.enabled:
+        by_asset = methods_from_mlflow(mlflow_client or mlflow_client_for_reading(output, config), manifest, stream)
     groups = read_groups(config.groups)
     evaluator = evaluator or Evaluator.from_config(config.evaluate)
-    edigest = eval_digest(config.evaluate, config.views)
+    settings = evaluator.config  # the evaluator's settings are the ones that score
+    edigest = eval_digest(settings, config.views)
     previous = latest_scores(writer) if config.skip_scored else {}
     local = writer.local_root()
     new_rows, result_rows = [], []
     reused = failed = 0
     for row in sorted(manifest, key=lambda r: (r["prompt_index"] or 0, r["variant"] or 0, r["asset_id"])):
+        asset_method = method if digest is None or digest == row["config_digest"] else None
+        if row["asset_id"] in by_asset:
+            asset_method = by_asset[row["asset_id"]][0]
+        if method is not None and asset_method is None:
+            print(
+                f"[evaluate] {row['asset_id']}: config_digest {row['config_digest']} differs from dataset_config's "
+                f"{digest}; not rendering it with that config (views={config.views})",
+                file=stream,
+                flush=True,
+            )
+        asset_dir = None if local is None else local / row["asset_dir"]
         old = previous.get(row["asset_id"])
-        if old is not None and old["eval_digest"] == edigest and old["asset_finished_at"] == row["finished_at"] and old["status"] == "succeeded":
+        if (
+            old is not None
+            and old["status"] == "succeeded"
+            and old["eval_digest"] == edigest
+            and old["asset_finished_at"] == row["finished_at"]
+            and old["view_source"] == expected_view_source(config.views, asset_method, asset_dir)
+        ):
             result_rows.append(old)
             reused += 1
             continue
@@ -316,21 +377,13 @@ def evaluate_dataset(
             "config_digest": row["config_digest"],
             "asset_finished_at": row["finished_at"],
             "eval_digest": edigest,
-            "clip": config.evaluate.clip,
-            "aesthetic_head": config.evaluate.aesthetic_head,
+            "clip": settings.clip,
+            "aesthetic_head": settings.aesthetic_head,
         }
-        asset_method = method if digest is None or digest == row["config_digest"] else None
-        if method is not None and asset_method is None:
-            print(
-                f"[evaluate] {row['asset_id']}: config_digest {row['config_digest']} differs from dataset_config's "
-                f"{digest}; not rendering it with that config (views={config.views})",
-                file=stream,
-                flush=True,
-            )
         try:
-            if local is None:
+            if asset_dir is None:
                 raise AssetViewsError(f"{output}: evaluating remote datasets needs a local copy (pyarrow fs download not implemented)")
-            scored = evaluator.score_asset(local / row["asset_dir"], row["prompt"], asset_method, config.views)
+            scored = evaluator.score_asset(asset_dir, row["prompt"], asset_method, config.views)
         except AssetViewsError as error:
             failed += 1
             print(f"[evaluate] {row['asset_id']}: {error}", file=stream, flush=True)
@@ -356,11 +409,11 @@ def evaluate_dataset(
     summary = summarise(result_rows, diversity, groups)
     report_dir = writer.path(REPORTS_DIR, f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}")
     writer.fs.create_dir(report_dir, recursive=True)
-    header = f"# Evaluation of {output}\n\nclip: `{config.evaluate.clip}`, quality head: `{config.evaluate.aesthetic_head}`, views: `{config.views}`"
+    header = f"# Evaluation of {output}\n\nclip: `{settings.clip}`, quality head: `{settings.aesthetic_head}`, views: `{config.views}`"
     markdown = summary_markdown(summary, header)
     payload = {
         "dataset": output,
-        "evaluate": asdict(config.evaluate),
+        "evaluate": asdict(settings),
         "views": config.views,
         "eval_digest": edigest,
         "summary": summary,
@@ -395,6 +448,57 @@ def json_safe(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------ MLflow
+def mlflow_client(output: str, config: EvaluationRunConfig, create: bool) -> Any | None:
+    """The tracking client of ``config.tracking`` (default: the dataset's own store); None
+    when ``create`` is False and the dataset has no store of its own."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import default_tracking_uri
+
+    uri = config.tracking.tracking_uri or default_tracking_uri(output)
+    if not create and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    return MlflowClient(tracking_uri=uri)
+
+
+def parent_runs(client: Any, manifest: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """asset_id → the dataset-run (parent) id of the asset's child run, where recorded."""
+    from mlflow.exceptions import MlflowException
+
+    parents = {}
+    for row in manifest:
+        if not row.get("mlflow_run_id"):
+            continue
+        try:
+            parent = client.get_run(row["mlflow_run_id"]).data.tags.get("mlflow.parentRunId")
+        except MlflowException:
+            continue
+        if parent:
+            parents[row["asset_id"]] = parent
+    return parents
+
+
+def method_from_run(client: Any, run_id: str) -> tuple[Any, str] | None:
+    """(OptimizeConfig, config digest) from the ``config.yaml`` a dataset run logged; None
+    when the run has no such artifact. Prompt files are not read (they may have moved)."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+    from omegaconf import OmegaConf
+
+    from pipeline.config import build_config
+    from pipeline.jobs import config_digest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, "config.yaml", tmp)
+        except (MlflowException, OSError):
+            return None
+        raw = OmegaConf.load(path)
+    pipeline_config = OmegaConf.to_object(build_config(raw, source=f"MLflow run {run_id} config.yaml"))
+    return pipeline_config.method, config_digest(pipeline_config)
+
+
 def log_to_mlflow(
     output: str,
     config: EvaluationRunConfig,
@@ -409,20 +513,10 @@ def log_to_mlflow(
 
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import default_tracking_uri
-
-    client = client or MlflowClient(tracking_uri=config.tracking.tracking_uri or default_tracking_uri(output))
+    client = client or mlflow_client(output, config, create=True)
     children: dict[str, str] = {r["asset_id"]: r["mlflow_run_id"] for r in manifest if r.get("mlflow_run_id")}
-    parents: Counter[str] = Counter()
-    for run_id in children.values():
-        try:
-            parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
-        except MlflowException:
-            continue
-        if parent:
-            parents[parent] += 1
+    parents = Counter(parent_runs(client, manifest).values())
     now = int(time.time() * 1000)
     if parents:
         run_id = parents.most_common(1)[0][0]
@@ -459,7 +553,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. evaluate.clip=tiny views=preview")
     parser.add_argument("--config", default=None, help="evaluation YAML (configs/evaluate.yaml)")
     parser.add_argument("--dataset-config", default=None, help="pipeline YAML the dataset was made with (overrides dataset_config)")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--dataset-override", action="append", default=[], metavar="KEY=VALUE",
+        help="a dotlist override the dataset was made with (repeatable), e.g. method.iterations=3000",
+    )
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -468,6 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_evaluation_config(args.config, args.overrides)
         if args.dataset_config:
             config.dataset_config = str(Path(args.dataset_config).resolve())
+        config.dataset_overrides = [*config.dataset_overrides, *args.dataset_override]
         result = evaluate_dataset(args.dataset, config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -130,18 +130,24 @@ def run_asset(job: Job, reference: Any | None, handles: GuidanceHandles, spec: T
         spec.progress.started.remote(job.asset_id, os.getpid())
     started, tick = utc_now(), time.perf_counter()
     work = Path(spec.work_dir) / job.asset_id
+    guidance = handles.guidance_set(job.asset_id)
     try:
         reference = _stable_reference(work, reference)
-        result = spec.components.optimize(
-            spec.method,
-            handles.guidance_set(job.asset_id),
-            reference,
-            job.seed,
-            work,
-            job.prompt,
-            job.asset_id,
-            _progress_callback(job, spec),
-        )
+        try:
+            result = spec.components.optimize(
+                spec.method,
+                guidance,
+                reference,
+                job.seed,
+                work,
+                job.prompt,
+                job.asset_id,
+                _progress_callback(job, spec),
+            )
+        finally:  # free the actors' embeddings (and their count of active callers)
+            for model in (guidance.ip, guidance.mvd):
+                if model is not None:
+                    model.release(job.asset_id)
         bad = {k: v for k, v in result.metrics.items() if isinstance(v, float) and math.isnan(v)}
         if bad:
             raise NonFiniteLossError(f"non-finite final metrics {sorted(bad)}")

@@ -32,7 +32,6 @@ from stages.evaluate.clip import to_pil
 from stages.evaluate.config import EvaluateConfig
 from stages.evaluate.evaluator import Evaluator
 from stages.evaluate.render import METHOD_FILE, AssetViewsError, asset_views
-from stages.optimize.checkpoint import load_scene_state
 from stages.optimize.loop import render_views
 from stages.scene.cameras import orbit_cameras
 from stages.scene.nerf import NeRFScene
@@ -87,13 +86,9 @@ def _copy(root: Path, tmp_path: Path) -> Path:
     return target
 
 
-_SCENES: dict = {}
-
-
 def _independent_views(asset_dir: Path, method, n: int, elevation: float, resolution: int) -> list[Image.Image]:
-    if "nerf" not in _SCENES:
-        _SCENES["nerf"] = NeRFScene(method.nerf, seed=123)
-    scene = _SCENES["nerf"]
+    """A fresh scene per asset (the evaluator reuses one scene across assets)."""
+    scene = NeRFScene(method.nerf, seed=123)
     scene.load_state_dict(torch.load(asset_dir / "checkpoint.pt", weights_only=True))
     cams = orbit_cameras(n, elevation, method.cameras.eval_distance, method.cameras.eval_fovy)
     rgb = render_views(scene, cams, resolution)["rgb"]
@@ -203,10 +198,20 @@ def test_missing_checkpoint_gives_a_failed_row_naming_the_file(dataset, method, 
 class FakeMlflow:
     """The MlflowClient calls log_to_mlflow makes, in memory."""
 
-    def __init__(self, parents: dict[str, str]):
+    def __init__(self, parents: dict[str, str], artifacts: dict[str, str] | None = None):
         self.parents = parents
+        self.artifacts = artifacts or {}
         self.metrics: dict[str, dict[str, float]] = {}
         self.created: list[str] = []
+
+    def download_artifacts(self, run_id, path, dst_path):
+        from mlflow.exceptions import MlflowException
+
+        if run_id not in self.artifacts:
+            raise MlflowException(f"no artifact {path} in run {run_id}")
+        target = Path(dst_path) / path
+        target.write_text(self.artifacts[run_id])
+        return str(target)
 
     def get_run(self, run_id):
         from types import SimpleNamespace
@@ -290,12 +295,29 @@ def test_dataset_config_rebuilds_scenes_only_for_assets_of_its_digest(evaluator,
     root = tmp_path / "ds"
     build_dataset(root, [("a red ball", 0, 5, 0.4)], pipeline_config.method, digest=config_digest(pipeline_config))
 
+    first = evaluate_dataset(str(root), _config(), evaluator=evaluator, stream=io.StringIO())
+    assert first.scores[0]["view_source"] == "preview"
+    # same settings, but now the scene can be rebuilt: the preview score is not reused
     result = evaluate_dataset(str(root), _config(dataset_config=str(made_with)), evaluator=evaluator, stream=io.StringIO())
-    assert result.scores[0]["view_source"] == "render" and result.scores[0]["num_views"] == 3
+    assert result.reused == 0 and result.scores[0]["view_source"] == "render" and result.scores[0]["num_views"] == 3
     log = io.StringIO()
     config = _config(dataset_config=str(other), skip_scored=False)
     result = evaluate_dataset(str(root), config, evaluator=evaluator, stream=log)
     assert result.scores[0]["view_source"] == "preview" and "differs from dataset_config" in log.getvalue()
+
+    # no dataset_config: the config.yaml logged on the dataset's parent run rebuilds the scene
+    from pipeline.config import to_yaml
+
+    writer = DatasetWriter(str(root))
+    rows = [dict(r, mlflow_run_id="child", finished_at=r["finished_at"] + "Z") for r in writer.latest_rows().values()]
+    writer.write_manifest(rows)
+    for artifact, source in ((to_yaml(pipeline_config), "render"), (to_yaml(load_config(other)), "preview")):
+        fake = FakeMlflow({"child": "parent"}, {"parent": artifact})
+        config = _config(skip_scored=False)
+        config.tracking.enabled = True
+        result = evaluate_dataset(str(root), config, evaluator=evaluator, stream=io.StringIO(), mlflow_client=fake)
+        assert result.scores[0]["view_source"] == source
+        assert fake.metrics["parent"]["eval/all/assets"] == 1
 
 
 def test_cli_scores_a_dataset_and_fails_cleanly_without_one(dataset, tmp_path, capsys):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from stages.guidance.mvdream_guidance import MVDreamGuidance
 from stages.guidance.protocol import Guidance, GuidanceRequest, UnknownAssetError
 from stages.models.mvdream import load_mvdream
+from test_splats_helpers import look_at_c2w
 
 RES = 32  # tiny VAE (factor 8): 32² renders → 4² latents
 
@@ -31,18 +32,12 @@ def guidance(models):
 
 def orbit(n: int, elevation_deg: float = 15.0, radius: float = 2.5) -> torch.Tensor:
     """(n, 4, 4) camera-to-world looking at the origin, world z-up, camera −z forward."""
+    el = math.radians(elevation_deg)
     mats = []
     for i in range(n):
         az = 2 * math.pi * i / 4 + 0.3 * (i // 4)
-        el = math.radians(elevation_deg)
         eye = radius * torch.tensor([math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)])
-        forward = -eye / eye.norm()
-        right = torch.linalg.cross(forward, torch.tensor([0.0, 0.0, 1.0]))
-        right = right / right.norm()
-        up = torch.linalg.cross(right, forward)
-        m = torch.eye(4)
-        m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = right, up, -forward, eye
-        mats.append(m)
+        mats.append(look_at_c2w(eye))
     return torch.stack(mats)
 
 

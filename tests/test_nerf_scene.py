@@ -7,28 +7,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from stages.scene.base import Cameras, Scene
+from stages.scene.base import Scene
 from stages.scene.nerf import DEFAULT_LR, NeRFConfig, NeRFScene
 from stages.scene.nerf.background import sh_encode
 from stages.scene.nerf.renderer import camera_rays, sphere_bounds
-
-
-def orbit_cameras(n: int, distance: float = 2.5, elevation: float = 15.0, fovy_deg: float = 40.0) -> Cameras:
-    """n cameras around the z axis looking at the origin (OpenGL convention, z-up world)."""
-    az = torch.arange(n, dtype=torch.float32) * (360.0 / n)
-    el = torch.full((n,), elevation)
-    mats = []
-    for a, e in zip(az.tolist(), el.tolist()):
-        a, e = math.radians(a), math.radians(e)
-        pos = torch.tensor([math.cos(e) * math.cos(a), math.cos(e) * math.sin(a), math.sin(e)]) * distance
-        fwd = -pos / pos.norm()
-        right = torch.linalg.cross(fwd, torch.tensor([0.0, 0.0, 1.0]))
-        right = right / right.norm()
-        up = torch.linalg.cross(right, fwd)
-        m = torch.eye(4)
-        m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = right, up, -fwd, pos
-        mats.append(m)
-    return Cameras(torch.stack(mats), torch.full((n,), math.radians(fovy_deg)), el, az, torch.full((n,), distance))
+from test_splats_helpers import orbit_cameras
 
 
 def tiny(**background) -> NeRFConfig:

@@ -18,16 +18,7 @@ from stages.teacher import (
     reference_component,
     unconditional_mixture,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: an explicit 2-thread intra-op pool (tests/conftest.py) costs ~10 ms per op
-    # on a loaded 2-core machine (torch 2.13); one thread is ~1000x faster here.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from teacher_fixtures import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
 def _mixture(d=2, k=3, seed=0):

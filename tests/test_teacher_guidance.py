@@ -8,16 +8,7 @@ from stages.guidance import losses
 from stages.guidance.protocol import Guidance, GuidanceRequest, UnknownAssetError, request_noise
 from stages.guidance.schedules import sample_timesteps, timestep_range
 from stages.teacher import AnalyticGuidance, reference_image, reference_points
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: an explicit 2-thread intra-op pool (tests/conftest.py) costs ~10 ms per op
-    # on a loaded 2-core machine (torch 2.13); one thread is ~1000x faster here.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from teacher_fixtures import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
 PROMPT = "a ceramic teapot"

@@ -13,6 +13,8 @@ class ModelsConfig:
     ip_adapter: str = "h94/IP-Adapter"
     """Repo/dir holding the IP-Adapter weights, or the weight file itself."""
     ip_adapter_subfolder: str = "models"
+    """Folder of ``ip_adapter_weight_name`` inside the ``ip_adapter`` repo/dir (a directory is also
+    searched at its top level); unused when ``ip_adapter`` is the weight file."""
     ip_adapter_weight_name: str = "ip-adapter_sd15.bin"
     """``ip-adapter_sd15.bin`` (4 tokens) or ``ip-adapter-plus_sd15.bin`` (16-token resampler)."""
     image_encoder: str = "h94/IP-Adapter:models/image_encoder"

@@ -33,6 +33,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from stages.models.sd import encode_text, seeded
 from stages.models.sources import ModelSourceError, hub_errors, hub_file, hub_kwargs, resolve_source
 from stages.models.tiny import tiny_clip_text_config, tiny_tokenizer, tiny_vae_config
 
@@ -264,29 +265,23 @@ class MVDreamComponents:
         return next(self.unet.parameters()).dtype
 
 
-@torch.no_grad()
 def encode_prompts(components: MVDreamComponents, prompts: Sequence[str]) -> Tensor:
     """Text embeddings (N, L, D) for the UNet's cross-attention (SD2.1 prompt processing)."""
-    tokens = components.tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=components.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    ids = tokens.input_ids.to(components.text_encoder.device)
-    return components.text_encoder(ids).last_hidden_state.to(components.dtype)
+    return encode_text(components.tokenizer, components.text_encoder, prompts, components.dtype)
 
 
 def build_tiny_mvdream(seed: int = 0) -> MVDreamComponents:
     """Random seeded MVDream parts at toy size (fp32, CPU); no download."""
-    # diffusers/transformers initialise from the global generator: seed it inside a fork so
-    # the caller's RNG state is left untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        text_encoder = CLIPTextModel(tiny_clip_text_config(hidden_size=32))
-        vae = AutoencoderKL(**tiny_vae_config())
-        unet = build_mvdream_unet(tiny_mvdream_unet_config(cross_attention_dim=32))
+    # diffusers/transformers initialise from the global generator; one seeded stream, built in
+    # this order (text encoder, VAE, UNet), the caller's RNG state left untouched.
+    text_encoder, vae, unet = seeded(
+        seed,
+        lambda: (
+            CLIPTextModel(tiny_clip_text_config(hidden_size=32)),
+            AutoencoderKL(**tiny_vae_config()),
+            build_mvdream_unet(tiny_mvdream_unet_config(cross_attention_dim=32)),
+        ),
+    )
     return MVDreamComponents(
         unet=unet.eval(),
         vae=vae.eval(),

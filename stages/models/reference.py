@@ -17,16 +17,8 @@ import torch
 from diffusers import AutoPipelineForText2Image, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from stages.models.sd import build_tiny_sd, place
-from stages.models.sources import (
-    SINGLE_FILE_HINT,
-    ModelSource,
-    ModelSourceError,
-    hub_errors,
-    hub_file,
-    hub_kwargs,
-    resolve_source,
-)
+from stages.models.sd import build_tiny_sd, load_pipeline, place
+from stages.models.sources import ModelSource, resolve_source
 
 
 class ReferenceSampler:
@@ -120,33 +112,4 @@ def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 def _build_pipeline(src: ModelSource, dtype: torch.dtype, seed: int) -> DiffusionPipeline:
     if src.kind == "tiny":
         return tiny_pipeline(seed).to(dtype=dtype)
-    if src.kind == "hub" and src.filename:  # 'org/name:model.safetensors': one checkpoint file of a hub repo
-        return _build_pipeline(ModelSource(src.key, "file", str(hub_file(src))), dtype, seed)
-    if src.kind == "hub" and src.subfolder:
-        raise ModelSourceError(
-            f"{src.key}: {src.describe()!r}: a pipeline loads from the root of a hub repo; "
-            "give 'org/name', 'org/name:file.safetensors' or a local path"
-        )
-    if src.kind in ("hub", "directory"):
-        if src.kind == "directory" and not (src.path / "model_index.json").is_file():
-            raise ModelSourceError(
-                f"{src.key}: {src.location!r} is neither a diffusers directory (no model_index.json) "
-                "nor a checkpoint file"
-            )
-        with hub_errors(src, "the text-to-image pipeline"):
-            return AutoPipelineForText2Image.from_pretrained(
-                src.location, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **hub_kwargs()
-            )
-    try:
-        with hub_errors(src, "the text-to-image checkpoint", SINGLE_FILE_HINT):
-            return StableDiffusionPipeline.from_single_file(
-                src.location, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **hub_kwargs()
-            )
-    except ModelSourceError:
-        raise
-    except Exception as exc:
-        raise ModelSourceError(
-            f"{src.key}: {src.location!r} is not a Stable Diffusion checkpoint diffusers can read "
-            f"({type(exc).__name__}). Single files need the pipeline config from the hub cache; "
-            "without it, convert to a diffusers directory."
-        ) from exc
+    return load_pipeline(src, dtype, AutoPipelineForText2Image, "text-to-image")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -84,18 +84,26 @@ class SDComponents:
         """Pixels per latent cell (8 for SD1.5 and for ``tiny``)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
         """(N, 77, C) CLIP text hidden states (SD1.5's conditioning) for N prompts."""
-        tokens = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        ids = tokens.input_ids.to(self.text_encoder.device)
-        return self.text_encoder(ids)[0].to(self.dtype)
+        return encode_text(self.tokenizer, self.text_encoder, prompts, self.dtype)
+
+
+@torch.no_grad()
+def encode_text(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: Sequence[str], dtype: torch.dtype
+) -> Tensor:
+    """Last hidden states (N, L, C) of ``text_encoder`` for N prompts, each padded/truncated to
+    the tokenizer's ``model_max_length`` L, cast to ``dtype`` (SD1.5 / SD2.1 conditioning)."""
+    tokens = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    ids = tokens.input_ids.to(text_encoder.device)
+    return text_encoder(ids)[0].to(dtype)  # [0]: last_hidden_state
 
 
 def load_sd(
@@ -114,7 +122,7 @@ def load_sd(
     if src.kind == "tiny":
         parts = build_tiny_sd(seed)
     else:
-        pipe = _load_pipeline(src, dtype)
+        pipe = load_pipeline(src, dtype)
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         if scheduler.config.num_train_timesteps != NUM_TRAIN_TIMESTEPS:
             raise ModelSourceError(
@@ -151,7 +159,16 @@ def seeded(seed: int, build):
 
 
 
-def _load_pipeline(src: ModelSource, dtype: torch.dtype) -> StableDiffusionPipeline:
+def load_pipeline(
+    src: ModelSource,
+    dtype: torch.dtype,
+    pretrained_class: type = StableDiffusionPipeline,
+    what: str = "Stable Diffusion",
+) -> DiffusionPipeline:
+    """A diffusers pipeline (no safety checker) from a hub id or diffusers directory
+    (``pretrained_class.from_pretrained``) or one checkpoint file, local or ``org/name:file``
+    (``StableDiffusionPipeline.from_single_file``). ``what`` names the model in errors, which are
+    :class:`ModelSourceError` naming ``src.key``."""
     common = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
     if src.kind in ("hub", "directory"):
         if src.kind == "directory" and not (src.path / "model_index.json").is_file():
@@ -160,16 +177,16 @@ def _load_pipeline(src: ModelSource, dtype: torch.dtype) -> StableDiffusionPipel
                 "nor a checkpoint file"
             )
         if src.filename:  # 'org/name:path/model.safetensors': one checkpoint file of a hub repo
-            return _load_pipeline(ModelSource(src.key, "file", str(hub_file(src))), dtype)
+            return load_pipeline(ModelSource(src.key, "file", str(hub_file(src))), dtype, pretrained_class, what)
         if src.subfolder:
             raise ModelSourceError(
                 f"{src.key}: {src.describe()!r}: a pipeline loads from the root of a hub repo; "
                 "give 'org/name', 'org/name:file.safetensors' or a local path"
             )
-        with hub_errors(src, "the Stable Diffusion pipeline"):
-            return StableDiffusionPipeline.from_pretrained(src.location, **common, **hub_kwargs())
+        with hub_errors(src, f"the {what} pipeline"):
+            return pretrained_class.from_pretrained(src.location, **common, **hub_kwargs())
     try:
-        with hub_errors(src, "the Stable Diffusion checkpoint", SINGLE_FILE_HINT):
+        with hub_errors(src, f"the {what} checkpoint", SINGLE_FILE_HINT):
             return StableDiffusionPipeline.from_single_file(src.location, **common, **hub_kwargs())
     except ModelSourceError:
         raise

@@ -71,6 +71,7 @@ class MvdConfig:
     weight: float = 1.0
     """Weight of the MVDream term for ``loss: mvdream`` (threestudio ``lambda_sds``)."""
     negative_prompt: str = MVDREAM_NEGATIVE_PROMPT
+    """Negative prompt of the MVDream side (its unconditional CFG branch); ``""`` uses an empty prompt."""
 
 
 @dataclass
@@ -80,7 +81,9 @@ class OptimizerConfig:
     lr: dict[str, float] = field(default_factory=dict)
     """Learning-rate overrides by parameter-group name (the scene's ``param_groups`` defaults otherwise)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    """AdamW (β1, β2), each in [0, 1)."""
     eps: float = 1e-15
+    """AdamW epsilon (> 0)."""
     weight_decay: Optional[float] = None
     """AdamW weight decay; ``None``: 0.01 for NeRF (torch's AdamW default, which
     MVDream-threestudio runs with) and 0 for splats (3DGS / gsplat use plain Adam)."""
@@ -109,8 +112,11 @@ class ExportConfig:
     preview_resolution: int = 256
     """Pixels per side of each view of ``preview.png`` (eight views, 2 × 4 grid)."""
     turntable_frames: int = 60
+    """Frames of the turntable video: views evenly spaced over 360° of azimuth."""
     turntable_fps: int = 20
+    """Frame rate of the turntable video."""
     turntable_resolution: int = 256
+    """Pixels per side of each turntable frame."""
     video_format: str = "mp4"
     """``mp4`` (falls back to ``gif`` when ffmpeg is missing) | ``gif``."""
     mesh: bool = True
@@ -134,6 +140,7 @@ class OptimizeConfig:
     nerf: NeRFConfig = field(default_factory=NeRFConfig)
     splats: SplatConfig = field(default_factory=SplatConfig)
     iterations: int = 6000
+    """Optimisation steps; the schedules (α/β, timesteps, milestones) are fractions of it."""
     loss: str = "isd"
     """IP-side loss (α-weighted): ``isd`` | ``sds`` | ``ip_sds`` | ``cv_random`` | ``cv_cfg100`` |
     ``cv_t_delta`` | ``cv_same_t``; or ``mvdream`` (MVDream SDS alone)."""
@@ -156,6 +163,7 @@ class OptimizeConfig:
     preview_every: int = 0
     """Render preview views for the callback every N iterations (0: never)."""
     preview_resolution: int = 128
+    """Pixels per side of the preview views passed to the callback every ``preview_every`` iterations."""
     device: str = "auto"
     """``auto`` (cuda when available) | ``cpu`` | ``cuda`` | ``cuda:N``."""
     progress: bool = False

@@ -39,6 +39,8 @@ class CameraConfig:
     distance_range: list[float] = field(default_factory=lambda: [0.8, 1.0])
     """Camera distance, [low, high]; relative (× 1/tan(fovy/2)) when ``relative_distance``."""
     relative_distance: bool = True
+    """Divide the sampled training distance by tan(fovy/2) so the object keeps its on-screen size
+    whatever the field of view (MVDream); the evaluation cameras use ``eval_distance`` as is."""
     fovy_range: list[float] = field(default_factory=lambda: [15.0, 60.0])
     """Vertical field of view in degrees, [low, high]."""
     n_view: int = 4

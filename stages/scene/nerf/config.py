@@ -24,10 +24,13 @@ class HashGridConfig:
     """Multi-resolution hash encoding (Instant-NGP / tiny-cuda-nn ``HashGrid``)."""
 
     n_levels: int = 16
+    """Number of resolution levels of the grid; the encoding has n_levels × n_features_per_level features."""
     n_features_per_level: int = 2
+    """Features stored per table entry and level: 1, 2, 4 or 8."""
     log2_hashmap_size: int = 19
     """Each level holds at most 2**log2_hashmap_size entries (coarse levels are dense)."""
     base_resolution: int = 16
+    """Grid resolution of the coarsest level (cells per side of the unit box, >= 2)."""
     per_level_scale: float = 1.447269237440378
     """Growth of the resolution per level; 1.4473 gives a finest resolution of 4096."""
     checkpoint: bool = False
@@ -40,7 +43,9 @@ class MLPConfig:
     """threestudio ``VanillaMLP`` (ReLU, bias-free linear layers) used for density and albedo."""
 
     n_neurons: int = 64
+    """Width of each hidden layer."""
     n_hidden_layers: int = 1
+    """Number of hidden layers (0: a single linear layer from features to output)."""
 
 
 @dataclass
@@ -54,11 +59,14 @@ class BackgroundConfig:
     sh_degree: int = 3
     """``neural`` only: spherical-harmonics degree of the direction encoding (degree² features, 1..4)."""
     n_neurons: int = 16
+    """``neural`` only: width of each hidden layer of the background MLP."""
     n_hidden_layers: int = 2
+    """``neural`` only: number of hidden layers of the background MLP."""
     random_aug: bool = True
     """Training only: with probability ``random_aug_prob`` replace the background by a random
     solid colour (MVDream-threestudio sets this; threestudio's class default is False)."""
     random_aug_prob: float = 0.5
+    """Probability, per training render, of the random-colour background of ``random_aug`` (in [0, 1])."""
     share_aug_bg: bool = True
     """One random colour for the whole batch (MVDream) instead of one per view."""
 
@@ -72,11 +80,13 @@ class RendererConfig:
     grid_prune: bool = True
     """Skip samples in cells of a coarse occupancy grid whose density is ~0."""
     grid_resolution: int = 32
+    """Cells per side of the occupancy grid over the box [-radius, radius]³ (>= 2)."""
     grid_update_every: int = 16
     """Refresh the occupancy grid every N optimiser steps (called from ``step_pre_backward``)."""
     grid_threshold: float = 0.01
     """A cell stays occupied while ``density * step_size`` (EMA) exceeds min(mean, this)."""
     grid_ema_decay: float = 0.95
+    """Each refresh keeps max(previous cell value × this, new value); lower frees emptied cells faster."""
     chunk_samples: int = 1 << 21
     """Bound on samples per ray chunk (rays are processed in chunks of chunk_samples // S)."""
 
@@ -86,8 +96,11 @@ class ShadingConfig:
     """threestudio ``diffuse-with-point-light-material`` + the light sampling of its camera data."""
 
     ambient_light_color: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.1])
+    """Ambient light rgb (3 numbers) added to the lambertian term of ``diffuse`` / ``textureless`` shading."""
     diffuse_light_color: list[float] = field(default_factory=lambda: [0.9, 0.9, 0.9])
+    """Point-light rgb (3 numbers) scaled by max(0, n·l) in ``diffuse`` / ``textureless`` shading."""
     light_distance_range: list[float] = field(default_factory=lambda: [0.8, 1.5])
+    """Training: distance of the point light from the origin, uniform in [min, max] (world units)."""
     light_position_perturb: float = 1.0
     """Training: light direction = normalize(camera position + N(0, perturb²)) (DreamFusion)."""
     normal_type: str = "finite_difference"
@@ -98,6 +111,7 @@ class ShadingConfig:
     forward+backward on one thread: finite_difference ≈ 0.55 s, analytic ≈ 0.32 s, albedo
     (no normals) ≈ 0.08 s."""
     finite_difference_eps: float = 0.01
+    """Step (world units) of the central differences of ``finite_difference`` normals."""
     normal_min_weight: float = 1e-4
     """Normals are computed only at samples whose compositing weight exceeds this (others get a
     zero normal and contribute < this to the image); 0 computes them at every kept sample."""
@@ -114,11 +128,14 @@ class NeRFConfig:
     """Hash-grid backend: ``auto`` (tinycudann when importable and CUDA is available, else
     torch) | ``torch`` | ``tcnn``. Both share one parameter layout, so checkpoints move across."""
     density_activation: str = "softplus"
+    """Raw density (MLP output + ``density_bias``) → σ: ``softplus`` | ``exp``."""
     density_bias: str = "blob_magic3d"
     """Pre-activation density bias: ``blob_magic3d`` scale·(1 − |x|/std), ``blob_dreamfusion``
     scale·exp(−|x|²/(2 std²)), or ``none``."""
     density_blob_scale: float = 10.0
+    """``scale`` of the blob ``density_bias`` (the bias at the centre)."""
     density_blob_std: float = 0.5
+    """``std`` of the blob ``density_bias`` (world units, > 0)."""
     hash_grid: HashGridConfig = field(default_factory=HashGridConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
     background: BackgroundConfig = field(default_factory=BackgroundConfig)

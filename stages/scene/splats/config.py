@@ -31,18 +31,27 @@ class DensifyConfig:
     grow_scale3d: float = 0.01
     """Below this largest scale (× ``scene_scale`` = ``radius``) clone, above it split."""
     grow_scale2d: float = 0.05
+    """Before ``refine_scale2d_stop_iter`` also split Gaussians whose screen radius
+    (÷ max(width, height)) exceeds this."""
     prune_scale3d: float = 0.1
     """Prune Gaussians larger than this (× ``radius``); gsplat applies it only after ``reset_every``."""
     prune_scale2d: float = 0.15
+    """Before ``refine_scale2d_stop_iter`` (and after ``reset_every``) also prune Gaussians whose screen
+    radius (÷ max(width, height)) exceeds this."""
     refine_scale2d_stop_iter: int = 0
+    """Apply the screen-size rules ``grow_scale2d`` / ``prune_scale2d`` before this iteration; 0 disables them."""
     refine_start_iter: int = 300
+    """Densify/prune only at iterations after this one."""
     refine_stop_iter: int = 3000
     """Stop densifying half-way through the default 6000 iterations."""
     reset_every: int = 100_000
     """Opacity reset period; text-to-3D disables it (threestudio-3dgs uses 50e6)."""
     refine_every: int = 300
+    """Densify/prune every N iterations (between ``refine_start_iter`` and ``refine_stop_iter``)."""
     pause_refine_after_reset: int = 0
+    """Skip densify/prune for this many iterations after each opacity reset; 0: no pause."""
     revised_opacity: bool = False
+    """Give split Gaussians gsplat's revised opacity (arXiv:2404.06109, experimental)."""
     max_gaussians: int = 200_000
     """Skip growing once the scene holds this many Gaussians (pruning still runs)."""
 
@@ -52,13 +61,19 @@ class SplatLearningRates:
     """Adam learning rate per parameter group (threestudio-3dgs MVDream config)."""
 
     means: float = 1e-3
+    """Gaussian centres."""
     scales: float = 5e-3
+    """Log-scales."""
     quats: float = 5e-3
+    """Rotation quaternions."""
     opacities: float = 5e-2
+    """Opacity logits."""
     colors: float = 1e-2
+    """Colour logits (``color_mode: sigmoid``) or SH band 0 (``color_mode: sh``)."""
     colors_rest: float = 5e-4
     """Higher SH bands (only when ``sh_degree`` > 0): ``colors`` / 20 as in 3DGS."""
     background: float = 1e-3
+    """Solid background colour (only when ``background_learned``)."""
 
 
 @dataclass
@@ -74,28 +89,34 @@ class SplatConfig:
     init_ply: Optional[str] = None
     """Point cloud to start from: ``.ply`` (x y z [red green blue]) or ``.npz`` (``xyz`` [``rgb``])."""
     init_opacity: float = 0.1
+    """Initial opacity of every Gaussian, in (0, 1)."""
     init_scale: float = 1.0
     """Initial scale = this × mean distance to the 3 nearest neighbours."""
     init_color: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     """Initial rgb of random points (plus ±``init_color_noise`` uniform noise)."""
     init_color_noise: float = 0.05
+    """Half-width of the uniform noise added per channel to ``init_color`` (result clamped to [0, 1])."""
     color_mode: str = "sigmoid"
     """``sigmoid``: colour = sigmoid(param), bounded in (0, 1); ``sh``: spherical-harmonics
     coefficients, colour = 0.5 + SH(dir) clamped at 0 (gsplat/3DGS convention)."""
     sh_degree: int = 0
     """View-dependent colour degree (0..3); > 0 needs ``color_mode: sh``."""
     background_color: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    """Initial (or fixed, without ``background_learned``) solid background rgb, 3 numbers in [0, 1]."""
     background_learned: bool = True
     """Learn the solid background colour (kept in [0, 1] by clamping)."""
     background_random_aug: bool = True
     """In training mode replace the background by a random colour with ``background_random_aug_prob``."""
     background_random_aug_prob: float = 0.5
+    """Probability, per training render, of the random background of ``background_random_aug`` (in [0, 1])."""
     background_random_aug_shared: bool = True
     """One random colour for the whole batch (MVDream's ``share_aug_bg``) instead of one per view."""
     backend: str = "auto"
     """``auto`` (gsplat on CUDA when importable, else torch) | ``gsplat`` | ``torch``."""
     near_plane: float = 0.01
+    """Gaussians whose camera-space depth is not above this (world units) are culled."""
     far_plane: float = 1e10
+    """Gaussians whose camera-space depth is not below this (world units) are culled."""
     eps2d: float = 0.3
     """Dilation added to the 2D covariance (gsplat ``eps2d``, antialiasing off)."""
     tile_size: int = 16
