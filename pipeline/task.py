@@ -157,7 +157,7 @@ def run_asset(job: Job, reference: Any | None, handles: GuidanceHandles, spec: T
             if reference is not None and not (staged / REFERENCE_FILE).exists():
                 reference.save(staged / REFERENCE_FILE, format="PNG")
                 files.setdefault("reference", REFERENCE_FILE)
-            metrics = {k: float(v) for k, v in result.metrics.items()}
+            metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
             metrics["duration_s"] = time.perf_counter() - tick
             (staged / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
             files.setdefault("metrics", "metrics.json")

@@ -30,7 +30,7 @@ class HashGridConfig:
     log2_hashmap_size: int = 19
     """Each level holds at most 2**log2_hashmap_size entries (coarse levels are dense)."""
     base_resolution: int = 16
-    """Grid resolution of the coarsest level (cells per side of the unit box, >= 2)."""
+    """Resolution of the coarsest level (grid points per side of the scene box, >= 2)."""
     per_level_scale: float = 1.447269237440378
     """Growth of the resolution per level; 1.4473 gives a finest resolution of 4096."""
     checkpoint: bool = False
