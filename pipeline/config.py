@@ -44,6 +44,7 @@ class PromptSource:
 @dataclass
 class PromptsConfig:
     sources: list[PromptSource] = field(default_factory=list)
+    """Prompt files, each ``{path, format, column, limit}`` (see ``PromptSource``); read in order."""
     inline: list[str] = field(default_factory=list)
     """Prompts written in the config itself; they come after the files' prompts."""
 
@@ -53,6 +54,7 @@ class ActorResources:
     """One model actor kind: how many copies, on what, and how it batches requests."""
 
     replicas: int = 1
+    """Copies of this model actor; each asset talks to one replica (its registration lives there)."""
     num_cpus: float = 0.0
     """CPUs reserved per replica (0: the actor is not counted against the tasks' CPUs)."""
     num_gpus: float = 0.0
@@ -70,6 +72,7 @@ class ResourcesConfig:
     tasks_in_flight: int = 4
     """Optimiser tasks (assets) running at once."""
     task_num_cpus: float = 1.0
+    """CPUs reserved per optimiser task (fractions below 1 share a core between tasks)."""
     task_num_gpus: float = 0.0
     """GPU fraction per optimiser task (renders and Adam run there)."""
     task_max_retries: int = 3
@@ -82,9 +85,11 @@ class ResourcesConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = True
+    """Log the run to MLflow: a parent run per dataset run, a nested child run per asset."""
     tracking_uri: Optional[str] = None
     """MLflow tracking URI; default ``sqlite:///<output>/mlflow.db`` (local outputs only)."""
     experiment: str = "modedreamer-ray"
+    """MLflow experiment name (created when missing)."""
     log_models: bool = True
     """Upload each asset's files (mesh, PLY, checkpoint) as child-run artifacts."""
 
@@ -123,6 +128,10 @@ class PipelineConfig:
     retry_failed: bool = False
     """Redo assets recorded as failed (also ``--retry-failed``)."""
     progress_every_s: float = 5.0
+    """Seconds between the driver's progress lines (assets done / failed / in flight, it/s, ETA)."""
+    gallery: bool = True
+    """Write ``<output>/gallery`` (static pages of every asset) at the end of a run, and log it
+    as an artifact of the dataset's parent MLflow run; ``python -m pipeline.gallery`` does it on demand."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 

@@ -126,6 +126,7 @@ def run_dataset(
     connect_ray(config)
     check_resources(config, ray.cluster_resources(), models_needed(config.method))
     if not todo:  # nothing to start: no actors, no tracking run
+        _write_gallery(config, None, stream)
         summary.seconds = time.monotonic() - began
         return summary
     components = components or default_components(config.method, config.models)
@@ -151,11 +152,29 @@ def run_dataset(
         summary.actor_stats = graph.actor_stats()
         summary.seconds = time.monotonic() - began
         graph.shutdown()
+        _write_gallery(config, tracker, stream)
         if tracker is not None:
             tracker.finish(summary.totals(), status)
     printer.in_flight = 0
     printer.maybe_print(summary.iterations, force=True)
     return summary
+
+
+def _write_gallery(config: PipelineConfig, tracker: Any, stream: TextIO) -> None:
+    """Build the dataset's gallery and log it under the parent run; a failure here is reported,
+    never raised: the assets and manifest are already committed."""
+    if not config.gallery:
+        return
+    from pipeline.gallery import build_gallery, log_gallery_to_mlflow
+
+    try:
+        gallery = build_gallery(config.output)
+        if tracker is not None:
+            log_gallery_to_mlflow(gallery, tracker.parent_id, tracking_uri=tracker.tracking_uri)
+    except Exception as error:  # noqa: BLE001 - reported; the dataset itself is complete
+        print(f"[pipeline] gallery not written: {type(error).__name__}: {error}", file=stream, flush=True)
+        return
+    print(f"[pipeline] gallery: {gallery / 'index.html'}", file=stream, flush=True)
 
 
 def _drive(

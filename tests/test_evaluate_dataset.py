@@ -86,6 +86,14 @@ def _copy(root: Path, tmp_path: Path) -> Path:
     return target
 
 
+def _strip_method_files(root: Path) -> Path:
+    """Drop every asset's method.yaml: a dataset written before assets carried their config,
+    whose scenes must be rebuilt from elsewhere (dataset_config, MLflow) or scored from previews."""
+    for path in root.glob(f"assets/*/{METHOD_FILE}"):
+        path.unlink()
+    return root
+
+
 def _independent_views(asset_dir: Path, method, n: int, elevation: float, resolution: int) -> list[Image.Image]:
     """A fresh scene per asset (the evaluator reuses one scene across assets)."""
     scene = NeRFScene(method.nerf, seed=123)
@@ -157,7 +165,7 @@ def test_rerun_reuses_scores_and_later_rows_supersede(evaluated, method, evaluat
 
 
 def test_without_method_config_views_come_from_the_preview(dataset, evaluator, tmp_path):
-    root = _copy(dataset[0], tmp_path)
+    root = _strip_method_files(_copy(dataset[0], tmp_path))
     result = evaluate_dataset(str(root), _config(), evaluator=evaluator, stream=io.StringIO())
     row = result.scores[0]
     assert row["view_source"] == "preview" and row["num_views"] == 4
@@ -182,7 +190,7 @@ def test_method_yaml_in_the_asset_dir_enables_rendering(dataset, method, evaluat
 
 
 def test_missing_checkpoint_gives_a_failed_row_naming_the_file(dataset, method, evaluator, tmp_path):
-    root = _copy(dataset[0], tmp_path)
+    root = _strip_method_files(_copy(dataset[0], tmp_path))
     victim = dataset[1][3]["asset_id"]
     (root / "assets" / victim / "checkpoint.pt").unlink()
     result = evaluate_dataset(str(root), _config(views="render"), evaluator=evaluator, method=method, stream=io.StringIO())
@@ -294,6 +302,7 @@ def test_dataset_config_rebuilds_scenes_only_for_assets_of_its_digest(evaluator,
     pipeline_config = load_config(made_with)
     root = tmp_path / "ds"
     build_dataset(root, [("a red ball", 0, 5, 0.4)], pipeline_config.method, digest=config_digest(pipeline_config))
+    _strip_method_files(root)
 
     first = evaluate_dataset(str(root), _config(), evaluator=evaluator, stream=io.StringIO())
     assert first.scores[0]["view_source"] == "preview"

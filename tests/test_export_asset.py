@@ -11,7 +11,7 @@ from PIL import Image
 
 from stages.export import EmptySceneError, export_asset
 from stages.optimize.checkpoint import load_scene_state
-from stages.optimize.config import OptimizeConfig
+from stages.optimize.config import OptimizeConfig, load_optimize_config
 from stages.scene.factory import build_scene
 
 
@@ -43,6 +43,8 @@ def test_exported_files_load_back(tmp_path, representation):
     for key, value in scene.state_dict().items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, restored.state_dict()[key]), key
+    # method.yaml rebuilds the same config (evaluation renders the asset from it).
+    assert load_optimize_config(tmp_path / files["method"]).digest() == cfg.digest()
     if representation == "nerf":
         mesh = trimesh.load(tmp_path / files["mesh"], force="mesh")
         assert len(mesh.vertices) > 0 and len(mesh.faces) > 0

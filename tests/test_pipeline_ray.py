@@ -235,7 +235,12 @@ def test_dataset_run_failed_assets_resume_and_retry_failed(head, tmp_path):
     assert len(client.get_metric_history(done[0].info.run_id, "loss")) == 12
     assert {a.path for a in client.list_artifacts(done[0].info.run_id)} >= {"preview.png", "reference.png", "asset.json"}
     parent = client.get_run(summary.parent_run_id)
-    assert parent.data.metrics["succeeded"] == 4 and "config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.metrics["succeeded"] == 4 and {"config.yaml", "gallery"} <= parent_artifacts
+    # the gallery lists every asset, failed ones included, and is logged under the parent run
+    index = (out / "gallery" / "index.html").read_text()
+    assert all(asset_id in index for asset_id in rows)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "gallery")} >= {"gallery/index.html"}
 
     # rerun: nothing to do
     again = run_dataset(config, pipeline_fakes.fake_components())
@@ -288,7 +293,9 @@ def test_killed_worker_and_guidance_actor_lose_nothing(head, tmp_path):
     metrics = json.loads((out / "assets" / killed["asset_id"] / "metrics.json").read_text())
     assert metrics["resumed_from"] >= 4  # continued from its checkpoint, not from scratch
     rows = _latest(out)
-    assert sorted(os.listdir(out / "assets")) == sorted(rows) and len(rows) == 4
+    assert sorted(os.listdir(out / "assets")) == sorted(rows)
+    for asset_id in rows:
+        assert (out / "gallery" / "assets" / f"{asset_id}.html").is_file() and len(rows) == 4
     assert len(DatasetWriter(str(out)).manifest_rows()) == 4
 
 
@@ -324,6 +331,8 @@ def test_killed_driver_loses_nothing_and_rerun_completes(head, tmp_path):
     rows = _latest(out)
     assert len(rows) == 6 and all(r["status"] == "succeeded" for r in rows.values())
     assert sorted(os.listdir(out / "assets")) == sorted(rows)
+    for asset_id in rows:
+        assert (out / "gallery" / "assets" / f"{asset_id}.html").is_file()
     for asset_id, mtime in committed_before.items():  # finished assets were not redone
         assert (out / "assets" / asset_id / "asset.json").stat().st_mtime_ns == mtime
 
@@ -359,3 +368,5 @@ def test_quickstart_through_ray_job_submit(head, tmp_path):
             assert trimesh.load(out / files["mesh"]).bounds is not None
         assert row["mlflow_run_id"]
     assert sorted(os.listdir(out / "assets")) == sorted(rows)
+    for asset_id in rows:
+        assert (out / "gallery" / "assets" / f"{asset_id}.html").is_file()

@@ -25,12 +25,11 @@ from torch import nn
 
 from stages.evaluate.clip import to_pil
 from stages.evaluate.config import EvaluateConfig
+from stages.optimize.config import METHOD_FILE
 from stages.scene.base import Cameras
 from stages.scene.cameras import CameraConfig, orbit_cameras
 
 VIEW_SOURCES = ("auto", "render", "preview")
-METHOD_FILE = "method.yaml"
-"""Optional file in an asset dir: the OmegaConf YAML of the asset's ``OptimizeConfig``."""
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIEW_FILE = "preview.png"
 PREVIEW_COLUMNS = 4

@@ -32,7 +32,7 @@ def _render(scene: torch.nn.Module, cameras: Any, resolution: int, chunk: int) -
 
 def export_asset(scene: torch.nn.Module, out_dir: Path | str, config: Any, reference: Any | None = None) -> dict[str, str]:
     """Write ``preview.png``, ``turntable.mp4`` (or ``.gif``), ``reference.png`` (when given),
-    ``checkpoint.pt`` and ``mesh.glb`` (+ ``mesh.obj``/``mesh.mtl``) or ``splats.ply`` into
+    ``checkpoint.pt``, ``method.yaml`` (the config that rebuilds the scene) and ``mesh.glb`` (+ ``mesh.obj``/``mesh.mtl``) or ``splats.ply`` into
     ``out_dir``; returns {kind: file name}.
 
     ``config`` is an :class:`~stages.optimize.config.OptimizeConfig` (its ``export`` and
@@ -41,6 +41,7 @@ def export_asset(scene: torch.nn.Module, out_dir: Path | str, config: Any, refer
     before any file is written.
     """
     from stages.optimize.checkpoint import save_scene_state
+    from stages.optimize.config import METHOD_FILE, save_method_config
 
     ex = config.export
     cameras: CameraConfig = config.cameras
@@ -62,6 +63,7 @@ def export_asset(scene: torch.nn.Module, out_dir: Path | str, config: Any, refer
         files["reference"] = save_png(reference_image, out_dir / "reference.png").name
     save_scene_state(scene, out_dir / "checkpoint.pt")
     files["checkpoint"] = "checkpoint.pt"
+    files["method"] = save_method_config(config, out_dir / METHOD_FILE).name
     files.update(_export_geometry(scene, out_dir, config))
     return files
 

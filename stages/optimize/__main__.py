@@ -179,11 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "files": files,
     }
     (out / "asset.json").write_text(json.dumps(asset, indent=2, default=str))
-    from omegaconf import OmegaConf
-
-    # the method config, so stages.evaluate can rebuild the scene from checkpoint.pt
-    (out / "method.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
-    extra = {"metrics": "metrics.json", "asset": "asset.json", "method": "method.yaml"}
+    extra = {"metrics": "metrics.json", "asset": "asset.json"}
     for kind, name in sorted({**files, **extra}.items()):
         print(f"{kind:>10}: {out / name}")
     return 0

@@ -338,3 +338,21 @@ def load_optimize_config(
     except ValueError as error:  # a nested dataclass' __post_init__ validation
         raise ValueError(str(error).replace("ScheduleConfig.", "method.schedule.")) from error
     return config.validate()
+
+
+METHOD_FILE = "method.yaml"
+"""Name of the file in an asset dir that holds the asset's ``OptimizeConfig`` (OmegaConf YAML)."""
+
+
+def save_method_config(config: OptimizeConfig, path: Path | str) -> Path:
+    """Write ``config`` as OmegaConf YAML (temp file + ``os.replace``); :func:`load_optimize_config`
+    reads it back, so evaluation can rebuild the scene that ``checkpoint.pt`` belongs to."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
