@@ -445,3 +445,40 @@ def test_browser_splat_only_page_shows_prompt_as_text(built, browser):
     assert browser.find_element(By.PARTIAL_LINK_TEXT, "splats.ply").get_attribute("href").endswith("/assets/xss0/splats.ply")
     _screenshot(browser, "asset-xss0-splats.png")
     assert _console_errors(browser) == []
+
+
+@pytest.mark.slow
+def test_browser_gallery_of_a_generated_dataset(tmp_path, browser):
+    """The gallery of a dataset written by the real code path (optimiser loop, export_asset,
+    DatasetWriter commit + manifest), with one failed asset, opened in Chromium."""
+    from evaluate_fixtures import build_dataset, tiny_method
+    from selenium.webdriver.common.by import By
+
+    from pipeline.jobs import Job
+    from pipeline.task import manifest_row
+    from pipeline.writer import DatasetWriter, utc_now
+
+    method = tiny_method(iterations=2)
+    method.export.mesh, method.export.mesh_resolution = True, 24  # the asset page's 3D view needs mesh.glb
+    rows = build_dataset(tmp_path, [("a blue ball", 0, 1, 0.4), ("a blue ball", 1, 2, 0.6)], method)
+    failed_job = Job("a_red_box-v0-x", "a red <b>box</b>", 1, 0, 3, 3, "tinydigest01")
+    now = utc_now()
+    DatasetWriter(str(tmp_path)).write_manifest(
+        [manifest_row(failed_job, method, status="failed", error="NonFiniteLossError: nan at 7", started_at=now, finished_at=now)]
+    )
+    gallery = build_gallery(tmp_path)
+
+    browser.get((gallery / "index.html").as_uri())
+    cards = {c.get_attribute("data-asset-id"): c for c in browser.find_elements(By.CSS_SELECTOR, "article.asset")}
+    assert set(cards) == {r["asset_id"] for r in rows} | {failed_job.asset_id}
+    assert "NonFiniteLossError: nan at 7" in cards[failed_job.asset_id].find_element(By.CSS_SELECTOR, "pre.error").text
+    assert browser.execute_script("return [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+    _screenshot(browser, "generated-index.png")
+    assert _console_errors(browser) == []
+
+    assert all("mesh" in json.loads(row["files"]) for row in rows)
+    browser.get((gallery / "assets" / f"{rows[0]['asset_id']}.html").as_uri())
+    assert _wait_for_model(browser) == "loaded"
+    assert browser.execute_script("return document.getElementById('viewer').loaded") is True
+    _screenshot(browser, "generated-asset.png")
+    assert _console_errors(browser) == []
