@@ -237,7 +237,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("config", help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. variants=4 method.iterations=3000")
     parser.add_argument("--retry-failed", action="store_true", help="redo assets recorded as failed")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="sweep YAML (configs/sweep_ip_scale.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotlist overrides of the sweep config, e.g. 'values=[0,1]'")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         run_sweep(load_sweep_config(args.config, args.overrides))
     except ConfigError as error:

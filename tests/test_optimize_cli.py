@@ -53,3 +53,10 @@ def test_bad_input_exits_with_a_clear_message(tmp_path, capsys, extra, message):
     code = main(["--prompt", "x", "--out", str(tmp_path / "o"), "models=tiny", *extra])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_overrides_may_come_before_and_after_options():
+    from stages.optimize.__main__ import parse_args
+
+    args = parse_args(["--prompt", "x", "models=tiny", "--out", "o", "--no-progress", "iterations=20"])
+    assert args.overrides == ["models=tiny", "iterations=20"] and args.out == "o" and args.no_progress

@@ -172,3 +172,11 @@ def test_commit_is_atomic_first_wins_and_reconcile_restores_rows(tmp_path):
     assert [r["asset_id"] for r in writer.reconcile()] == ["a1"]
     assert writer.reconcile() == []
     assert writer.latest_rows()["a1"]["finished_at"] == "t1"
+
+
+def test_run_cli_takes_overrides_around_flags():
+    from pipeline.run import parse_args
+
+    args = parse_args(["configs/dataset.yaml", "variants=2", "--retry-failed", "method.iterations=3"])
+    assert args.config == "configs/dataset.yaml" and args.retry_failed
+    assert args.overrides == ["variants=2", "method.iterations=3"]

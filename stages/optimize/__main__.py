@@ -41,7 +41,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--asset-id", default=None, help="asset id (default: hash of prompt, seed and config)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (method keys, models.<key>, models=tiny, preset=tiny)")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str], bool]:
