@@ -49,7 +49,10 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def _type_name(annotation: Any) -> str:
     text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", repr(annotation))
-    return text.replace("typing.", "").replace("Optional[", "optional ").rstrip("]") if "Optional[" in text else text
+    text = text.replace("typing.", "")
+    if text.startswith("Optional[") and text.endswith("]"):  # unwrap exactly one level
+        return "optional " + text[len("Optional[") : -1]
+    return text
 
 
 def _default_text(value: Any) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -347,8 +348,6 @@ METHOD_FILE = "method.yaml"
 def save_method_config(config: OptimizeConfig, path: Path | str) -> Path:
     """Write ``config`` as OmegaConf YAML (temp file + ``os.replace``); :func:`load_optimize_config`
     reads it back, so evaluation can rebuild the scene that ``checkpoint.pt`` belongs to."""
-    import os
-
     from omegaconf import OmegaConf
 
     path = Path(path)
