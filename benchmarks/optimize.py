@@ -64,7 +64,7 @@ def build_guidance(kind: str, device: torch.device) -> GuidanceSet:
 
     tiny = {k: "tiny" for k in ("sd", "ip_adapter", "image_encoder", "mvdream", "mvdream_text", "reference")}
     models = ModelsConfig(**tiny, device=str(device), dtype="float32")
-    return GuidanceSet(ip=IPGuidance(models, render_resolution=64), mvd=MVDreamGuidance.from_config(models))
+    return GuidanceSet(ip=IPGuidance.from_config(models), mvd=MVDreamGuidance.from_config(models))
 
 
 def measure(cfg: OptimizeConfig, guidance: GuidanceSet, warmup: int, device: torch.device) -> dict[str, float]:

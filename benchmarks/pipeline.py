@@ -1,33 +1,43 @@
 """Aggregate optimiser throughput of the Ray pipeline vs the same assets run one after another.
 
-``python -m benchmarks.pipeline [--concurrency 1 4 16] [--iterations 20] [--out FILE]``
+``python -m benchmarks.pipeline [--concurrency 1 4 16] [--iterations 20] [--size auto] [--out FILE]``
 
-Sequential baseline: in-process ``IPGuidance`` + ``MVDreamGuidance`` (tiny presets by default)
-and ``optimize_asset`` for each asset in turn. Pipeline: the same model factories inside
-``IPGuidanceActor`` / ``MVDreamGuidanceActor`` (dynamic batching, ``max_batch`` = number of
-concurrent assets) and N optimiser tasks at once. Reports aggregate iterations/s, speed-up,
-and the mean batch size each actor saw; prints a table and writes JSON. Model loading and
-worker start-up are outside the timed region (actors are pinged, workers warmed up first).
+Sequential baseline: in-process ``IPGuidance`` + ``MVDreamGuidance`` and ``optimize_asset`` for
+each asset in turn. Pipeline: the same model factories inside ``IPGuidanceActor`` /
+``MVDreamGuidanceActor`` (dynamic batching, ``max_batch`` = number of concurrent assets) and N
+optimiser tasks at once. Reports aggregate iterations/s, speed-up, and the mean batch size each
+actor saw; prints a table and writes JSON. Model loading and worker start-up are outside the
+timed region (actors are pinged, workers warmed up first).
+
+``--size``: ``tiny`` (tiny presets, ``OptimizeConfig.tiny()``) or ``full`` (SD1.5-, IP-Adapter-
+and MVDream-size models with random weights from ``benchmarks.full``, fp16, the paper's
+optimiser config; CUDA only). ``auto`` is ``full`` on CUDA and ``tiny`` on the CPU. On CUDA
+the two guidance actors get ``--actor-gpus`` each and the optimiser tasks share the rest.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
+from benchmarks.common import environment
 from pipeline.actors import IPGuidanceActor, MVDreamGuidanceActor
 from pipeline.components import default_components
 from pipeline.task import GuidanceHandles
+from stages.guidance.protocol import Guidance
 from stages.guidance.set import GuidanceSet
 from stages.models.config import ModelsConfig
 from stages.optimize.config import OptimizeConfig
+
+SIZES = ("auto", "tiny", "full")
 
 PROMPTS = ["a red apple", "a wooden chair", "a ceramic teapot", "a small cactus", "a blue car", "a stone lion", "a tin robot", "a paper boat"]
 
@@ -35,6 +45,21 @@ PROMPTS = ["a red apple", "a wooden chair", "a ceramic teapot", "a small cactus"
 def tiny_models(device: str) -> ModelsConfig:
     return ModelsConfig(
         sd="tiny", ip_adapter="tiny", image_encoder="tiny", mvdream="tiny", mvdream_text="tiny", reference="tiny", device=device, dtype="float32"
+    )
+
+
+def guidance_factories(size: str, config: OptimizeConfig, device: str) -> tuple[Callable[[], Guidance], Callable[[], Guidance]]:
+    """Picklable factories of the IP and MVDream guidance at ``size`` (``tiny`` / ``full``)."""
+    if size == "tiny":
+        components = default_components(config, tiny_models(device))
+        return components.ip_guidance, components.mvd_guidance
+    import torch
+
+    from benchmarks.full import build_ip_guidance, build_mvd_guidance
+
+    return (
+        functools.partial(build_ip_guidance, True, device, torch.float16),
+        functools.partial(build_mvd_guidance, True, device, torch.float16),
     )
 
 
@@ -55,14 +80,10 @@ def _optimise(config: OptimizeConfig, handles: GuidanceHandles, reference: Any, 
     return int(result.iterations - result.resumed_from)
 
 
-def sequential(config: OptimizeConfig, models: ModelsConfig, references: list[Any], assets: int) -> dict[str, float]:
+def sequential(config: OptimizeConfig, factories: tuple[Callable[[], Guidance], Callable[[], Guidance]], references: list[Any], assets: int) -> dict[str, float]:
     from stages.optimize.loop import optimize_asset
 
-    components = default_components(config, models)
-    guidance = GuidanceSet(
-        ip=components.ip_guidance() if components.ip_guidance else None,
-        mvd=components.mvd_guidance() if components.mvd_guidance else None,
-    )
+    guidance = GuidanceSet(ip=factories[0](), mvd=factories[1]())
     with tempfile.TemporaryDirectory() as work:
         warm = OptimizeConfig(**{**config.__dict__, "iterations": 2})
         optimize_asset(warm, guidance, references[0], 0, Path(work) / "warm", prompt_of(0), "warm")  # untimed: lazy init
@@ -75,24 +96,34 @@ def sequential(config: OptimizeConfig, models: ModelsConfig, references: list[An
     return {"assets": assets, "iterations": iterations, "seconds": seconds, "its": iterations / seconds}
 
 
-def concurrent(config: OptimizeConfig, models: ModelsConfig, references: list[Any], assets: int, cpus: float, max_wait_ms: float) -> dict[str, Any]:
-    components = default_components(config, models)
-    ip = [IPGuidanceActor.options(num_cpus=0).remote(components.ip_guidance, assets, max_wait_ms)] if components.ip_guidance else []
-    mvd = [MVDreamGuidanceActor.options(num_cpus=0).remote(components.mvd_guidance, assets, max_wait_ms)] if components.mvd_guidance else []
+def concurrent(
+    config: OptimizeConfig,
+    factories: tuple[Callable[[], Guidance], Callable[[], Guidance]],
+    references: list[Any],
+    assets: int,
+    cpus: float,
+    max_wait_ms: float,
+    gpus: float = 0.0,
+    actor_gpus: float = 0.0,
+) -> dict[str, Any]:
+    """N optimiser tasks at once against one IP and one MVDream actor; ``gpus`` is what the
+    tasks share, ``actor_gpus`` what each actor gets (0 on the CPU)."""
+    options = {"num_cpus": 0, "num_gpus": actor_gpus}
+    ip = [IPGuidanceActor.options(**options).remote(factories[0], assets, max_wait_ms)]
+    mvd = [MVDreamGuidanceActor.options(**options).remote(factories[1], assets, max_wait_ms)]
+    task = {"num_cpus": cpus / assets, "num_gpus": gpus / assets}
     ray.get([actor.stats.remote() for actor in ip + mvd])  # models loaded before timing
     handles = GuidanceHandles(ip=ip, mvd=mvd)
     with tempfile.TemporaryDirectory() as work:
         # Untimed round of 2 iterations at the same concurrency: starts the workers and runs
         # every code path once (lazy init), so the timed round measures steady state.
         warm = OptimizeConfig(**{**config.__dict__, "iterations": 2})
-        ray.get([_optimise.options(num_cpus=cpus / assets).remote(warm, handles, references[i], i, work, "warm") for i in range(assets)])
+        ray.get([_optimise.options(**task).remote(warm, handles, references[i], i, work, "warm") for i in range(assets)])
         began = time.perf_counter()
-        refs = [
-            _optimise.options(num_cpus=cpus / assets).remote(config, handles, references[i], i, work) for i in range(assets)
-        ]
+        refs = [_optimise.options(**task).remote(config, handles, references[i], i, work) for i in range(assets)]
         iterations = sum(ray.get(refs))
         seconds = time.perf_counter() - began
-    stats = {"ip": ray.get(ip[0].stats.remote()) if ip else {}, "mvd": ray.get(mvd[0].stats.remote()) if mvd else {}}
+    stats = {"ip": ray.get(ip[0].stats.remote()), "mvd": ray.get(mvd[0].stats.remote())}
     for actor in ip + mvd:
         ray.kill(actor)
     return {"assets": assets, "iterations": iterations, "seconds": seconds, "its": iterations / seconds, "actors": stats}
@@ -104,19 +135,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--sequential-assets", type=int, default=2)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--size", default="auto", choices=SIZES, help="model size (auto: full on CUDA, tiny on CPU)")
+    parser.add_argument("--actor-gpus", type=float, default=0.25, help="GPU fraction of each guidance actor (CUDA)")
     parser.add_argument("--out", default="benchmarks/out/pipeline.json")
     args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    size = ("full" if cuda else "tiny") if args.size == "auto" else args.size
+    if size == "full" and not cuda:
+        parser.error("--size full needs --device cuda (real-size models on the CPU take minutes per iteration)")
 
-    config = OptimizeConfig.tiny()
+    config = OptimizeConfig() if size == "full" else OptimizeConfig.tiny()
     config.iterations = args.iterations
     config.checkpoint_every = 0
     config.device = args.device
-    models = tiny_models(args.device)
+    factories = guidance_factories(size, config, args.device)
     from stages.models.reference import ReferenceSampler
 
     n = max([args.sequential_assets, *args.concurrency])
-    sampler = ReferenceSampler("tiny", device=args.device)
+    sampler = ReferenceSampler("tiny", device="cpu")  # the reference's content does not change the timing
     references = sampler.sample_many([prompt_of(i) for i in range(n)], list(range(n)), num_inference_steps=4)
 
     # Ray workers run torch with one thread (OMP_NUM_THREADS=1); measure the baseline both ways
@@ -127,14 +164,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     baselines = {}
     for count in sorted({1, threads}):
         torch.set_num_threads(count)
-        baselines[f"{count}_threads"] = sequential(config, models, references, args.sequential_assets)
+        baselines[f"{count}_threads"] = sequential(config, factories, references, args.sequential_assets)
     torch.set_num_threads(threads)
     best = max(baselines.values(), key=lambda row: row["its"])
-    results: dict[str, Any] = {"config": vars(args), "machine": platform.platform(), "sequential": best, "sequential_by_threads": baselines}
+    results: dict[str, Any] = {
+        "config": vars(args), "size": size, "machine": platform.platform(), "environment": environment(args.device),
+        "sequential": best, "sequential_by_threads": baselines,
+    }
     if not ray.is_initialized():
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    results["concurrent"] = [concurrent(config, models, references, c, cpus, args.max_wait_ms) for c in args.concurrency]
+    gpus = max(0.0, ray.cluster_resources().get("GPU", 0.0) - 2 * args.actor_gpus) if cuda else 0.0
+    actor_gpus = args.actor_gpus if cuda else 0.0
+    results["concurrent"] = [
+        concurrent(config, factories, references, c, cpus, args.max_wait_ms, gpus, actor_gpus) for c in args.concurrency
+    ]
     base = results["sequential"]["its"]
     print(f"{'assets at once':>14} | {'it/s (aggregate)':>16} | {'speed-up':>8} | {'mean batch ip':>13} | {'mean batch mvd':>14}")
     print(f"{'sequential':>14} | {base:16.2f} | {1.0:8.2f} | {'-':>13} | {'-':>14}")

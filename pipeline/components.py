@@ -55,8 +55,7 @@ def build_ip_guidance(models: ModelsConfig, method: OptimizeConfig) -> Guidance:
     ``isd.sd_branch`` and negative prompt (runs inside the IP guidance actor)."""
     from stages.guidance.ip_guidance import IPGuidance
 
-    resolution = 64 if models.sd == "tiny" else 512
-    return IPGuidance(models, render_resolution=resolution, sd_branch=method.isd.sd_branch, negative_prompt=method.isd.negative_prompt)
+    return IPGuidance.from_config(models, sd_branch=method.isd.sd_branch, negative_prompt=method.isd.negative_prompt)
 
 
 def build_mvd_guidance(models: ModelsConfig) -> Guidance:

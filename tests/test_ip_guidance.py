@@ -292,3 +292,12 @@ def test_negative_prompt_default_and_override(components):
     torch.testing.assert_close(first.uncond, components.sd.encode_prompts(["blurry"]))
     g.register("a", "a red car", _ref(0), negative_prompt="low quality")
     torch.testing.assert_close(g._assets["a"].uncond, components.sd.encode_prompts(["low quality"]))
+
+
+def test_from_config_picks_the_resolution_of_the_models_and_keeps_the_method_settings():
+    from stages.models.config import ModelsConfig
+
+    tiny = ModelsConfig(sd="tiny", ip_adapter="tiny", image_encoder="tiny", device="cpu", dtype="float32")
+    g = IPGuidance.from_config(tiny, sd_branch="ip_null", negative_prompt="blurry")
+    assert (g.render_resolution, g.sd_branch, g.negative_prompt) == (64, "ip_null", "blurry")
+    assert IPGuidance.from_config(tiny, render_resolution=32).render_resolution == 32

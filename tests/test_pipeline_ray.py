@@ -370,3 +370,55 @@ def test_quickstart_through_ray_job_submit(head, tmp_path):
     assert sorted(os.listdir(out / "assets")) == sorted(rows)
     for asset_id in rows:
         assert (out / "gallery" / "assets" / f"{asset_id}.html").is_file()
+
+
+def test_batching_benchmark_compares_actor_and_serve_batch(head, tmp_path):
+    """``benchmarks.batching`` drives both backends with the same callers and counts every request."""
+    from benchmarks.batching import main as batching_benchmark
+
+    out = tmp_path / "batching.json"
+    results = batching_benchmark(["--handler", "sleep", "--callers", "1", "3", "--requests", "4", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows == results["rows"]
+    assert sorted((r["backend"], r["callers"]) for r in rows) == [("actor", 1), ("actor", 3), ("serve", 1), ("serve", 3)]
+    for row in rows:
+        assert row["requests"] == 4 * row["callers"]
+        # A caller waits for its answer before the next request: batches never exceed the callers.
+        assert 1.0 <= row["mean_batch"] <= row["callers"]
+        # Each request sleeps at least the stand-in model's fixed 20 ms.
+        assert row["median_latency_ms"] >= 20.0
+
+
+def test_pipeline_benchmark_counts_every_iteration_and_batches_across_assets(head, tmp_path):
+    from benchmarks.pipeline import main as pipeline_benchmark
+
+    out = tmp_path / "pipeline.json"
+    results = pipeline_benchmark(["--concurrency", "2", "--iterations", "3", "--sequential-assets", "1", "--out", str(out)])
+    on_disk = json.loads(out.read_text())
+    assert on_disk["size"] == "tiny" and on_disk["sequential"]["iterations"] == 3
+    (row,) = on_disk["concurrent"]
+    assert row["assets"] == 2 and row["iterations"] == 2 * 3
+    assert row["its"] == pytest.approx(row["iterations"] / row["seconds"])
+    assert row["speedup"] == pytest.approx(row["its"] / on_disk["sequential"]["its"])
+    for kind in ("ip", "mvd"):  # every iteration asked each actor once (warm-up round included)
+        stats = row["actors"][kind]
+        assert stats["requests"] == 2 * (3 + 2) and 1.0 <= stats["mean_batch"] <= 2.0
+    assert results["concurrent"][0]["iterations"] == row["iterations"]
+
+
+def test_pipeline_benchmark_refuses_full_size_on_the_cpu(capsys):
+    from benchmarks.pipeline import main as pipeline_benchmark
+
+    with pytest.raises(SystemExit):
+        pipeline_benchmark(["--size", "full", "--device", "cpu"])
+    assert "--size full needs --device cuda" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_pipeline_benchmark_full_size_on_cuda(head, tmp_path):
+    from benchmarks.pipeline import main as pipeline_benchmark
+
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("the test head has no GPU")
+    results = pipeline_benchmark(["--device", "cuda", "--concurrency", "2", "--iterations", "2", "--sequential-assets", "1", "--out", str(tmp_path / "p.json")])
+    assert results["size"] == "full" and results["concurrent"][0]["iterations"] == 4

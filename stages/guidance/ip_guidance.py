@@ -120,6 +120,16 @@ class IPGuidance:
         self._null = self.ip.null_embedding().to(self.sd.dtype)
         self._assets: dict[str, _Asset] = {}
 
+    @classmethod
+    def from_config(
+        cls, models: ModelsConfig, sd_branch: str = "vanilla", negative_prompt: str = "", render_resolution: int | None = None
+    ) -> "IPGuidance":
+        """Load ``models`` (SD1.5, IP-Adapter, image encoder). ``render_resolution`` defaults
+        to SD1.5's 512, and to 64 for ``tiny`` (its VAE is a toy; 64² renders give 8² latents)."""
+        if render_resolution is None:
+            render_resolution = 64 if models.sd == "tiny" else 512
+        return cls(models, render_resolution=render_resolution, sd_branch=sd_branch, negative_prompt=negative_prompt)
+
     # ------------------------------------------------------------------ registry
 
     def register(

@@ -111,8 +111,7 @@ def build_guidance(config: Any, models: ModelsConfig) -> Any:
     if config.uses_ip:
         from stages.guidance.ip_guidance import IPGuidance
 
-        resolution = 64 if models.sd == "tiny" else 512
-        ip = IPGuidance(models, render_resolution=resolution, sd_branch=config.isd.sd_branch, negative_prompt=config.isd.negative_prompt)
+        ip = IPGuidance.from_config(models, sd_branch=config.isd.sd_branch, negative_prompt=config.isd.negative_prompt)
     if config.uses_mvd:
         from stages.guidance.mvdream_guidance import MVDreamGuidance
 
