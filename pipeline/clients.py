@@ -26,6 +26,9 @@ class ActorGuidance:
     ``backoff_s``: first wait before a retry (doubles each time, capped at 5 s).
     """
 
+    concurrent_calls = True
+    """Calls are remote and thread-safe: the optimiser asks the IP and MVDream actors at once."""
+
     def __init__(self, handle: ray.actor.ActorHandle, retries: int = 8, backoff_s: float = 0.2) -> None:
         self.handle = handle
         self.retries = retries

@@ -265,3 +265,51 @@ def test_image_target_guidance_and_sphere_target():
     request.options = {}
     with pytest.raises(ValueError, match="fovy"):
         guidance.grad([request])
+
+
+class Rendezvous(Recorder):
+    """A remote-like guidance (``concurrent_calls``) whose ``grad`` returns only once the other
+    guidance's ``grad`` is running too: asked one after the other, the barrier breaks."""
+
+    concurrent_calls = True
+
+    def __init__(self, value, barrier, threads):
+        super().__init__(value)
+        self.barrier, self.threads = barrier, threads
+
+    def grad(self, requests):
+        import threading
+
+        self.threads.append(threading.get_ident())
+        self.barrier.wait()
+        return super().grad(requests)
+
+
+def test_remote_guidances_are_asked_at_once_with_the_same_result(tmp_path):
+    import threading
+
+    threads: list[int] = []
+    barrier = threading.Barrier(2, timeout=10)
+    ip, mvd = Rendezvous(2.0, barrier, threads), Rendezvous(-3.0, barrier, threads)
+    result, scene = _run(_config(iterations=3), GuidanceSet(ip=ip, mvd=mvd), tmp_path / "concurrent")
+    assert len(ip.requests) == len(mvd.requests) == 3
+    assert len(set(threads)) == 2  # a helper thread asked one of them
+    assert not [t for t in threading.enumerate() if t.name.startswith("guidance-")]  # stopped at the end of the run
+
+    ref_ip, ref_mvd = Recorder(2.0), Recorder(-3.0)
+    reference, ref_scene = _run(_config(iterations=3), GuidanceSet(ip=ref_ip, mvd=ref_mvd), tmp_path / "sequential")
+    assert all(torch.equal(a, b) for a, b in zip(scene.grads, ref_scene.grads))
+    assert [h["loss"] for h in result.history] == [h["loss"] for h in reference.history]
+
+
+def test_an_error_of_one_concurrent_guidance_reaches_the_loop(tmp_path):
+    class Failing(Recorder):
+        concurrent_calls = True
+
+        def grad(self, requests):
+            raise RuntimeError("MVDream actor exploded")
+
+    ip = Recorder(1.0)
+    ip.concurrent_calls = True
+    with pytest.raises(RuntimeError, match="MVDream actor exploded"):
+        _run(_config(iterations=2), GuidanceSet(ip=ip, mvd=Failing()), tmp_path)

@@ -76,7 +76,12 @@ class GuidanceResponse:
 
 @runtime_checkable
 class Guidance(Protocol):
-    """What an optimiser needs from a guidance model (in-process object or Ray actor)."""
+    """What an optimiser needs from a guidance model (in-process object or Ray actor).
+
+    Optional attribute ``concurrent_calls`` (default False): True when ``grad`` is remote and
+    may run on another thread while a second guidance answers, so the optimiser asks its IP and
+    MVDream guidance at once (``pipeline.clients.ActorGuidance``).
+    """
 
     def register(
         self,

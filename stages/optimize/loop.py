@@ -18,6 +18,7 @@ import math
 import resource
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -156,6 +157,7 @@ class _Run:
         self.ip_registration = Registration(asset_id, prompt, reference, config.isd.negative_prompt)
         self.mvd_registration = Registration(asset_id, prompt, None, config.mvd.negative_prompt)
         self.optimizer = make_optimizer(scene, config)
+        self._pool: ThreadPoolExecutor | None = None
 
     def _registration(self, slot: str) -> Registration:
         # one object serving both slots keeps the IP registration (it carries the reference)
@@ -193,6 +195,32 @@ class _Run:
             )
         return response
 
+    def _ask_all(self, asks: dict[str, GuidanceRequest]) -> dict[str, GuidanceResponse]:
+        """Every slot's response. Two remote guidances (``concurrent_calls``, e.g. Ray actors) are
+        asked at once, so an iteration waits for the slower one instead of both in turn; local
+        ones are asked one after the other (they would only compete for the same device)."""
+        if len(asks) < 2 or not self._concurrent():
+            return {slot: self._ask(slot, request) for slot, request in asks.items()}
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"guidance-{self.asset_id}")
+        (first, first_request), *rest = asks.items()
+        pending = self._pool.submit(self._ask, first, first_request)
+        try:
+            answered = {slot: self._ask(slot, request) for slot, request in rest}
+        finally:
+            first_response = pending.result()  # waits (and raises) even when the other call failed
+        return {first: first_response, **answered}
+
+    def _concurrent(self) -> bool:
+        ip, mvd = self.guidance.ip, self.guidance.mvd
+        return ip is not mvd and all(getattr(g, "concurrent_calls", False) for g in (ip, mvd))
+
+    def close(self) -> None:
+        """Stop the helper thread of :meth:`_ask_all` (if one was started)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
     def _regularizer_loss(self, out: dict[str, Tensor], metrics: dict[str, float]) -> Tensor | None:
         weights = {k: float(v) for k, v in self.config.regularizers.items() if float(v) > 0}
         if not weights:
@@ -227,10 +255,10 @@ class _Run:
             "resolution": float(resolution), "batch": float(batch), "shading": float(SHADINGS.index(shading)),
         }
         rgb_detached = rgb.detach()
-        grad = torch.zeros_like(rgb_detached, dtype=torch.float32)
+        asks: dict[str, GuidanceRequest] = {}
         if alpha > 0:
             timesteps = sample_timesteps(_generator(self.seed, step, "t_ip"), batch, t_min, t_max, group=1)
-            request = self._request(
+            asks["ip"] = self._request(
                 rgb_detached, cameras, timesteps, step, "noise_ip", loss=cfg.loss,
                 guidance_scale=cfg.isd.guidance_scale, ip_scale=cfg.isd.ip_scale,
                 options={
@@ -238,19 +266,23 @@ class _Run:
                     "delta_t": int(cfg.isd.delta_t), "view_prompts": bool(cfg.isd.view_prompts),
                 },
             )
-            response = self._ask("ip", request)
-            grad += alpha * response.grad_rgb.to(grad.device, torch.float32)
-            metrics.update(loss_ip=float(response.loss), grad_norm_ip=float(response.grad_norm), t_ip=float(timesteps.float().mean()))
         if beta > 0:
             timesteps = sample_timesteps(_generator(self.seed, step, "t_mvd"), batch, t_min, t_max, group=cfg.cameras.n_view)
-            request = self._request(
+            asks["mvd"] = self._request(
                 rgb_detached, cameras, timesteps, step, "noise_mvd", loss="sds_mvd",
                 guidance_scale=cfg.mvd.guidance_scale, ip_scale=0.0,
                 options={"recon_loss": bool(cfg.mvd.recon_loss), "recon_std_rescale": float(cfg.mvd.recon_std_rescale), "n_view": int(cfg.cameras.n_view)},
             )
-            response = self._ask("mvd", request)
-            grad += beta * response.grad_rgb.to(grad.device, torch.float32)
-            metrics.update(loss_mvd=float(response.loss), grad_norm_mvd=float(response.grad_norm), t_mvd=float(timesteps.float().mean()))
+        responses = self._ask_all(asks)
+        grad = torch.zeros_like(rgb_detached, dtype=torch.float32)
+        for slot, weight in (("ip", alpha), ("mvd", beta)):
+            if slot in responses:
+                response = responses[slot]
+                grad += weight * response.grad_rgb.to(grad.device, torch.float32)
+                metrics.update({
+                    f"loss_{slot}": float(response.loss), f"grad_norm_{slot}": float(response.grad_norm),
+                    f"t_{slot}": float(asks[slot].timesteps.float().mean()),
+                })
         metrics["loss"] = alpha * metrics.get("loss_ip", 0.0) + beta * metrics.get("loss_mvd", 0.0)
         metrics["grad_norm_rgb"] = float(grad.norm())
         # d/dθ of Σ rgb·grad is exactly rgb.backward(grad)
@@ -370,6 +402,7 @@ def optimize_asset(
                     previews = render_views(run.scene, preview_cameras(config.cameras), config.preview_resolution)["rgb"]
                 callback(step, metrics, previews)
     finally:
+        run.close()
         if progress is not None:
             progress.close()
     seconds = time.perf_counter() - began
