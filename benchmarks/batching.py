@@ -23,18 +23,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import json
 import platform
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import ray
 import torch
 from ray import serve
 
+from benchmarks.common import write_json
 from pipeline.actors import IPGuidanceActor
 from stages.guidance.protocol import Guidance, GuidanceRequest, GuidanceResponse
 
@@ -215,10 +214,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f" | {row['mean_batch']:10.2f} | {row['median_latency_ms']:9.1f}"
         )
     results = {"config": vars(args), "machine": platform.platform(), "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(results, args.out)}")
     return results
 
 

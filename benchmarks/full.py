@@ -268,8 +268,9 @@ def unet_variants(full: bool, device: torch.device, dtypes: Sequence[torch.dtype
         unet, embed_dim = build_unet(full, device, dtype)
         inputs = _isd_unet_inputs(unet, 4, latent, embed_dim, device, dtype)
 
-        def forward(model=unet, inputs=inputs) -> None:
-            with torch.no_grad(), per_sample_ip_scale(unet, scales):
+        def forward(model=unet, inputs=inputs, base=unet) -> None:
+            # the scale processors live on the eager UNet's modules, which a compiled UNet shares
+            with torch.no_grad(), per_sample_ip_scale(base, scales):
                 model(**inputs)
 
         seconds = time_call(forward, repeats=repeats, warmup=1, device=device)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import platform
 import tempfile
 import time
@@ -28,7 +27,7 @@ from typing import Any, Callable
 
 import ray
 
-from benchmarks.common import environment
+from benchmarks.common import environment, write_json
 from pipeline.actors import IPGuidanceActor, MVDreamGuidanceActor
 from pipeline.components import default_components
 from pipeline.task import GuidanceHandles
@@ -186,10 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row["speedup"] = row["its"] / base
         ip, mvd = row["actors"]["ip"].get("mean_batch", 0.0), row["actors"]["mvd"].get("mean_batch", 0.0)
         print(f"{row['assets']:>14} | {row['its']:16.2f} | {row['speedup']:8.2f} | {ip:13.2f} | {mvd:14.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(results, args.out)}")
     return results
 
 
