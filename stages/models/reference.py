@@ -111,5 +111,6 @@ def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 
 def _build_pipeline(src: ModelSource, dtype: torch.dtype, seed: int) -> DiffusionPipeline:
     if src.kind == "tiny":
-        return tiny_pipeline(seed).to(dtype=dtype)
+        pipeline = tiny_pipeline(seed)  # built in float32; diffusers warns on every dtype cast
+        return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
     return load_pipeline(src, dtype, AutoPipelineForText2Image, "text-to-image")
