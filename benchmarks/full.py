@@ -49,7 +49,7 @@ from stages.models.mvdream import (
     mvdream_unet_config,
 )
 from stages.models.sd import SD15_SCHEDULER_CONFIG, SD15_UNET_CONFIG, SDComponents, build_tiny_sd, place, seeded
-from stages.models.tiny import tiny_tokenizer
+from stages.models.tiny import TINY_RENDER_RESOLUTION, tiny_tokenizer
 from stages.scene.cameras import CameraConfig, sample_cameras
 
 DEFAULT_OUT = Path("benchmarks/out/full.json")
@@ -128,7 +128,7 @@ def build_ip_guidance(full: bool, device: torch.device | str, dtype: torch.dtype
         for module in (sd.unet, sd.vae, sd.text_encoder):
             place(module, device, dtype)
         ip = load_ip_adapter(sd.unet, "tiny", "tiny", dtype=dtype, device=device, seed=seed)
-        return IPGuidance(IPComponents(sd, ip), render_resolution=64)
+        return IPGuidance(IPComponents(sd, ip), render_resolution=TINY_RENDER_RESOLUTION)
     with torch.device(device):
         unet = seeded(seed, lambda: UNet2DConditionModel.from_config(SD15_UNET_CONFIG))
         vae = seeded(seed + 1, lambda: AutoencoderKL.from_config(SD_VAE_CONFIG))
@@ -153,7 +153,7 @@ def build_mvd_guidance(full: bool, device: torch.device | str, dtype: torch.dtyp
     """MVDream (SD2.1-base 4-view UNet with camera embedding) guidance, real size or tiny."""
     if not full:
         parts = build_tiny_mvdream(seed)
-        resolution = 64
+        resolution = TINY_RENDER_RESOLUTION
     else:
         with torch.device(device):
             unet = seeded(seed, lambda: build_mvdream_unet(mvdream_unet_config()))

@@ -49,12 +49,14 @@ def test_peak_lookup_by_device_name(name, peak):
 def test_module_flop_breakdown_equals_the_counted_guidance_calls():
     """The per-module count used at full size on meta (VAE encode + backward, one UNet forward
     of 4·views ISD rows / 2·views MVDream rows) equals FlopCounterMode around the real
-    ``IPGuidance.grad`` + ``MVDreamGuidance.grad`` calls (tiny models, 64² for both)."""
+    ``IPGuidance.grad`` + ``MVDreamGuidance.grad`` calls (tiny models, renders at each
+    guidance's own resolution so nothing is resized)."""
     cpu = torch.device("cpu")
     ip = full.build_ip_guidance(False, cpu, torch.float32)
     mvd = full.build_mvd_guidance(False, cpu, torch.float32)
-    counted = full.count_flops(ip, mvd, views=4, ip_resolution=64, mvd_resolution=64)
-    modules = full.guidance_flops_by_module(ip, mvd, views=4, ip_resolution=64, mvd_resolution=64)
+    sizes = {"ip_resolution": ip.render_resolution, "mvd_resolution": mvd.render_resolution}
+    counted = full.count_flops(ip, mvd, views=4, **sizes)
+    modules = full.guidance_flops_by_module(ip, mvd, views=4, **sizes)
     assert modules["isd_vae_encode_backward"] + modules["isd_unet"] == counted["ip_flops"]
     assert modules["mvd_vae_encode_backward"] + modules["mvd_unet"] == counted["mvd_flops"]
 

@@ -299,5 +299,5 @@ def test_from_config_picks_the_resolution_of_the_models_and_keeps_the_method_set
 
     tiny = ModelsConfig(sd="tiny", ip_adapter="tiny", image_encoder="tiny", device="cpu", dtype="float32")
     g = IPGuidance.from_config(tiny, sd_branch="ip_null", negative_prompt="blurry")
-    assert (g.render_resolution, g.sd_branch, g.negative_prompt) == (64, "ip_null", "blurry")
-    assert IPGuidance.from_config(tiny, render_resolution=32).render_resolution == 32
+    assert (g.render_resolution, g.sd_branch, g.negative_prompt) == (32, "ip_null", "blurry")
+    assert IPGuidance.from_config(tiny, render_resolution=64).render_resolution == 64

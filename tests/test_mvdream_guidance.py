@@ -180,7 +180,7 @@ def test_from_config_takes_scale_and_recon_from_each_request():
     from stages.models.config import ModelsConfig
 
     g = MVDreamGuidance.from_config(ModelsConfig(mvdream="tiny", mvdream_text="tiny", device="cpu", dtype="float32"))
-    assert g.render_resolution == 64 and g.guidance_scale is None
+    assert g.render_resolution == 32 and g.guidance_scale is None
     g.register("cup", "a mug")
     low, high = g.grad([request("cup", 4, [400], seed=3, guidance_scale=7.5),
                         request("cup", 4, [400], seed=3, guidance_scale=50.0)])

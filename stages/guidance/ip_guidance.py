@@ -30,6 +30,7 @@ from stages.guidance.protocol import (
 )
 from stages.guidance.vae_bridge import backprop_to_renders, encode_renders
 from stages.models.config import ModelsConfig
+from stages.models.tiny import TINY_RENDER_RESOLUTION
 from stages.models.device import resolve_device, resolve_dtype
 from stages.models.ip_adapter import IPAdapter, load_ip_adapter, per_sample_ip_scale, to_pil
 from stages.models.sd import SDComponents, load_sd
@@ -125,9 +126,9 @@ class IPGuidance:
         cls, models: ModelsConfig, sd_branch: str = "vanilla", negative_prompt: str = "", render_resolution: int | None = None
     ) -> "IPGuidance":
         """Load ``models`` (SD1.5, IP-Adapter, image encoder). ``render_resolution`` defaults
-        to SD1.5's 512, and to 64 for ``tiny`` (its VAE is a toy; 64² renders give 8² latents)."""
+        to SD1.5's 512, and to ``TINY_RENDER_RESOLUTION`` (32) for ``tiny``."""
         if render_resolution is None:
-            render_resolution = 64 if models.sd == "tiny" else 512
+            render_resolution = TINY_RENDER_RESOLUTION if models.sd == "tiny" else 512
         return cls(models, render_resolution=render_resolution, sd_branch=sd_branch, negative_prompt=negative_prompt)
 
     # ------------------------------------------------------------------ registry

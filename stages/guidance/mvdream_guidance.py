@@ -44,6 +44,7 @@ from stages.models.mvdream import (
     mvdream_forward,
     normalize_camera,
 )
+from stages.models.tiny import TINY_RENDER_RESOLUTION
 
 MVDREAM_NEGATIVE_PROMPT = (
     "ugly, bad anatomy, blurry, pixelated obscure, unnatural colors, poor lighting, dull, and unclear, "
@@ -139,8 +140,8 @@ class MVDreamGuidance:
 
         The CFG scale, ``recon_loss`` and its rescale then come from each request (the
         optimiser's ``method.mvd`` settings), so this guidance is built with
-        ``guidance_scale=None``. ``render_resolution`` defaults to MVDream's 256, and to 64 for
-        ``tiny`` (its VAE is a toy; 64² renders give 8² latents).
+        ``guidance_scale=None``. ``render_resolution`` defaults to MVDream's 256, and to
+        ``TINY_RENDER_RESOLUTION`` (32) for ``tiny``.
         """
         device = resolve_device(models.device)
         dtype = resolve_dtype(models.dtype, device)
@@ -148,7 +149,7 @@ class MVDreamGuidance:
             models.mvdream, dtype=dtype, device=device, seed=models.seed, text_source=models.mvdream_text
         )
         if render_resolution is None:
-            render_resolution = 64 if models.mvdream == "tiny" else 256
+            render_resolution = TINY_RENDER_RESOLUTION if models.mvdream == "tiny" else 256
         return cls(components, render_resolution=render_resolution, guidance_scale=None)
 
     # ------------------------------------------------------------------ registry

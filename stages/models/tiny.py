@@ -24,6 +24,10 @@ from transformers import CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 TINY_CONTEXT_LENGTH = 77
 """Text tokens per prompt, as in SD1.5 (CLIP-L)."""
 
+TINY_RENDER_RESOLUTION = 32
+"""Renders are resized to this before the tiny VAE (the tiny optimiser renders 32², so nothing is
+resized): 4² latents, which the tiny UNets take down to 2²."""
+
 
 def tiny_vae_config() -> dict[str, Any]:
     """``AutoencoderKL`` config: 4 latent channels, downsampling factor 8 (like SD1.5)."""
