@@ -258,6 +258,34 @@ def check_resources(config: PipelineConfig, cluster: dict[str, float], models_ne
     _require(actor_gpus + res.task_num_gpus <= gpus, "resources", f"actors reserve {actor_gpus} GPUs, leaving less than one task's {res.task_num_gpus} of the cluster's {gpus}")
 
 
+def tasks_that_fit(config: PipelineConfig, cluster: dict[str, float], models_needed: Sequence[str]) -> int:
+    """How many optimiser tasks the cluster can run at once beside the model actors (by their
+    CPU/GPU reservations), at most ``resources.tasks_in_flight``."""
+    res = config.resources
+    actors = [getattr(res, name) for name in models_needed]
+    fits = res.tasks_in_flight
+    for kind, per_task in (("CPU", res.task_num_cpus), ("GPU", res.task_num_gpus)):
+        if per_task > 0:
+            reserved = sum(a.replicas * (a.num_cpus if kind == "CPU" else a.num_gpus) for a in actors)
+            # a small epsilon: Ray's fractions are decimal (1/16 GPU fits 16 times in 1 GPU)
+            fits = min(fits, int((cluster.get(kind, 0.0) - reserved) / per_task + 1e-9))
+    return max(fits, 0)
+
+
+def capacity_note(config: PipelineConfig, cluster: dict[str, float], models_needed: Sequence[str]) -> str | None:
+    """A line for the driver when fewer than ``tasks_in_flight`` tasks fit the cluster now."""
+    fits = tasks_that_fit(config, cluster, models_needed)
+    res = config.resources
+    if fits >= res.tasks_in_flight:
+        return None
+    return (
+        f"the cluster fits {fits} of resources.tasks_in_flight={res.tasks_in_flight} optimiser tasks at once "
+        f"({cluster.get('CPU', 0.0):g} CPUs, {cluster.get('GPU', 0.0):g} GPUs; per task "
+        f"resources.task_num_cpus={res.task_num_cpus:g}, resources.task_num_gpus={res.task_num_gpus:g}, "
+        f"after the model actors' reservations); the others wait for a slot or for the autoscaler"
+    )
+
+
 def to_yaml(config: PipelineConfig) -> str:
     """The resolved config as YAML (logged with the MLflow parent run)."""
     return OmegaConf.to_yaml(OmegaConf.structured(config))

@@ -19,7 +19,7 @@ from typing import Any, Sequence, TextIO
 import ray
 
 from pipeline.components import Components, default_components, models_needed
-from pipeline.config import ConfigError, PipelineConfig, check_resources, load_config
+from pipeline.config import ConfigError, PipelineConfig, capacity_note, check_resources, load_config
 from pipeline.graph import Graph, build_graph
 from pipeline.jobs import Job, make_jobs
 from pipeline.progress import ProgressPrinter
@@ -124,7 +124,11 @@ def run_dataset(
     )
 
     connect_ray(config)
-    check_resources(config, ray.cluster_resources(), models_needed(config.method))
+    cluster, needed = ray.cluster_resources(), models_needed(config.method)
+    check_resources(config, cluster, needed)
+    note = capacity_note(config, cluster, needed)
+    if note:
+        print(f"[pipeline] note: {note}", file=stream, flush=True)
     if not todo:  # nothing to start: no actors, no tracking run
         _write_gallery(config, None, stream)
         summary.seconds = time.monotonic() - began

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError, PipelineConfig, check_resources, load_config
+from pipeline.config import ConfigError, PipelineConfig, capacity_note, check_resources, load_config, tasks_that_fit
 from pipeline.jobs import asset_id_for, config_digest, make_jobs
 from pipeline.prompts import read_prompts
 from pipeline.writer import MANIFEST_COLUMNS, DatasetWriter
@@ -133,6 +133,34 @@ def test_impossible_resources_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="resources.task_num_cpus"):
         check_resources(config, {"CPU": 2.0}, ("ip",))
     check_resources(load_config(write_config(tmp_path, BASE.format(out=tmp_path))), {"CPU": 2.0}, ("ip", "mvd"))
+
+
+def test_shipped_gpu_configs_run_all_their_tasks_on_one_gpu():
+    """16 tasks of 1/64 GPU beside three 1/4-GPU actors fill exactly one GPU: no note."""
+    for name in ("dataset", "t3bench_single", "t3bench_surr", "t3bench_multi", "gpteval3d", "eval_t3bench"):
+        config = load_config(REPO / "configs" / f"{name}.yaml")
+        cluster = {"CPU": 16.0, "GPU": 1.0}
+        assert tasks_that_fit(config, cluster, ("reference", "ip", "mvd")) == config.resources.tasks_in_flight == 16, name
+        assert capacity_note(config, cluster, ("reference", "ip", "mvd")) is None
+
+
+def test_capacity_note_says_how_many_tasks_fit_and_which_keys_decide(tmp_path):
+    path = write_config(tmp_path, BASE.format(out=tmp_path))
+    # GPU-bound: 1 − 3·0.25 = 0.25 GPU left, 0.0625 per task → 4 of 16.
+    gpu = ["resources.tasks_in_flight=16", "resources.task_num_cpus=1", "resources.task_num_gpus=0.0625"]
+    gpu += [f"resources.{k}.num_gpus=0.25" for k in ("reference", "ip", "mvd")]
+    config = load_config(path, gpu)
+    assert tasks_that_fit(config, {"CPU": 32.0, "GPU": 1.0}, ("reference", "ip", "mvd")) == 4
+    note = capacity_note(config, {"CPU": 32.0, "GPU": 1.0}, ("reference", "ip", "mvd"))
+    assert note and "fits 4 of resources.tasks_in_flight=16" in note and "resources.task_num_gpus=0.0625" in note
+    # only the actors the method uses reserve anything: without the reference actor 0.5 GPU → 8
+    assert tasks_that_fit(config, {"CPU": 32.0, "GPU": 1.0}, ("ip", "mvd")) == 8
+    # CPU-bound: 8 CPUs, actors reserve 1 each (3), 2 per task → 2 (5 // 2)
+    cpu = ["resources.tasks_in_flight=8", "resources.task_num_cpus=2"] + [f"resources.{k}.num_cpus=1" for k in ("reference", "ip", "mvd")]
+    assert tasks_that_fit(load_config(path, cpu), {"CPU": 8.0}, ("reference", "ip", "mvd")) == 2
+    # the quickstart's 4 tasks of half a core fit 2 cores
+    quickstart = load_config(REPO / "configs" / "quickstart.yaml")
+    assert capacity_note(quickstart, {"CPU": 2.0}, ("reference", "ip", "mvd")) is None
 
 
 def _row(asset_id: str, status: str, finished: str) -> dict:
