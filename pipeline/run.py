@@ -82,6 +82,28 @@ def plan_jobs(jobs: Sequence[Job], writer: DatasetWriter, retry_failed: bool) ->
     return todo, done, failed
 
 
+def describe_plan(config: PipelineConfig, stream: TextIO, show: int = 10) -> list[Job]:
+    """Print what a run of ``config`` would do and return its jobs to run; writes nothing and
+    starts no Ray (``--dry-run``): prompts × variants, the config digest, the method and models,
+    which assets are already done or failed, and the first ``show`` assets to run."""
+    prompts = read_prompts(config.prompts)
+    jobs = make_jobs(config, prompts)
+    todo, done, failed = plan_jobs(jobs, DatasetWriter(config.output), config.retry_failed)
+    method = config.method
+    lines = [
+        f"[pipeline] dry run: {len(prompts)} prompts x {config.variants} variants = {len(jobs)} assets -> {config.output}",
+        f"  config digest {jobs[0].config_digest if jobs else '-'}: loss {method.loss}, {method.representation}, "
+        f"{method.iterations} iterations; models: {', '.join(models_needed(method))}",
+        f"  {done} already done, {failed} failed earlier ({'redone' if config.retry_failed else 'kept; --retry-failed redoes them'}), "
+        f"{len(todo)} to run, {config.resources.tasks_in_flight} at a time",
+    ]
+    lines += [f"  would run {job.asset_id}  variant {job.variant}  {job.prompt!r}" for job in todo[:show]]
+    if len(todo) > show:
+        lines.append(f"  ... and {len(todo) - show} more")
+    print("\n".join(lines), file=stream, flush=True)
+    return todo
+
+
 def connect_ray(config: PipelineConfig) -> None:
     """Join ``RAY_ADDRESS`` / ``config.ray_address``; else start a local Ray (unless one is up)."""
     if ray.is_initialized():
@@ -241,6 +263,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("config", help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. variants=4 method.iterations=3000")
     parser.add_argument("--retry-failed", action="store_true", help="redo assets recorded as failed")
+    parser.add_argument("--dry-run", action="store_true", help="validate the config and print what would run; start nothing")
     return parser.parse_intermixed_args(argv)
 
 
@@ -250,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         if args.retry_failed:
             config.retry_failed = True
+        if args.dry_run:
+            describe_plan(config, sys.stderr)
+            return 0
         summary = run_dataset(config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

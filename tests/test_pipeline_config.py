@@ -208,3 +208,37 @@ def test_run_cli_takes_overrides_around_flags():
     args = parse_args(["configs/dataset.yaml", "variants=2", "--retry-failed", "method.iterations=3"])
     assert args.config == "configs/dataset.yaml" and args.retry_failed
     assert args.overrides == ["variants=2", "method.iterations=3"]
+
+
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys):
+    import ray
+
+    from pipeline.run import main
+
+    out = tmp_path / "dataset"
+    ray_was_up = ray.is_initialized()
+    assert main([QUICKSTART, f"output={out}", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "dry run: 4 prompts x 2 variants = 8 assets" in err
+    assert err.count("would run ") == 8 and "'a small cactus in a pot'" in err
+    assert not out.exists() and ray.is_initialized() == ray_was_up
+
+    # an asset recorded as failed is kept unless --retry-failed
+    config = load_config(REPO / "configs" / "quickstart.yaml", [f"output={out}"])
+    failed = make_jobs(config, read_prompts(config.prompts))[3]
+    DatasetWriter(str(out)).write_manifest([{**_row(failed.asset_id, "failed", "2026-01-01T00:00:00"), "prompt": failed.prompt}])
+    assert main([QUICKSTART, f"output={out}", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "1 failed earlier" in err and "7 to run" in err and failed.asset_id not in err
+    assert main([QUICKSTART, f"output={out}", "--dry-run", "--retry-failed"]) == 0
+    assert failed.asset_id in capsys.readouterr().err
+
+
+def test_dry_run_still_rejects_a_bad_key(tmp_path, capsys):
+    from pipeline.run import main
+
+    assert main([QUICKSTART, f"output={tmp_path}", "variantz=3", "--dry-run"]) == 2
+    assert "variantz" in capsys.readouterr().err
