@@ -206,6 +206,7 @@ def _check_fraction(value: float, key: str) -> None:
 
 def validate_config(config: PipelineConfig) -> None:
     """Checks that need no cluster; reads the prompt files (so their errors surface now)."""
+    from pipeline.components import models_needed
     from pipeline.prompts import read_prompts  # local: prompts imports this module
 
     _require(config.variants >= 1, "variants", f"must be >= 1, got {config.variants}")
@@ -235,6 +236,7 @@ def validate_config(config: PipelineConfig) -> None:
         key = f"prompts.sources[{index}]"
         _require(source.format in PROMPT_FORMATS, f"{key}.format", f"must be one of {PROMPT_FORMATS}, got '{source.format}'")
         _require(source.limit is None or source.limit >= 1, f"{key}.limit", "must be >= 1 or null")
+    check_gpu_visibility(config, models_needed(config.method))
     read_prompts(config.prompts)
 
 
@@ -256,6 +258,39 @@ def check_resources(config: PipelineConfig, cluster: dict[str, float], models_ne
         actor_gpus += actor.replicas * actor.num_gpus
     _require(actor_cpus + res.task_num_cpus <= cpus, "resources", f"actors reserve {actor_cpus} CPUs, leaving less than one task's {res.task_num_cpus} of the cluster's {cpus}")
     _require(actor_gpus + res.task_num_gpus <= gpus, "resources", f"actors reserve {actor_gpus} GPUs, leaving less than one task's {res.task_num_gpus} of the cluster's {gpus}")
+
+
+def _gpu_shares(config: PipelineConfig, models_needed: Sequence[str]) -> list[tuple[str, float, str, str]]:
+    """(resources key of the GPU share, the share, what runs there, its device setting) for the
+    optimiser tasks and every model actor the method uses."""
+    res, models_device = config.resources, str(config.models.device)
+    shares = [("resources.task_num_gpus", res.task_num_gpus, "the optimiser tasks", f"method.device={config.method.device}")]
+    names = {"reference": "reference sampler", "ip": "IP guidance", "mvd": "MVDream guidance"}
+    shares += [(f"resources.{n}.num_gpus", getattr(res, n).num_gpus, f"the {names[n]} actor", f"models.device={models_device}") for n in models_needed]
+    return shares
+
+
+def check_gpu_visibility(config: PipelineConfig, models_needed: Sequence[str]) -> None:
+    """Raise when a device setting asks for CUDA where Ray will hide every GPU: a task or actor
+    with no GPU share gets ``CUDA_VISIBLE_DEVICES=""``, so ``cuda`` would fail on every asset."""
+    for key, share, _, device in _gpu_shares(config, models_needed):
+        _require(
+            share > 0 or not device.split("=", 1)[1].startswith("cuda"),
+            key,
+            f"is 0, so Ray hides the GPUs from it, but {device}; give it a GPU share or use device auto/cpu",
+        )
+
+
+def cpu_fallback_notes(config: PipelineConfig, cluster: dict[str, float], models_needed: Sequence[str]) -> list[str]:
+    """Lines for the driver: parts left on the CPU (``auto`` device, no GPU share) of a cluster that has GPUs."""
+    gpus = cluster.get("GPU", 0.0)
+    if gpus <= 0:
+        return []
+    return [
+        f"{key}=0: {what} will run on the CPU ({device}) although the cluster has {gpus:g} GPUs"
+        for key, share, what, device in _gpu_shares(config, models_needed)
+        if share <= 0 and device.endswith("=auto")
+    ]
 
 
 def tasks_that_fit(config: PipelineConfig, cluster: dict[str, float], models_needed: Sequence[str]) -> int:

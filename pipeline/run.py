@@ -19,7 +19,7 @@ from typing import Any, Sequence, TextIO
 import ray
 
 from pipeline.components import Components, default_components, models_needed
-from pipeline.config import ConfigError, PipelineConfig, capacity_note, check_resources, load_config
+from pipeline.config import ConfigError, PipelineConfig, capacity_note, check_resources, cpu_fallback_notes, load_config
 from pipeline.graph import Graph, build_graph
 from pipeline.jobs import Job, make_jobs
 from pipeline.progress import ProgressPrinter
@@ -148,9 +148,9 @@ def run_dataset(
     connect_ray(config)
     cluster, needed = ray.cluster_resources(), models_needed(config.method)
     check_resources(config, cluster, needed)
-    note = capacity_note(config, cluster, needed)
-    if note:
-        print(f"[pipeline] note: {note}", file=stream, flush=True)
+    for note in [capacity_note(config, cluster, needed), *cpu_fallback_notes(config, cluster, needed)]:
+        if note:
+            print(f"[pipeline] note: {note}", file=stream, flush=True)
     if not todo:  # nothing to start: no actors, no tracking run
         _write_gallery(config, None, stream)
         summary.seconds = time.monotonic() - began

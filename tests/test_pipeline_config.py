@@ -242,3 +242,26 @@ def test_dry_run_still_rejects_a_bad_key(tmp_path, capsys):
 
     assert main([QUICKSTART, f"output={tmp_path}", "variantz=3", "--dry-run"]) == 2
     assert "variantz" in capsys.readouterr().err
+
+
+def test_cuda_device_without_a_gpu_share_names_the_key(tmp_path):
+    path = write_config(tmp_path, BASE.format(out=tmp_path))
+    with pytest.raises(ConfigError, match=r"resources.task_num_gpus.*Ray hides the GPUs.*method.device=cuda"):
+        load_config(path, ["method.device=cuda"])
+    with pytest.raises(ConfigError, match=r"resources.mvd.num_gpus.*models.device=cuda:0"):
+        load_config(path, ["models.device=cuda:0", "resources.reference.num_gpus=0.1", "resources.ip.num_gpus=0.1"])
+    # with shares everywhere the method needs, cuda is accepted (the cluster check comes later)
+    shares = [f"resources.{k}.num_gpus=0.25" for k in ("reference", "ip", "mvd")] + ["resources.task_num_gpus=0.25"]
+    load_config(path, ["method.device=cuda", "models.device=cuda", *shares])
+
+
+def test_parts_left_on_the_cpu_of_a_gpu_cluster_are_noted(tmp_path):
+    from pipeline.config import cpu_fallback_notes
+
+    config = load_config(write_config(tmp_path, BASE.format(out=tmp_path)), ["resources.ip.num_gpus=0.5"])
+    needed = ("reference", "ip", "mvd")
+    notes = cpu_fallback_notes(config, {"CPU": 8.0, "GPU": 2.0}, needed)
+    keys = sorted(note.split("=")[0] for note in notes)
+    assert keys == ["resources.mvd.num_gpus", "resources.reference.num_gpus", "resources.task_num_gpus"]
+    assert all("although the cluster has 2 GPUs" in note for note in notes)
+    assert cpu_fallback_notes(config, {"CPU": 8.0}, needed) == []  # no GPUs: nothing to say
