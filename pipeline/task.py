@@ -195,4 +195,17 @@ def run_asset(job: Job, reference: Any | None, handles: GuidanceHandles, spec: T
     finally:
         if spec.progress is not None:
             spec.progress.finished.remote(job.asset_id)
+        release_gpu_memory()
+
+
+def release_gpu_memory() -> None:
+    """Hand this worker's cached CUDA memory back: Ray reuses the worker process for later tasks,
+    and blocks torch keeps cached here are unusable by the guidance actors on the same GPU."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_initialized():  # never initialise CUDA in a CPU-only worker
+        torch.cuda.empty_cache()
 
