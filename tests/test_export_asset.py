@@ -45,18 +45,20 @@ def test_exported_files_load_back(tmp_path, representation):
             assert torch.equal(value, restored.state_dict()[key]), key
     # method.yaml rebuilds the same config (evaluation renders the asset from it).
     assert load_optimize_config(tmp_path / files["method"]).digest() == cfg.digest()
+    # both representations get a coloured mesh (splats: marching cubes on the summed Gaussians)
+    mesh = trimesh.load(tmp_path / files["mesh"], force="mesh")
+    assert len(mesh.vertices) > 0 and len(mesh.faces) > 0
+    colours = np.asarray(mesh.visual.vertex_colors)
+    assert colours.shape[0] == len(mesh.vertices) and colours.min() >= 0 and colours.max() <= 255
+    assert (tmp_path / files["mesh_obj"]).is_file()
     if representation == "nerf":
-        mesh = trimesh.load(tmp_path / files["mesh"], force="mesh")
-        assert len(mesh.vertices) > 0 and len(mesh.faces) > 0
-        colours = np.asarray(mesh.visual.vertex_colors)
-        assert colours.shape[0] == len(mesh.vertices) and colours.min() >= 0 and colours.max() <= 255
-        assert (tmp_path / files["mesh_obj"]).is_file() and "splats" not in files
+        assert "splats" not in files
     else:
         ply = plyfile.PlyData.read(str(tmp_path / files["splats"]))
         vertex = ply["vertex"]
         assert vertex.count == scene.num_gaussians
         assert {"x", "y", "z", "f_dc_0", "opacity", "scale_0", "rot_0"} <= set(vertex.data.dtype.names)
-        assert np.isfinite(vertex["x"]).all() and "mesh" not in files
+        assert np.isfinite(vertex["x"]).all()
     assert set(p.name for p in tmp_path.iterdir()) == set(files.values())
 
 

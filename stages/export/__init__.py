@@ -1,8 +1,9 @@
 """Write the files a user opens for one asset (names fixed by CONTRACTS.md "Dataset layout").
 
 :func:`export_asset` renders the preview grid and the turntable, saves the reference image and
-the final scene state, and calls the representation's exporter: a marching-cubes mesh for NeRF
-scenes (:mod:`stages.export.mesh`), a 3DGS PLY for splat scenes (:mod:`stages.export.ply`).
+the final scene state, and calls the representation's exporters: a 3DGS PLY for splat scenes
+(:mod:`stages.export.ply`) and a marching-cubes mesh of any scene with a density field — NeRF, or
+splats read as a sum of Gaussians (:mod:`stages.export.mesh`).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def _mesh_threshold(value: str) -> float | str:
 
 def _export_geometry(scene: torch.nn.Module, out_dir: Path, config: Any) -> dict[str, str]:
     """``splats.ply`` for splat scenes; ``mesh.glb``/``mesh.obj``/``mesh.mtl`` for scenes with a
-    density field (NeRF)."""
+    density field (NeRF, and splats read as a sum of Gaussians)."""
     ex = config.export
     files: dict[str, str] = {}
     if hasattr(scene, "to_ply_dict"):

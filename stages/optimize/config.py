@@ -121,7 +121,8 @@ class ExportConfig:
     video_format: str = "mp4"
     """``mp4`` (falls back to ``gif`` when ffmpeg is missing) | ``gif``."""
     mesh: bool = True
-    """Write ``mesh.glb`` + ``mesh.obj``/``mesh.mtl`` (scenes with a density field: NeRF)."""
+    """Write ``mesh.glb`` + ``mesh.obj``/``mesh.mtl``: marching cubes on the NeRF density, or on the
+    splats' summed Gaussian density (DreamGaussian's extraction; the PLY is written either way)."""
     mesh_resolution: int = 128
     """Marching-cubes grid resolution."""
     mesh_threshold: str = "auto"

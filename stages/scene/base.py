@@ -71,3 +71,10 @@ class Scene(Protocol):
 
     def step_post_backward(self, step: int, out: RenderOutput, optimizer: torch.optim.Optimizer) -> None:
         """Hook after ``backward`` and before ``optimizer.step`` (densify / prune)."""
+
+
+def grid_points(radius: float, resolution: int, device: torch.device | str = "cpu") -> Tensor:
+    """Vertices of a regular grid over [-r, r]³ (endpoints included), (R, R, R, 3), ``ij`` order:
+    entry [i, j, k] is the point (x_i, y_j, z_k). Mesh export samples density fields here."""
+    axis = torch.linspace(-radius, radius, resolution, device=device)
+    return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1)

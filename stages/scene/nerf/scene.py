@@ -12,19 +12,13 @@ from ..base import Cameras, RenderOutput
 from .background import Background
 from .config import SHADINGS, NeRFConfig
 from .field import NeRFField
+from ..base import grid_points
 from .renderer import camera_rays, march_rays, sphere_bounds
 
 DEFAULT_LR: dict[str, float] = {"encoding": 0.01, "density": 0.001, "feature": 0.001, "background": 0.001}
 """MVDream-threestudio's learning rates per parameter group."""
 
 REGULARIZER_NAMES = ("sparsity", "opaque", "orient", "normal_smooth")
-
-
-def grid_points(radius: float, resolution: int, device: torch.device | str = "cpu") -> Tensor:
-    """Vertices of a regular grid over [-r, r]³ (endpoints included), (R, R, R, 3), ``ij`` order:
-    entry [i, j, k] is the point (x_i, y_j, z_k)."""
-    axis = torch.linspace(-radius, radius, resolution, device=device)
-    return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1)
 
 
 class NeRFScene(nn.Module):
