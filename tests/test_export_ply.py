@@ -95,7 +95,7 @@ def test_empty_scene_and_bad_files_raise(tmp_path):
 def test_splat_mesh_of_one_gaussian_is_its_iso_sphere(tmp_path):
     import trimesh
 
-    from stages.export.ply import export_splat_mesh
+    from stages.export.mesh import export_mesh
 
     sigma, opacity, threshold = 0.2, 0.9, 0.3
     scene = SplatScene(SplatConfig(init_num_points=1, backend="torch"), seed=0)
@@ -104,7 +104,7 @@ def test_splat_mesh_of_one_gaussian_is_its_iso_sphere(tmp_path):
         scene.splats["scales"].fill_(np.log(sigma))
         scene.splats["opacities"].fill_(float(np.log(opacity / (1 - opacity))))
         scene.splats["colors"].copy_(torch.logit(torch.tensor([[0.8, 0.3, 0.1]])))
-    files = export_splat_mesh(scene, tmp_path, resolution=64, threshold=threshold)
+    files = export_mesh(scene, tmp_path, resolution=64, threshold=threshold)  # a splat scene is a density scene
     mesh = trimesh.load(files["glb"], force="mesh")
     # glb is y-up: (x, y, z) -> (x, z, -y)
     verts = np.asarray(mesh.vertices) @ np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], dtype=np.float64)

@@ -120,22 +120,3 @@ def load_splats_ply(path: str | Path) -> dict[str, Any]:
         "quats": stack([f"rot_{i}" for i in range(4)]),
         "sh_degree": round(((num_rest // 3) + 1) ** 0.5) - 1,
     }
-
-
-def export_splat_mesh(
-    scene: Any,
-    out_dir: str | Path,
-    resolution: int = 128,
-    threshold: float | str = 0.5,
-    target_faces: Optional[int] = None,
-    name: str = "mesh",
-) -> dict[str, Path]:
-    """Mesh a splat scene: marching cubes on the summed Gaussian density (iso-level
-    ``threshold``, in opacity units), vertex colours from the nearby Gaussians' colours;
-    writes ``<name>.glb/.obj/.mtl`` through :func:`stages.export.mesh.export_mesh`."""
-    from stages.export.mesh import export_mesh
-    from stages.scene.splats.density import SplatDensityField
-
-    if scene.num_gaussians == 0:
-        raise ValueError(f"cannot export a mesh to {out_dir}: the scene has no Gaussians")
-    return export_mesh(SplatDensityField(scene), out_dir, resolution, threshold, target_faces, name=name)

@@ -1,13 +1,11 @@
 """The Gaussians as a density field, for marching-cubes mesh export of a splat scene.
 
 density(x) = Σᵢ oᵢ · exp(-½ (x - μᵢ)ᵀ Σᵢ⁻¹ (x - μᵢ)), colour(x) = the density-weighted mean of
-the Gaussians' DC colours. :class:`SplatDensityField` offers the ``density_grid`` /
-``albedo_at`` / ``config.radius`` interface that ``stages.export.mesh`` expects.
+the Gaussians' DC colours (DreamGaussian's mesh extraction). ``SplatScene.density_grid`` /
+``albedo_at`` use these, so a splat scene is a density scene that ``stages.export.mesh`` exports.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -90,32 +88,3 @@ def colors_at(
         weight = torch.where(weight.sum(1, keepdim=True) > 1e-12, weight, nearest_only)
         out.append((weight[..., None] * rgb[nearest]).sum(1) / weight.sum(1, keepdim=True))
     return torch.cat(out) if out else points.new_zeros(0, 3)
-
-
-@dataclass
-class _Radius:
-    radius: float
-
-
-class SplatDensityField:
-    """A splat scene seen as the density scene ``stages.export.mesh`` exports."""
-
-    def __init__(self, scene, max_half_window: int = 16):
-        self.scene = scene
-        self.config = _Radius(float(scene.config.radius))
-        self.max_half_window = max_half_window
-
-    def density_grid(self, resolution: int) -> Tensor:
-        g = self.scene.gaussians()
-        return density_grid(
-            g["means"].detach(), g["quats"].detach(), g["scales"].detach(), g["opacities"].detach(),
-            self.config.radius, resolution, self.max_half_window,
-        )  # fmt: skip
-
-    def albedo_at(self, points: Tensor) -> Tensor:
-        g = self.scene.gaussians()
-        rgb = g["rgb"].detach().clamp(0.0, 1.0)
-        return colors_at(
-            points, g["means"].detach(), g["quats"].detach(), g["scales"].detach(), g["opacities"].detach(), rgb
-        )
-

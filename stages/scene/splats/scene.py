@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import Cameras, RenderOutput, grid_points
+from ..base import Cameras, RenderOutput
 from . import densify as densify_ops
 from .cameras import intrinsics_from_fovy, viewmats_from_c2w
 from .config import SplatConfig
-from .field import splat_field
+from .density import colors_at, density_grid
 from .init import load_point_cloud, mean_neighbour_distance, random_ball_points
 from .rasterize_gsplat import gsplat_available, gsplat_cuda_ready, rasterize_gsplat
 from .rasterize_torch import quat_to_rotmat, rasterize_torch
@@ -169,21 +169,18 @@ class SplatScene(nn.Module):
     # ------------------------------------------------------------------ as a field (mesh export)
     @torch.no_grad()
     def density_grid(self, resolution: int) -> Tensor:
-        """The Gaussians' density field (:func:`splat_field`) at ``grid_points(radius, R)``, (R, R, R)."""
-        points = grid_points(self.config.radius, resolution, self.splats["means"].device).reshape(-1, 3)
-        density, _ = self._field(points)
-        return density.reshape(resolution, resolution, resolution)
+        """The summed Gaussians (:func:`~stages.scene.splats.density.density_grid`) at
+        ``grid_points(radius, R)``, (R, R, R): what the marching-cubes exporter meshes."""
+        g = self.gaussians()
+        return density_grid(g["means"], g["quats"], g["scales"], g["opacities"], self.config.radius, resolution)
 
     @torch.no_grad()
     def albedo_at(self, points: Tensor) -> Tensor:
-        """View-independent colour (N, 3) in [0, 1] at world points: the Gaussians' DC colours
-        weighted by their density there."""
-        _, color = self._field(points.to(self.splats["means"].device, torch.float32))
-        return color.clamp(0.0, 1.0)
-
-    def _field(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """View-independent colour (N, 3) in [0, 1] at world points: the nearby Gaussians' DC
+        colours weighted by their density there (mesh vertex colours)."""
         g = self.gaussians()
-        return splat_field(points, g["means"], g["quats"], g["scales"], g["opacities"], g["rgb"].clamp(0.0, 1.0))
+        rgb = g["rgb"].clamp(0.0, 1.0)
+        return colors_at(points.to(g["means"].device, torch.float32), g["means"], g["quats"], g["scales"], g["opacities"], rgb)
 
     # ------------------------------------------------------------------ rendering
     def render(self, cameras: Cameras, height: int, width: int, shading: str = "albedo") -> RenderOutput:
