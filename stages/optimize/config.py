@@ -126,7 +126,8 @@ class ExportConfig:
     mesh_resolution: int = 128
     """Marching-cubes grid resolution."""
     mesh_threshold: str = "auto"
-    """Density iso-level: a number, or ``auto`` (mean + 5 std of the grid, threestudio)."""
+    """Density iso-level: a number, or ``auto`` (mean + 5 std of the grid, threestudio). Splat
+    density is summed opacity, so a number near 1 is DreamGaussian's choice (``density_thresh=1``)."""
     mesh_target_faces: int = 0
     """Decimate the mesh to about this many faces; 0 keeps all."""
     render_chunk: int = 8
