@@ -389,6 +389,11 @@ def render_asset_page(dataset: _Dataset, record: AssetRecord, roles: dict[str, s
             ' touch-action="pan-y" loading="eager" reveal="auto" shadow-intensity="1" exposure="1"'
             ' interaction-prompt="none"></model-viewer>'
         )
+        if "splats" in roles:  # the mesh of a splat asset is derived; the splats themselves are the asset
+            viewer += (
+                f'<p class="note">Mesh extracted from the Gaussian splats; the splats are in '
+                f'<a href="../../{html.escape(roles["splats"])}">{html.escape(roles["splats"])}</a> (3DGS PLY).</p>'
+            )
         # viewer.js registers the load listener before the component is defined, so no event is missed.
         scripts = (
             _inline_script(_static_text("viewer.js"), "viewer.js")

@@ -219,6 +219,16 @@ def test_splat_only_and_failed_asset_pages(built):
     assert [e["text"] for e in failed.find("pre")] == [FAILED_ERROR]
 
 
+def test_splat_asset_with_a_mesh_shows_the_mesh_and_links_the_splats(tmp_path):
+    files = _write_asset(tmp_path, "both0", glb=True, turntable="gif", color=(20, 120, 220))
+    (tmp_path / "assets" / "both0" / "splats.ply").write_bytes(b"ply\nformat ascii 1.0\nelement vertex 0\nend_header\n")
+    files["splats"] = "assets/both0/splats.ply"
+    _write_shard(tmp_path, "part-0.parquet", [_row("both0", "a blue splat", 0, 0, "succeeded", None, files, {})])
+    page = _parse(build_gallery(tmp_path) / "assets" / "both0.html")
+    assert len(page.find("model-viewer")) == 1
+    assert "../../assets/both0/splats.ply" in [e["attrs"]["href"] for e in page.find("a")]
+
+
 def test_vendored_viewer_matches_its_notice():
     """The shipped model-viewer bundle is the file the notice names (hash), with its licence beside it."""
     import hashlib
