@@ -181,7 +181,7 @@ def run_asset(job: Job, reference: Any | None, handles: GuidanceHandles, spec: T
         shutil.rmtree(work, ignore_errors=True)  # checkpoints are no longer needed
         return {"row": row, "history": result.history, "committed": committed}
     except Exception as error:  # recorded, not raised: one bad asset must not stop the dataset
-        message = f"{type(error).__name__}: {error}"
+        message = f"{type(error).__name__}: {error}{failure_hint(error)}"
         row = manifest_row(
             job,
             spec.method,
@@ -196,6 +196,21 @@ def run_asset(job: Job, reference: Any | None, handles: GuidanceHandles, spec: T
         if spec.progress is not None:
             spec.progress.finished.remote(job.asset_id)
         release_gpu_memory()
+
+
+OOM_HINT = (
+    "\nhint: the GPU ran out of memory. Per asset, lower method.schedule.batch_sizes or "
+    "method.schedule.resolutions (NeRF: method.nerf.hash_grid.checkpoint=true); per GPU, run fewer "
+    "optimisers beside the guidance actors (resources.tasks_in_flight) or give the actors their own "
+    "GPUs (resources.<ip|mvd|reference>.num_gpus). --retry-failed redoes this asset."
+)
+
+
+def failure_hint(error: BaseException) -> str:
+    """What to change for a failure users can fix by config (out of GPU memory); else ''."""
+    import torch
+
+    return OOM_HINT if isinstance(error, torch.OutOfMemoryError) else ""
 
 
 def release_gpu_memory() -> None:
