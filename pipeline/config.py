@@ -260,24 +260,41 @@ def check_resources(config: PipelineConfig, cluster: dict[str, float], models_ne
     _require(actor_gpus + res.task_num_gpus <= gpus, "resources", f"actors reserve {actor_gpus} GPUs, leaving less than one task's {res.task_num_gpus} of the cluster's {gpus}")
 
 
-def _gpu_shares(config: PipelineConfig, models_needed: Sequence[str]) -> list[tuple[str, float, str, str]]:
-    """(resources key of the GPU share, the share, what runs there, its device setting) for the
-    optimiser tasks and every model actor the method uses."""
-    res, models_device = config.resources, str(config.models.device)
-    shares = [("resources.task_num_gpus", res.task_num_gpus, "the optimiser tasks", f"method.device={config.method.device}")]
+@dataclass(frozen=True)
+class _GpuShare:
+    """One place work runs: its GPU-share key and value, what runs there, and its device setting."""
+
+    key: str
+    share: float
+    what: str
+    device_key: str
+    device: str
+
+    @property
+    def setting(self) -> str:
+        return f"{self.device_key}={self.device}"
+
+
+def _gpu_shares(config: PipelineConfig, models_needed: Sequence[str]) -> list[_GpuShare]:
+    """The optimiser tasks and every model actor the method uses."""
+    res = config.resources
+    shares = [_GpuShare("resources.task_num_gpus", res.task_num_gpus, "the optimiser tasks", "method.device", str(config.method.device))]
     names = {"reference": "reference sampler", "ip": "IP guidance", "mvd": "MVDream guidance"}
-    shares += [(f"resources.{n}.num_gpus", getattr(res, n).num_gpus, f"the {names[n]} actor", f"models.device={models_device}") for n in models_needed]
+    shares += [
+        _GpuShare(f"resources.{n}.num_gpus", getattr(res, n).num_gpus, f"the {names[n]} actor", "models.device", str(config.models.device))
+        for n in models_needed
+    ]
     return shares
 
 
 def check_gpu_visibility(config: PipelineConfig, models_needed: Sequence[str]) -> None:
     """Raise when a device setting asks for CUDA where Ray will hide every GPU: a task or actor
     with no GPU share gets ``CUDA_VISIBLE_DEVICES=""``, so ``cuda`` would fail on every asset."""
-    for key, share, _, device in _gpu_shares(config, models_needed):
+    for place in _gpu_shares(config, models_needed):
         _require(
-            share > 0 or not device.split("=", 1)[1].startswith("cuda"),
-            key,
-            f"is 0, so Ray hides the GPUs from it, but {device}; give it a GPU share or use device auto/cpu",
+            place.share > 0 or not place.device.startswith("cuda"),
+            place.key,
+            f"is 0, so Ray hides the GPUs from it, but {place.setting}; give it a GPU share or use device auto/cpu",
         )
 
 
@@ -287,9 +304,9 @@ def cpu_fallback_notes(config: PipelineConfig, cluster: dict[str, float], models
     if gpus <= 0:
         return []
     return [
-        f"{key}=0: {what} will run on the CPU ({device}) although the cluster has {gpus:g} GPUs"
-        for key, share, what, device in _gpu_shares(config, models_needed)
-        if share <= 0 and device.endswith("=auto")
+        f"{place.key}=0: {place.what} will run on the CPU ({place.setting}) although the cluster has {gpus:g} GPUs"
+        for place in _gpu_shares(config, models_needed)
+        if place.share <= 0 and place.device == "auto"
     ]
 
 
