@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_wheels.sh                        # here, once: .whl/ (git-ignored)
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
 # then copy the tables into benchmarks/RESULTS.md §3 with the card named (gpu.txt).
+# Not here: `benchmarks.pipeline --device cuda` needs Ray, whose wheel (79 MB) is over the device
+# tool's 64 MiB carry limit; run it on a GPU machine with the project installed (README).
 # Stages may be skipped with SKIP="tests optimize guidance full" (space-separated). gsplat compiles
 # its CUDA kernels on first use (minutes); if one 10-minute call is too short, run
 # SKIP="optimize guidance full" first and SKIP=tests next on the same warm machine (the compiled
