@@ -240,6 +240,12 @@ def validate_config(config: PipelineConfig) -> None:
     read_prompts(config.prompts)
 
 
+def actor_reservations(config: PipelineConfig, models_needed: Sequence[str]) -> tuple[float, float]:
+    """(CPUs, GPUs) that all replicas of the model actors this method uses reserve together."""
+    actors: list[ActorResources] = [getattr(config.resources, name) for name in models_needed]
+    return sum(a.replicas * a.num_cpus for a in actors), sum(a.replicas * a.num_gpus for a in actors)
+
+
 def check_resources(config: PipelineConfig, cluster: dict[str, float], models_needed: Sequence[str]) -> None:
     """Raise when the cluster (``ray.cluster_resources()``) cannot ever place what the config asks.
 
@@ -249,13 +255,10 @@ def check_resources(config: PipelineConfig, cluster: dict[str, float], models_ne
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     _require(res.task_num_cpus <= cpus, "resources.task_num_cpus", f"{res.task_num_cpus} CPUs per task but the cluster has {cpus}")
     _require(res.task_num_gpus <= gpus, "resources.task_num_gpus", f"{res.task_num_gpus} GPUs per task but the cluster has {gpus}")
-    actor_cpus = actor_gpus = 0.0
     for name in models_needed:
         actor: ActorResources = getattr(res, name)
-        key = f"resources.{name}"
-        _require(actor.num_gpus <= gpus, f"{key}.num_gpus", f"{actor.num_gpus} GPUs per replica but the cluster has {gpus}")
-        actor_cpus += actor.replicas * actor.num_cpus
-        actor_gpus += actor.replicas * actor.num_gpus
+        _require(actor.num_gpus <= gpus, f"resources.{name}.num_gpus", f"{actor.num_gpus} GPUs per replica but the cluster has {gpus}")
+    actor_cpus, actor_gpus = actor_reservations(config, models_needed)
     _require(actor_cpus + res.task_num_cpus <= cpus, "resources", f"actors reserve {actor_cpus} CPUs, leaving less than one task's {res.task_num_cpus} of the cluster's {cpus}")
     _require(actor_gpus + res.task_num_gpus <= gpus, "resources", f"actors reserve {actor_gpus} GPUs, leaving less than one task's {res.task_num_gpus} of the cluster's {gpus}")
 
@@ -314,11 +317,10 @@ def tasks_that_fit(config: PipelineConfig, cluster: dict[str, float], models_nee
     """How many optimiser tasks the cluster can run at once beside the model actors (by their
     CPU/GPU reservations), at most ``resources.tasks_in_flight``."""
     res = config.resources
-    actors = [getattr(res, name) for name in models_needed]
+    reserved_cpus, reserved_gpus = actor_reservations(config, models_needed)
     fits = res.tasks_in_flight
-    for kind, per_task in (("CPU", res.task_num_cpus), ("GPU", res.task_num_gpus)):
+    for kind, per_task, reserved in (("CPU", res.task_num_cpus, reserved_cpus), ("GPU", res.task_num_gpus, reserved_gpus)):
         if per_task > 0:
-            reserved = sum(a.replicas * (a.num_cpus if kind == "CPU" else a.num_gpus) for a in actors)
             # a small epsilon: Ray's fractions are decimal (1/16 GPU fits 16 times in 1 GPU)
             fits = min(fits, int((cluster.get(kind, 0.0) - reserved) / per_task + 1e-9))
     return max(fits, 0)
