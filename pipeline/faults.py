@@ -177,6 +177,12 @@ class ModelWatch:
         self._pings: dict[ray.ObjectRef, tuple[str, Any]] = {}
         self._last = 0.0
 
+    @classmethod
+    def of(cls, graph: Any, resources: Any) -> "ModelWatch":
+        """The watch of a :class:`~pipeline.graph.Graph`'s actors with the run's ``resources``."""
+        kinds = tuple(MODEL_ACTORS)
+        return cls({kind: getattr(graph, kind) for kind in kinds}, {kind: getattr(resources, kind).max_restarts for kind in kinds})
+
     def wait_ready(self, stream: TextIO, poll_s: float = 1.0) -> None:
         """Block until every model actor has built its model; raise :class:`RunStopped` naming
         the first that cannot (a missing model, a bad dtype, out of memory)."""

@@ -118,6 +118,17 @@ def set_aside_assets(writer: DatasetWriter, asset_ids: list[str]) -> list[str]:
     return moved
 
 
+def requeue_damaged(writer: DatasetWriter) -> list[str]:
+    """``--verify``: check every committed asset and set the damaged ones aside, so the run
+    makes them again; returns the lines that say so."""
+    report = verify_assets(writer)
+    moved = set_aside_assets(writer, sorted(report.damaged))
+    lines = report.lines()
+    if moved:
+        lines.append(f"verify: {len(moved)} damaged assets moved to {writer.path('damaged', 'assets')}; this run makes them again")
+    return lines
+
+
 @dataclass
 class Repair:
     """What :func:`repair_manifest` did."""

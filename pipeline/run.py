@@ -32,7 +32,7 @@ from pipeline.faults import (
     finish_quietly,
 )
 from pipeline.graph import Graph, build_graph
-from pipeline.integrity import damaged_parts_note, repair_manifest, set_aside_assets, verify_assets
+from pipeline.integrity import damaged_parts_note, repair_manifest, requeue_damaged, verify_assets
 from pipeline.jobs import Job, make_jobs
 from pipeline.preflight import wait_for_ray
 from pipeline.progress import ProgressPrinter
@@ -165,11 +165,7 @@ def run_dataset(
     writer = DatasetWriter(config.output)
     writer.clean_staging()
     repair = repair_manifest(writer)
-    notes = [prompt_list.note(), *repair.lines()]
-    if verify:
-        report = verify_assets(writer)
-        set_aside_assets(writer, sorted(report.damaged))
-        notes += report.lines() + ([f"verify: {len(report.damaged)} damaged assets moved to {writer.path('damaged', 'assets')}; redone now"] if report.damaged else [])
+    notes = [prompt_list.note(), *repair.lines(), *(requeue_damaged(writer) if verify else [])]
     for note in notes:
         if note:
             print(f"[pipeline] {note}", file=stream, flush=True)
@@ -203,7 +199,7 @@ def run_dataset(
         print(f"[pipeline] MLflow: {tracker.tracking_uri} (parent run {tracker.parent_id})", file=stream, flush=True)
 
     graph = build_graph(config, components, work_dir_of(config, writer))
-    watch = ModelWatch({"reference": graph.reference, "ip": graph.ip, "mvd": graph.mvd}, {k: getattr(config.resources, k).max_restarts for k in ("reference", "ip", "mvd")})
+    watch = ModelWatch.of(graph, config.resources)
     printer = ProgressPrinter(len(todo), config.method.iterations, config.progress_every_s, stream)
     ending = ("FAILED", "")
     try:

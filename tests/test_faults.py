@@ -128,7 +128,6 @@ def test_model_that_cannot_load_is_found_at_config_load(tmp_path, override, key)
 
 def test_offline_hub_id_not_in_the_cache_names_the_key_and_a_local_copy(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(ConfigError) as info:
         quick(tmp_path, "models.reference=someone/not-cached")
     message = str(info.value)
@@ -616,3 +615,25 @@ def test_include_dashboard_says_which_ports_listen_where():
 
     doc = field_docs(LocalRayConfig)["include_dashboard"]
     assert "127.0.0.1" in doc and "all interfaces" in doc and "token" in doc
+
+
+# =========================================================================== chaos (opt-in)
+
+
+@pytest.mark.chaos
+def test_chaos_run(tmp_path):
+    """``benchmarks.chaos`` at its defaults: 16 assets, a kill every ~20 s (workers, the IP,
+    MVDream and reference actors) and the driver once, then the rerun. Every asset is committed
+    exactly once; the redone work stays bounded by the checkpoint interval. The MLflow facts
+    (one child run per committed asset, no run left RUNNING) belong to the tracking rewrite
+    (#13): until it lands, their failure is an expected failure, reported with the numbers."""
+    from benchmarks.chaos import main
+
+    result = main(["--workdir", str(tmp_path / "chaos"), "--out", str(tmp_path / "chaos.json")])
+    assert result["ok"], result["checks"]
+    kills = result["kills_by_target"]
+    assert kills["driver"] == 1 and sum(kills.values()) >= 4, kills
+    assert 1.0 <= result["work_redone"] < 1.5, result["work_redone"]
+    mlflow = result["mlflow"]
+    if mlflow.get("running") or not mlflow.get("exactly_one_child_run_each"):
+        pytest.xfail(f"MLflow after the chaos run (tracking rewrite #13 pending): {mlflow}")
