@@ -1,13 +1,13 @@
 """Chaos run: many faults during one dataset run, then a rerun; is every asset there once?
 
 ``python -m benchmarks.chaos [--assets 16] [--iterations 300] [--step-s 0.05] [--kill-every-s 20]
-[--max-kills 8] [--max-seconds 900] [--seed 0] [--out benchmarks/chaos.json]``
+[--max-kills 8] [--max-seconds 900] [--seed 0] [--out benchmarks/out/chaos.json]``
 
 On its own Ray head (127.0.0.1, free ports), a driver process runs a ``--assets``-asset dataset
 (the fakes of ``tests/pipeline_fakes.py``: IP, MVDream and reference actors, a checkpointing
 optimiser; CPU quickstart scale) with MLflow tracking. Every ``--kill-every-s`` (±25 %) it
-SIGKILLs one random target: an optimiser worker (of an asset in flight), the IP, the MVDream or
-the reference actor; once, the driver itself, after which the same run is started again (the
+SIGKILLs one random target (each kind once per round, in a random order): an optimiser worker
+(of an asset in flight), the IP, the MVDream or the reference actor; once, the driver itself, after which the same run is started again (the
 rerun), under the same fire, until it ends. Kills stop after ``--max-kills`` or
 ``--max-seconds``. The model actors get ``max_restarts`` and the tasks ``task_max_retries`` above
 ``--max-kills``: the run is to survive the kills, not to use up its restart budgets (that case
@@ -113,6 +113,7 @@ class Chaos:
         self.kills: list[dict[str, Any]] = []
         self.committed_at: dict[str, int] = {}  # asset_id -> asset.json mtime when first seen
         self.rewritten: set[str] = set()
+        self.bag: list[str] = []
 
     def in_flight(self) -> dict[str, int]:
         """asset_id -> optimiser worker pid, for assets with a work dir and no commit yet."""
@@ -144,9 +145,16 @@ class Chaos:
                 continue
         return None
 
+    def next_targets(self) -> list[str]:
+        """Targets in a random order that visits each kind once per round (a shuffled bag), so
+        a short run still hits every kind; the rest of the bag is the fallback order."""
+        if not self.bag:
+            self.bag = self.rng.sample(TARGETS, len(TARGETS))
+        return self.bag[:]
+
     def kill_one(self, elapsed: float) -> None:
         running = self.in_flight()
-        for target in self.rng.sample(TARGETS, len(TARGETS)):  # a random target that exists now
+        for target in self.next_targets():  # the next target of the bag that exists now
             if target == "worker":
                 if not running:
                     continue
@@ -161,6 +169,7 @@ class Chaos:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 continue
+            self.bag.remove(target)
             self.kills.append({"t_s": round(elapsed, 1), "target": target, "pid": pid, "in_flight": victims})
             print(f"[chaos] t={elapsed:.0f}s killed {target} (pid {pid}); in flight: {len(victims)}", file=sys.stderr, flush=True)
             return
@@ -320,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | int:
     parser.add_argument("--max-seconds", type=float, default=900.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="where the dataset goes (default: a new temp dir)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "chaos.json"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "chaos.json"))
     parser.add_argument("--drive", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.drive:
