@@ -254,7 +254,6 @@ def run_chaos(spec: dict[str, Any], head: dict[str, Any]) -> dict[str, Any]:
 
 
 def facts(spec: dict[str, Any], chaos: Chaos) -> dict[str, Any]:
-    sys.path.insert(0, str(TESTS))
     from pipeline.writer import DatasetWriter
 
     out = Path(spec["out"])

@@ -196,7 +196,10 @@ def test_unwritable_output_is_named_at_config_load(which):
         locked.mkdir(mode=0o555)
         locked.chmod(0o555)
         config = top / "run.yaml"
-        config.write_text("prompts:\n  inline: [a red apple]\n" + "".join(f"{k.replace('=', ': ', 1)}\n" for k in []) + "models: {sd: tiny, ip_adapter: tiny, image_encoder: tiny, mvdream: tiny, mvdream_text: tiny, reference: tiny}\n")
+        config.write_text(
+            "prompts:\n  inline: [a red apple]\n"
+            "models: {sd: tiny, ip_adapter: tiny, image_encoder: tiny, mvdream: tiny, mvdream_text: tiny, reference: tiny}\n"
+        )
         config.chmod(0o644)
         output = locked if which == "directory" else locked / "ds"
         script = CHECK_AS_NOBODY.format(repo=str(REPO), config=str(config), output=output)
