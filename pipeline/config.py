@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.config_input import apply_overrides, check_top_level, name_the_keys
 from stages.models.config import ModelsConfig
 from stages.optimize.config import OptimizeConfig
 
@@ -101,7 +102,11 @@ class LocalRayConfig:
     num_cpus: Optional[int] = None
     """CPUs of the local Ray (default: all)."""
     include_dashboard: bool = True
-    """Start the dashboard (bound to 127.0.0.1)."""
+    """Start the dashboard. Only its web UI listens on 127.0.0.1; Ray's other ports (GCS, raylet,
+    object manager, workers, dashboard agent) listen on all interfaces whether or not the
+    dashboard runs, protected by Ray's token authentication, which Ray 2.60 turns on for the
+    local Ray that ``ray.init`` starts unless ``RAY_AUTH_MODE`` is set (``RAY_AUTH_MODE=disabled``
+    leaves those ports open to anyone who can reach the machine)."""
 
 
 @dataclass
@@ -124,6 +129,8 @@ class PipelineConfig:
     ``<output>/.work`` for local outputs."""
     ray_address: Optional[str] = None
     """Ray cluster to join; ``RAY_ADDRESS`` wins when set; neither: start a local Ray."""
+    ray_connect_timeout_s: float = 30.0
+    """How long to wait for ``RAY_ADDRESS`` / ``ray_address`` to answer before giving up."""
     local_ray: LocalRayConfig = field(default_factory=LocalRayConfig)
     retry_failed: bool = False
     """Redo assets recorded as failed (also ``--retry-failed``)."""
@@ -156,10 +163,7 @@ def build_config(
         merged = OmegaConf.merge(schema, base)
     except OmegaConfBaseException as error:
         raise ConfigError(f"{source}: {_describe(error)}") from None
-    try:
-        merged = OmegaConf.merge(merged, dotlist)
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"command-line override: {_describe(error)}") from None
+    merged = apply_overrides(merged, overrides, _describe, ConfigError)
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(f"{source}: config key '{missing[0]}' is required")
@@ -179,8 +183,12 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConf
         raw = OmegaConf.load(path)
     except Exception as error:  # yaml.YAMLError and friends
         raise ConfigError(f"{path}: cannot parse YAML: {error}") from None
+    check_top_level(raw, str(path), ConfigError)
     merged = build_config(raw, overrides, source=str(path))
-    config: PipelineConfig = OmegaConf.to_object(merged)
+    try:
+        config: PipelineConfig = OmegaConf.to_object(merged)
+    except (ValueError, OmegaConfBaseException) as error:  # a schema class refusing a value
+        raise ConfigError(f"{path}: config key {name_the_keys(str(error), PipelineConfig)}") from None
     for source in config.prompts.sources:
         source.path = _resolve_prompt_path(source.path, path.parent)
     validate_config(config)
@@ -207,7 +215,8 @@ def _check_fraction(value: float, key: str) -> None:
 def validate_config(config: PipelineConfig) -> None:
     """Checks that need no cluster; reads the prompt files (so their errors surface now)."""
     from pipeline.components import models_needed
-    from pipeline.prompts import read_prompts  # local: prompts imports this module
+    from pipeline.preflight import preflight  # local: these import this module
+    from pipeline.prompts import read_prompts
 
     _require(config.variants >= 1, "variants", f"must be >= 1, got {config.variants}")
     _require(config.progress_every_s > 0, "progress_every_s", "must be > 0")
@@ -236,8 +245,10 @@ def validate_config(config: PipelineConfig) -> None:
         key = f"prompts.sources[{index}]"
         _require(source.format in PROMPT_FORMATS, f"{key}.format", f"must be one of {PROMPT_FORMATS}, got '{source.format}'")
         _require(source.limit is None or source.limit >= 1, f"{key}.limit", "must be >= 1 or null")
+    _require(config.ray_connect_timeout_s > 0, "ray_connect_timeout_s", "must be > 0")
     check_gpu_visibility(config, models_needed(config.method))
     read_prompts(config.prompts)
+    preflight(config, models_needed(config.method))
 
 
 def actor_reservations(config: PipelineConfig, models_needed: Sequence[str]) -> tuple[float, float]:

@@ -9,8 +9,9 @@ blocks ES modules and cross-file fetches) and from MLflow's artifact view (which
 artifact as a sandboxed ``blob:`` iframe, where relative URLs resolve to nothing). The 3D view is
 Google's ``<model-viewer>`` web component (Apache-2.0), shipped in ``pipeline/gallery_static/``.
 
-All dataset text (prompts, errors, metrics) goes through :func:`html.escape`, and JSON embedded
-in a ``<script>`` block is escaped so that it cannot close the block.
+All dataset text (prompts, errors, metrics) goes through :func:`html.escape`, prompts after
+:func:`visible_controls` (a NUL or ESC byte shows as ␀ / ␛, never raw), and JSON embedded in a
+``<script>`` block is escaped so that it cannot close the block.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
@@ -147,8 +149,12 @@ def read_manifest(output_dir: str | os.PathLike) -> list[AssetRecord]:
     dataset = _Dataset(output_dir)
     ordered: list[tuple[str, AssetRecord]] = []
     for shard in dataset.manifest_shards():
-        with dataset.fs.open_input_file(dataset.path(shard)) as handle:
-            table = pq.read_table(handle)
+        try:
+            with dataset.fs.open_input_file(dataset.path(shard)) as handle:
+                table = pq.read_table(handle)
+        except pa.ArrowInvalid as exc:
+            raise ValueError(f"{dataset.uri}/{shard}: manifest shard does not read ({exc}); "
+                             "build_gallery and pipeline.run set such shards aside") from None
         missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
         if missing:
             raise ValueError(f"{dataset.uri}/{shard}: manifest is missing column(s) {missing}")
@@ -207,6 +213,26 @@ def _thumbnail_uri(data: bytes, max_side: int = THUMBNAIL_MAX_SIDE) -> str:
     return _data_uri(buffer.getvalue(), "image/jpeg")
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def visible_controls(text: str) -> str:
+    """Control characters as visible symbols: C0 and DEL as their Unicode control pictures
+    (NUL → ␀, ESC → ␛, DEL → ␡), C1 as ``\\x85``; tab and newlines stay."""
+
+    def picture(match: re.Match[str]) -> str:
+        code = ord(match.group(0))
+        if code < 0x20:
+            return chr(0x2400 + code)
+        return "\u2421" if code == 0x7F else f"\\x{code:02x}"
+
+    return _CONTROL.sub(picture, text)
+
+
+def _prompt_html(prompt: str) -> str:
+    return html.escape(visible_controls(prompt))
+
+
 def _json_safe(value: Any) -> Any:
     """``value`` with non-finite floats as strings (JSON has no NaN/Infinity)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -219,11 +245,12 @@ def _json_safe(value: Any) -> Any:
 
 
 def json_for_script(value: Any) -> str:
-    """Strict JSON that is safe inside ``<script type="application/json">``: no ``<``, ``>``, ``&``, U+2028/9."""
+    """Strict JSON that is safe inside ``<script type="application/json">``: no ``<``, ``>``, ``&``, U+2028/9, no raw control character."""
     text = json.dumps(_json_safe(value), ensure_ascii=False, sort_keys=True, default=str, allow_nan=False)
     for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
         text = text.replace(char, escape)
-    return text
+    # JSON escapes C0 controls itself; DEL and C1 controls would stay raw in the page
+    return re.sub(r"[\x7f-\x9f]", lambda m: f"\\u{ord(m.group(0)):04x}", text)
 
 
 def _inline_script(source: str, name: str) -> str:
@@ -324,7 +351,7 @@ def _asset_card(dataset: _Dataset, record: AssetRecord, roles: dict[str, str]) -
     return (
         f'<article class="asset status-{html.escape(record.status)}" id="asset-{html.escape(record.asset_id)}"'
         f' data-asset-id="{html.escape(record.asset_id)}" data-status="{html.escape(record.status)}"'
-        f' data-prompt="{html.escape(record.prompt)}">'
+        f' data-prompt="{_prompt_html(record.prompt)}">'
         f'<div class="asset-head"><strong>{html.escape(_variant_label(record))}</strong> {_status_badge(record.status)}'
         f' <a class="asset-link" href="assets/{html.escape(record.asset_id)}.html">3D view &amp; details</a>'
         f' <code class="muted">{html.escape(record.asset_id)}</code></div>'
@@ -354,8 +381,8 @@ def render_index(dataset: _Dataset, records: list[AssetRecord], roles: dict[str,
     for items in _group_by_prompt(records):
         cards = "".join(_asset_card(dataset, r, roles[r.asset_id]) for r in items)
         sections.append(
-            f'<section class="prompt-group" data-prompt="{html.escape(items[0].prompt)}">'
-            f'<h2 class="prompt">{html.escape(items[0].prompt)}</h2><div class="variants">{cards}</div></section>'
+            f'<section class="prompt-group" data-prompt="{_prompt_html(items[0].prompt)}">'
+            f'<h2 class="prompt">{_prompt_html(items[0].prompt)}</h2><div class="variants">{cards}</div></section>'
         )
     statuses = sorted({r.status for r in records} | {"succeeded", "failed"})
     options = "".join(f'<option value="{html.escape(s)}">{html.escape(s)}</option>' for s in statuses)
@@ -385,7 +412,7 @@ def render_asset_page(dataset: _Dataset, record: AssetRecord, roles: dict[str, s
     if "mesh" in roles:
         glb = _data_uri(dataset.read_bytes(roles["mesh"]), MIME_TYPES[".glb"])
         viewer = (
-            f'<model-viewer id="viewer" src="{glb}" alt="3D model: {html.escape(record.prompt)}" camera-controls'
+            f'<model-viewer id="viewer" src="{glb}" alt="3D model: {_prompt_html(record.prompt)}" camera-controls'
             ' touch-action="pan-y" loading="eager" reveal="auto" shadow-intensity="1" exposure="1"'
             ' interaction-prompt="none"></model-viewer>'
         )
@@ -412,13 +439,13 @@ def render_asset_page(dataset: _Dataset, record: AssetRecord, roles: dict[str, s
                "prompt_index": record.prompt_index, **record.details}
     body = (
         f'<header class="page"><p><a href="../index.html">&larr; all assets</a></p>'
-        f'<h1 class="prompt">{html.escape(record.prompt)}</h1>'
+        f'<h1 class="prompt">{_prompt_html(record.prompt)}</h1>'
         f"<p>{html.escape(_variant_label(record))} {_status_badge(record.status)}</p></header>"
         f"<main>{_error_html(record)}{viewer}{_media_html(dataset, roles, thumbnails=False)}"
         f"{_missing_note(record, roles)}<h2>Metrics</h2>{_metrics_table(record.metrics) or '<p class=missing>none</p>'}"
         f"<h2>Details</h2>{_metrics_table(details)}</main>"
     )
-    return _page(f"{record.prompt[:80]} ({record.asset_id})", body, "asset-page", scripts)
+    return _page(f"{visible_controls(record.prompt)[:80]} ({record.asset_id})", body, "asset-page", scripts)
 
 
 def _write_page(path: Path, text: str) -> None:
@@ -438,6 +465,7 @@ def build_gallery(output_dir: str | os.PathLike, gallery_dir: str | os.PathLike 
     ``<output_dir>/gallery``. Returns the local gallery directory (what to log to MLflow).
     """
     dataset = _Dataset(output_dir)
+    _repair(output_dir)
     records = read_manifest(output_dir)
     unsafe = [r.asset_id for r in records if not SAFE_ASSET_ID.match(r.asset_id)]
     if unsafe:
@@ -468,6 +496,21 @@ def build_gallery(output_dir: str | os.PathLike, gallery_dir: str | os.PathLike 
     if remote:
         pafs.copy_files(str(target), dataset.path("gallery"), destination_filesystem=dataset.fs)
     return target
+
+
+def _repair(output_dir: str | os.PathLike) -> None:
+    """Set aside manifest shards that do not read and rebuild their committed rows (one line each)."""
+    import sys
+
+    from pipeline.integrity import repair_manifest
+    from pipeline.writer import DatasetWriter
+
+    writer = DatasetWriter(os.fspath(output_dir))
+    writer.manifest_rows()
+    if not writer.damaged_parts:
+        return
+    for line in repair_manifest(writer, compact=False).lines():
+        print(f"[gallery] {line}", file=sys.stderr, flush=True)
 
 
 def log_gallery_to_mlflow(

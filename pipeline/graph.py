@@ -70,14 +70,21 @@ class Graph:
             return dag.execute(job)
 
     def actor_stats(self) -> dict[str, list[dict[str, float]]]:
-        """Batching statistics of every model actor, by kind."""
+        """Batching statistics of every model actor, by kind ({} for an actor that is gone)."""
         kinds = {"reference": self.reference, "ip": self.ip, "mvd": self.mvd}
-        return {kind: ray.get([actor.stats.remote() for actor in actors]) for kind, actors in kinds.items() if actors}
+        return {kind: [_stats(actor) for actor in actors] for kind, actors in kinds.items() if actors}
 
     def shutdown(self) -> None:
         for actor in [*self.reference, *self.ip, *self.mvd, self.progress]:
             if actor is not None:
                 ray.kill(actor)
+
+
+def _stats(actor: Any) -> dict[str, float]:
+    try:
+        return ray.get(actor.stats.remote(), timeout=30)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return {}
 
 
 def build_graph(config: PipelineConfig, components: Components, work_dir: str) -> Graph:

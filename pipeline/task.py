@@ -22,6 +22,8 @@ from typing import Any
 
 from pipeline.clients import ActorGuidance
 from pipeline.components import Components
+from pipeline.faults import ModelGoneError, RunFaultError, disk_full_cause, disk_full_message
+from pipeline.integrity import file_checksums
 from pipeline.jobs import Job
 from pipeline.writer import ASSET_RECORD, DatasetWriter, utc_now
 from stages.guidance.set import GuidanceSet
@@ -172,7 +174,8 @@ def run_asset(job: Job, reference: Any | None, handles: GuidanceHandles, spec: T
                 started_at=started,
                 finished_at=utc_now(),
             )
-            (staged / ASSET_RECORD).write_text(json.dumps(row, indent=2))
+            record = {**row, "checksums": file_checksums(staged)}  # what --verify checks
+            (staged / ASSET_RECORD).write_text(json.dumps(record, indent=2))
             committed = writer.commit(job.asset_id, staged)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
@@ -180,7 +183,12 @@ def run_asset(job: Job, reference: Any | None, handles: GuidanceHandles, spec: T
             row = writer.read_record(job.asset_id)
         shutil.rmtree(work, ignore_errors=True)  # checkpoints are no longer needed
         return {"row": row, "history": result.history, "committed": committed}
+    except ModelGoneError:
+        raise  # the run's fault, not this asset's: no failed row; the driver stops the run
     except Exception as error:  # recorded, not raised: one bad asset must not stop the dataset
+        cause = disk_full_cause(error, (spec.work_dir, writer.local_root() or spec.work_dir))
+        if cause is not None:
+            raise RunFaultError(disk_full_message(cause)) from None
         message = f"{type(error).__name__}: {error}{failure_hint(error)}"
         row = manifest_row(
             job,

@@ -1,4 +1,5 @@
-"""Shared pytest configuration: GPU tests skip cleanly without CUDA; nothing downloads."""
+"""Shared pytest configuration: GPU tests skip cleanly without CUDA, the chaos run only when
+selected (``-m chaos``); nothing downloads."""
 
 import os
 
@@ -14,6 +15,11 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
 def pytest_collection_modifyitems(config, items):
+    if "chaos" not in (config.getoption("markexpr") or ""):
+        skip_chaos = pytest.mark.skip(reason="the chaos run takes minutes: select it with -m chaos")
+        for item in items:
+            if "chaos" in item.keywords:
+                item.add_marker(skip_chaos)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")

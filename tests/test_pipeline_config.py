@@ -17,6 +17,13 @@ from pipeline.writer import MANIFEST_COLUMNS, DatasetWriter
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def hub_reachable(monkeypatch):
+    """These configs name hub models (the shipped defaults); with HF_HUB_OFFLINE set, loading
+    them checks the local cache and refuses. Loading a config never downloads, so drop it here."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
 def write_config(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "run.yaml"
     path.write_text(text)

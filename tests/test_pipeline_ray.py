@@ -10,11 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,64 +32,31 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head():
-    """A Ray head on 127.0.0.1 with the dashboard (job API); stopped by killing its own
-    process group (never ``ray stop``, which stops every Ray on the machine)."""
-    port, dashboard = _free_port(), _free_port()
-    agent, agent_grpc, runtime_env, metrics = (_free_port() for _ in range(4))
-    # Own temp dir (short: Ray's socket paths must stay under 108 bytes) so concurrent heads
-    # on one machine never share session files.
-    temp_dir = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")
-    # Token auth off for this throw-away head: it listens on 127.0.0.1 only, and a pytest
-    # process cannot switch its (import-time) Ray auth config to match a fresh token.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    cmd = [
-        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-        "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
-        f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}", f"--temp-dir={temp_dir}",
-    ]
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    """A Ray head on 127.0.0.1 with the dashboard (job API), its own ports and temp dir
+    (``benchmarks.ray_head``); stopped by killing its own process group, never ``ray stop``."""
+    from benchmarks.ray_head import local_head
+
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    address = f"127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
+        with local_head(num_cpus=2) as info:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    ray.init(address=info["address"], include_dashboard=False, log_to_driver=False)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(1.0)
+            ray.cloudpickle.register_pickle_by_value(pipeline_fakes)
             try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False)
-                break
-            except Exception:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise
-                time.sleep(1.0)
-        ray.cloudpickle.register_pickle_by_value(pipeline_fakes)
-        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
+                yield {key: info[key] for key in ("address", "dashboard", "env")}
+            finally:
+                ray.shutdown()
     finally:
-        ray.shutdown()
-        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
-        # `ray start` recorded this head as the machine's default cluster; forget it so later
-        # ray.init() calls (ours or anyone's) do not try to join a dead head.
-        for current in (Path("/tmp/ray/ray_current_cluster"), Path(temp_dir) / "ray_current_cluster"):
-            if current.is_file() and current.read_text().strip().endswith(f":{port}"):
-                current.unlink()
-        shutil.rmtree(temp_dir, ignore_errors=True)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -258,7 +222,8 @@ def test_dataset_run_failed_assets_resume_and_retry_failed(head, tmp_path):
     config.retry_failed = True
     retried = run_dataset(config, pipeline_fakes.fake_components(reference=False))
     assert (retried.skipped_done, retried.failed) == (4, 2)
-    assert len(_latest(out)) == 6 and len(DatasetWriter(str(out)).manifest_rows()) == 8
+    # one row per asset: the retried assets' new rows replace their old ones (compaction)
+    assert len(_latest(out)) == 6 and len(DatasetWriter(str(out)).manifest_rows()) == 6
 
 
 def _wait_for(predicate, timeout: float = 60.0, every: float = 0.05):
