@@ -90,8 +90,6 @@ class TrackingConfig:
     """MLflow tracking URI; default ``sqlite:///<output>/mlflow.db`` (local outputs only)."""
     experiment: str = "modedreamer-ray"
     """MLflow experiment name (created when missing)."""
-    log_models: bool = True
-    """Upload each asset's files (mesh, PLY, checkpoint) as child-run artifacts."""
 
 
 @dataclass
@@ -122,6 +120,11 @@ class PipelineConfig:
     work_dir: Optional[str] = None
     """Checkpoints of unfinished assets (must be reachable from every node); default
     ``<output>/.work`` for local outputs."""
+    job_output_root: str = "~/modedreamer-ray"
+    """Where a relative ``output`` / ``work_dir`` goes when the driver runs in a Ray job's temporary
+    working-dir copy (``ray job submit --working-dir``), which is deleted with the cluster:
+    ``<job_output_root>/<output>`` on the driver's node. Outside a Ray job, relative paths are
+    relative to the current directory."""
     ray_address: Optional[str] = None
     """Ray cluster to join; ``RAY_ADDRESS`` wins when set; neither: start a local Ray."""
     local_ray: LocalRayConfig = field(default_factory=LocalRayConfig)

@@ -9,6 +9,7 @@ each result (manifest shard, MLflow child run) → totals.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -20,7 +21,9 @@ import ray
 
 from pipeline.components import Components, default_components, models_needed
 from pipeline.config import ConfigError, PipelineConfig, capacity_note, check_resources, cpu_fallback_notes, load_config
+from pipeline.console import ModelsWatch, browse_lines, describe_cluster
 from pipeline.graph import Graph, build_graph
+from pipeline.job_output import resolve_job_output
 from pipeline.jobs import Job, make_jobs
 from pipeline.progress import ProgressPrinter
 from pipeline.prompts import read_prompts
@@ -86,11 +89,13 @@ def describe_plan(config: PipelineConfig, stream: TextIO, show: int = 10) -> lis
     """Print what a run of ``config`` would do and return its jobs to run; writes nothing and
     starts no Ray (``--dry-run``): prompts × variants, the config digest, the method and models,
     which assets are already done or failed, and the first ``show`` assets to run."""
+    relocated = resolve_job_output(config)
     prompts = read_prompts(config.prompts)
     jobs = make_jobs(config, prompts)
     todo, done, failed = plan_jobs(jobs, DatasetWriter(config.output), config.retry_failed)
     method = config.method
-    lines = [
+    lines = [f"[pipeline] note: {relocated}"] if relocated else []
+    lines += [
         f"[pipeline] dry run: {len(prompts)} prompts x {config.variants} variants = {len(jobs)} assets -> {config.output}",
         f"  config digest {jobs[0].config_digest if jobs else '-'}: loss {method.loss}, {method.representation}, "
         f"{method.iterations} iterations; models: {', '.join(models_needed(method))}",
@@ -104,17 +109,21 @@ def describe_plan(config: PipelineConfig, stream: TextIO, show: int = 10) -> lis
     return todo
 
 
-def connect_ray(config: PipelineConfig) -> None:
+def connect_ray(config: PipelineConfig, stream: TextIO | None = None) -> None:
     """Join ``RAY_ADDRESS`` / ``config.ray_address``; else start a local Ray (unless one is up)."""
     if ray.is_initialized():
         return
+    stream = stream or sys.stderr
     address = os.environ.get("RAY_ADDRESS") or config.ray_address
+    began = time.monotonic()
+    print(f"[pipeline] {'joining Ray at ' + address if address else 'starting a local Ray'} ...", file=stream, flush=True)
     if address:
-        ray.init(address=address)
+        context = ray.init(address=address)
     else:
         # address="local": always a fresh local Ray, never a stale `ray start` head that
         # /tmp/ray/ray_current_cluster may still name.
-        ray.init(address="local", num_cpus=config.local_ray.num_cpus, include_dashboard=config.local_ray.include_dashboard)
+        context = ray.init(address="local", num_cpus=config.local_ray.num_cpus, include_dashboard=config.local_ray.include_dashboard)
+    print(f"[pipeline] {describe_cluster(time.monotonic() - began, getattr(context, 'dashboard_url', None))}", file=stream, flush=True)
 
 
 def work_dir_of(config: PipelineConfig, writer: DatasetWriter) -> str:
@@ -133,6 +142,9 @@ def run_dataset(
     """Generate every missing asset of ``config``'s dataset; returns what happened."""
     stream = stream or sys.stderr
     began = time.monotonic()
+    relocated = resolve_job_output(config)
+    if relocated:
+        print(f"[pipeline] note: {relocated}", file=stream, flush=True)
     jobs = make_jobs(config, read_prompts(config.prompts))
     writer = DatasetWriter(config.output)
     writer.clean_staging()
@@ -140,37 +152,42 @@ def run_dataset(
     todo, summary.skipped_done, summary.skipped_failed = plan_jobs(jobs, writer, config.retry_failed)
     print(
         f"[pipeline] {len(jobs)} assets: {summary.skipped_done} already done, "
-        f"{summary.skipped_failed} failed earlier (kept; --retry-failed redoes them), {len(todo)} to run",
+        f"{summary.skipped_failed} failed earlier (kept; --retry-failed redoes them), {len(todo)} to run -> {config.output}",
         file=stream,
         flush=True,
     )
+    tracker = _open_tracker(config, writer, len(jobs), stream)
 
-    connect_ray(config)
+    connect_ray(config, stream)
     cluster, needed = ray.cluster_resources(), models_needed(config.method)
     check_resources(config, cluster, needed)
     for note in [capacity_note(config, cluster, needed), *cpu_fallback_notes(config, cluster, needed)]:
         if note:
             print(f"[pipeline] note: {note}", file=stream, flush=True)
-    if not todo:  # nothing to start: no actors, no tracking run
-        _write_gallery(config, None, stream)
+    if not todo:  # nothing to start: no actors; a tracking run only if repairs needed one
         summary.seconds = time.monotonic() - began
+        _write_gallery(config, tracker, stream)
+        if tracker is not None:
+            summary.parent_run_id = tracker.parent_id if tracker.started else None
+            tracker.finish(summary.totals())
         return summary
     components = components or default_components(config.method, config.models)
 
-    tracker = None
-    if config.tracking.enabled:
-        from pipeline.tracking import Tracker
-
-        tracker = Tracker(config, len(jobs))
+    if tracker is not None:
         summary.parent_run_id = tracker.parent_id
         print(f"[pipeline] MLflow: {tracker.tracking_uri} (parent run {tracker.parent_id})", file=stream, flush=True)
 
     graph = build_graph(config, components, work_dir_of(config, writer))
-    printer = ProgressPrinter(len(todo), config.method.iterations, config.progress_every_s, stream)
-    status = "FAILED"
+    printer = ProgressPrinter(
+        len(todo), config.method.iterations, config.progress_every_s, stream, parallel=min(config.resources.tasks_in_flight, len(todo))
+    )
+    status, reason = "FAILED", None
     try:
         _drive(graph, todo, config, writer, tracker, printer, summary)
         status = "FINISHED"
+    except BaseException as error:
+        reason = f"{type(error).__name__}: {error}"
+        raise
     finally:
         snapshot = ray.get(graph.progress.snapshot.remote())
         summary.iterations = snapshot["iterations"]
@@ -178,12 +195,29 @@ def run_dataset(
         summary.actor_stats = graph.actor_stats()
         summary.seconds = time.monotonic() - began
         graph.shutdown()
+        printer.in_flight = 0
+        printer.update(snapshot, force=True)
         _write_gallery(config, tracker, stream)
         if tracker is not None:
-            tracker.finish(summary.totals(), status)
-    printer.in_flight = 0
-    printer.maybe_print(summary.iterations, force=True)
+            tracker.finish(summary.totals(), status, reason)
     return summary
+
+
+def _open_tracker(config: PipelineConfig, writer: DatasetWriter, total_jobs: int, stream: TextIO) -> Any:
+    """The run's tracker (None when tracking is off), after closing a killed predecessor's
+    parent run and giving every committed asset its one child run."""
+    if not config.tracking.enabled:
+        return None
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(config, work_dir_of(config, writer), total_jobs)
+    if tracker.stale_parent:
+        print(f"[pipeline] MLflow: closed run {tracker.stale_parent} of a driver that stopped without closing it (KILLED)", file=stream, flush=True)
+    repaired = tracker.repair(writer)
+    if repaired:
+        writer.write_manifest(repaired)
+        print(f"[pipeline] MLflow: re-created the child runs of {len(repaired)} committed asset(s) from their asset.json", file=stream, flush=True)
+    return tracker
 
 
 def _write_gallery(config: PipelineConfig, tracker: Any, stream: TextIO) -> None:
@@ -195,12 +229,12 @@ def _write_gallery(config: PipelineConfig, tracker: Any, stream: TextIO) -> None
 
     try:
         gallery = build_gallery(config.output)
-        if tracker is not None:
+        if tracker is not None and tracker.started:
             log_gallery_to_mlflow(gallery, tracker.parent_id, tracking_uri=tracker.tracking_uri)
     except Exception as error:  # noqa: BLE001 - reported; the dataset itself is complete
         print(f"[pipeline] gallery not written: {type(error).__name__}: {error}", file=stream, flush=True)
         return
-    print(f"[pipeline] gallery: {gallery / 'index.html'}", file=stream, flush=True)
+    print(f"[pipeline] gallery written: {gallery / 'index.html'}", file=stream, flush=True)
 
 
 def _drive(
@@ -217,19 +251,23 @@ def _drive(
     rows: list[dict[str, Any]] = []
     last_flush = time.monotonic()
     queue = list(todo)
+    models = ModelsWatch(graph.model_actors(), printer.note)
     while queue or pending:
         while queue and len(pending) < config.resources.tasks_in_flight:
             job = queue.pop(0)
+            if tracker is not None:
+                job = dataclasses.replace(job, mlflow_run_id=tracker.start_asset(job))
             pending[graph.submit(job)] = job
         printer.in_flight = len(pending)
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(config.progress_every_s, 1.0))
+        models.poll()
+        if tracker is not None:
+            tracker.log_stream(ray.get(graph.progress.drain.remote()))
         for ref in ready:
             job = pending.pop(ref)
-            row, history = _collect(ref, job, config)
+            row, _ = _collect(ref, job, config)
             if tracker is not None:
-                local = writer.local_root()
-                asset_dir = local / row["asset_dir"] if local is not None and row["status"] == "succeeded" else None
-                row["mlflow_run_id"] = tracker.log_asset(row, history, asset_dir)
+                row["mlflow_run_id"] = tracker.finish_asset(row, writer)
             rows.append(row)
             if row["status"] == "succeeded":
                 printer.done += 1
@@ -237,12 +275,12 @@ def _drive(
             else:
                 printer.failed += 1
                 summary.failed += 1
-                print(f"[pipeline] FAILED {job.asset_id} ({job.prompt!r}): {row['error'].splitlines()[0]}", file=printer.stream, flush=True)
+                printer.note(f"[pipeline] FAILED {job.asset_id} ({job.prompt!r}): {row['error'].splitlines()[0]}")
         if rows and (len(rows) >= MANIFEST_FLUSH_ROWS or time.monotonic() - last_flush >= MANIFEST_FLUSH_S or not (queue or pending)):
             writer.write_manifest(rows)
             rows, last_flush = [], time.monotonic()
         printer.in_flight = len(pending)
-        printer.maybe_print(ray.get(graph.progress.snapshot.remote())["iterations"])
+        printer.update(ray.get(graph.progress.snapshot.remote()))
     if rows:
         writer.write_manifest(rows)
 
@@ -284,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"[pipeline] finished: {summary.succeeded} succeeded, {summary.failed} failed, "
         f"{summary.skipped_done} skipped (done), {summary.skipped_failed} skipped (failed) "
         f"in {summary.seconds:.1f}s; dataset at {config.output}",
+        *browse_lines(config),
+        sep="\n",
         file=sys.stderr,
         flush=True,
     )
