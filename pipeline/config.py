@@ -87,7 +87,8 @@ class TrackingConfig:
     enabled: bool = True
     """Log the run to MLflow: a parent run per dataset run, a nested child run per asset."""
     tracking_uri: Optional[str] = None
-    """MLflow tracking URI; default ``sqlite:///<output>/mlflow.db`` (local outputs only)."""
+    """MLflow tracking URI; default ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<output>/mlflow.db``
+    (local outputs; its artifacts in ``<output>/mlartifacts``). Only the driver talks to MLflow."""
     experiment: str = "modedreamer-ray"
     """MLflow experiment name (created when missing)."""
 

@@ -54,7 +54,7 @@ class ModelsWatch:
 
 def browse_lines(config: PipelineConfig) -> list[str]:
     """How to look at the result: the gallery's path and the exact ``mlflow ui`` command."""
-    from pipeline.tracking import browse_command, default_tracking_uri
+    from pipeline.tracking import browse_command, tracking_uri_of
 
     lines = []
     if config.gallery and "://" not in config.output:
@@ -62,6 +62,6 @@ def browse_lines(config: PipelineConfig) -> list[str]:
     elif config.gallery:
         lines.append(f"  gallery: {config.output.rstrip('/')}/gallery/index.html")
     if config.tracking.enabled:
-        uri = config.tracking.tracking_uri or default_tracking_uri(config.output)
+        uri = tracking_uri_of(config)
         lines.append(f"  MLflow runs: {browse_command(uri)}  (then http://127.0.0.1:5000)")
     return lines

@@ -451,14 +451,12 @@ def json_safe(value: Any) -> Any:
 def mlflow_client(output: str, config: EvaluationRunConfig, create: bool) -> Any | None:
     """The tracking client of ``config.tracking`` (default: the dataset's own store); None
     when ``create`` is False and the dataset has no store of its own."""
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.tracking import default_tracking_uri
+    from pipeline.tracking import default_tracking_uri, open_client
 
     uri = config.tracking.tracking_uri or default_tracking_uri(output)
     if not create and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return None
-    return MlflowClient(tracking_uri=uri)
+    return open_client(uri)  # reads and writes the dataset store's relative (mlflow-artifacts:) artifacts
 
 
 def parent_runs(client: Any, manifest: Sequence[dict[str, Any]]) -> dict[str, str]:

@@ -69,6 +69,11 @@ def default_tracking_uri(output: str) -> str:
     return f"sqlite:///{root / DB_NAME}"
 
 
+def tracking_uri_of(config: PipelineConfig) -> str:
+    """``tracking.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the dataset's own store."""
+    return config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(config.output)
+
+
 def local_store_dir(tracking_uri: str) -> Path | None:
     """The directory of a local sqlite store's database, else None."""
     if not tracking_uri.startswith("sqlite:///"):
@@ -212,7 +217,7 @@ class Tracker:
         self.method = config.method
         self.total_jobs = total_jobs
         self.work_dir = Path(work_dir)
-        self.tracking_uri = config.tracking.tracking_uri or default_tracking_uri(config.output)
+        self.tracking_uri = tracking_uri_of(config)
         self.client = open_client(self.tracking_uri)
         self.experiment_id = experiment_id_for(self.client, config.tracking.experiment, self.tracking_uri)
         self._parent: str | None = None

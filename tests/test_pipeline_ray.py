@@ -458,3 +458,35 @@ def test_pipeline_benchmark_full_size_on_cuda(head, tmp_path):
         pytest.skip("the test head has no GPU")
     results = pipeline_benchmark(["--device", "cuda", "--concurrency", "2", "--iterations", "2", "--sequential-assets", "1", "--out", str(tmp_path / "p.json")])
     assert results["size"] == "full" and results["concurrent"][0]["iterations"] == 4
+
+
+def test_reexport_without_retraining_updates_rows_in_place_and_resumes(head, tmp_path):
+    """``pipeline.export``: new export settings are applied from the checkpoints on Ray; asset ids
+    stay, the newer rows supersede, the turntable and mesh follow the new settings, and a second
+    run has nothing to do."""
+    import imageio.v3 as iio
+
+    from evaluate_fixtures import build_dataset, tiny_method
+    from pipeline.export import plan_export, run_export
+
+    method = tiny_method(iterations=2)  # exported with 1 turntable frame (GIF) and no mesh
+    rows = build_dataset(tmp_path, [("a blue ball", 0, 1, 0.4), ("a blue ball", 1, 2, 0.6)], method)
+    checkpoints = {r["asset_id"]: (tmp_path / r["asset_dir"] / "checkpoint.pt").read_bytes() for r in rows}
+    overrides = ["method.export.turntable_frames=3", "method.export.mesh=true", "method.export.mesh_resolution=16",
+                 "method.export.mesh_threshold=0.5", "resources.task_num_cpus=0.5", "gallery=false"]
+    plan = plan_export(str(tmp_path), overrides)
+    assert sorted(plan.asset_ids) == sorted(r["asset_id"] for r in rows)
+    assert run_export(plan) == {"exported": 2, "skipped": 0, "failed": 0}
+    latest = DatasetWriter(str(tmp_path)).latest_rows()
+    assert set(latest) == {r["asset_id"] for r in rows}  # same ids, one latest row each
+    for before in rows:
+        after = latest[before["asset_id"]]
+        assert after["finished_at"] > before["finished_at"] and after["config_digest"] == before["config_digest"]
+        files = json.loads(after["files"])
+        assert "mesh" in files and "mesh" not in json.loads(before["files"])
+        for rel in files.values():
+            assert (tmp_path / rel).is_file(), rel
+        assert iio.imread(tmp_path / files["turntable"], index=None).shape[0] == 3
+        assert (tmp_path / after["asset_dir"] / "checkpoint.pt").read_bytes() == checkpoints[after["asset_id"]]  # not retrained
+    assert run_export(plan_export(str(tmp_path), overrides)) == {"exported": 0, "skipped": 2, "failed": 0}
+    assert len(DatasetWriter(str(tmp_path)).manifest_rows()) == 4
