@@ -545,8 +545,18 @@ def log_to_mlflow(
 
 
 # ------------------------------------------------------------------ CLI
+EXAMPLES = """examples:
+  python -m pipeline.evaluate outputs/t3bench_single --config configs/evaluate.yaml
+  python -m pipeline.evaluate outputs/quickstart --config configs/evaluate.yaml evaluate.clip=tiny evaluate.aesthetic_head=tiny
+  python -m pipeline.evaluate outputs/t3bench --config configs/evaluate.yaml --dataset-config configs/eval_t3bench.yaml
+"""
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.evaluate", description="Score a dataset: text alignment and quality per asset, diversity per prompt.", epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("dataset", help="dataset root (the pipeline's output)")
     parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. evaluate.clip=tiny views=preview")
     parser.add_argument("--config", default=None, help="evaluation YAML (configs/evaluate.yaml)")

@@ -296,8 +296,23 @@ def _collect(ref: ray.ObjectRef, job: Job, config: PipelineConfig) -> tuple[dict
         return manifest_row(job, config.method, status="failed", error=message, started_at=now, finished_at=now), []
 
 
+EXAMPLES = """examples:
+  python -m pipeline.run configs/quickstart.yaml                              # tiny models on the CPU, no downloads
+  python -m pipeline.run configs/dataset.yaml variants=4 method.iterations=3000   # OmegaConf dotlist overrides
+  python -m pipeline.run configs/dataset.yaml --dry-run                       # validate and show the plan; start nothing
+  python -m pipeline.run configs/dataset.yaml --retry-failed                  # redo the assets recorded as failed
+  RAY_ADDRESS=auto python -m pipeline.run configs/dataset.yaml output=s3://bucket/ds work_dir=/shared/work
+
+Rerunning the same config skips committed assets and resumes unfinished ones from their
+checkpoints. Keys: docs/CONFIG.md. On a cluster (ray job submit): README "On a Ray cluster".
+"""
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.run", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("config", help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. variants=4 method.iterations=3000")
     parser.add_argument("--retry-failed", action="store_true", help="redo assets recorded as failed")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -126,61 +124,16 @@ def make_dataset(root: Path) -> dict[str, dict]:
     return {r["asset_id"]: r for r in rows + [retried, late]}
 
 
-def synthetic_dataset(root: Path, assets: int, prompts_per_group: int = 4, failed_every: int = 25) -> list[dict]:
-    """``assets`` assets over ``assets / prompts_per_group`` prompts, every file a hard link of one
-    small original (building 2,000 asset directories takes seconds); one manifest shard."""
-    originals = root / ".originals"
-    write_asset(originals, "x", glb=True, turntable="gif", color=(90, 140, 200))
-    source = originals / "assets" / "x"
-    rows = []
-    for index in range(assets):
-        asset_id = f"asset{index:05d}-v{index % prompts_per_group}"
-        prompt = f"prompt number {index // prompts_per_group}: a small object"
-        if failed_every and index % failed_every == failed_every - 1:
-            rows.append(row(asset_id, prompt, index // prompts_per_group, index % prompts_per_group, "failed", "NonFiniteLossError: nan", {}, {}))
-            continue
-        folder = root / "assets" / asset_id
-        folder.mkdir(parents=True)
-        files = {}
-        for file in source.iterdir():
-            os.link(file, folder / file.name)
-        for role, name in (("reference", "reference.png"), ("preview", "preview.png"), ("turntable", "turntable.gif"), ("mesh", "mesh.glb"), ("mesh_obj", "mesh.obj")):
-            files[role] = f"assets/{asset_id}/{name}"
-        rows.append(row(asset_id, prompt, index // prompts_per_group, index % prompts_per_group, "succeeded", None, files,
-                        {"loss": 0.1 + index * 1e-4, "clip_score": 0.3, "iterations_per_second": 12.5}))
-    shutil.rmtree(originals)
-    write_shard(root, "part-20260101T000000-scale.parquet", rows)
-    return rows
-
-
 # ---------------------------------------------------------------- headless Chromium
-CHROMIUM_FLAGS = (
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run", "--window-size=1024,768",
-    "--disable-dev-shm-usage",  # containers often have a 64 MB /dev/shm
-    # WebGL without a GPU: SwiftShader, opted in explicitly (the silent fallback is deprecated).
-    "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-    "--enable-precise-memory-info",  # performance.memory without its coarse bucketing
-)
-
-
 def start_browser():
     """A Selenium Chrome driver on the system Chromium (skips the test without one)."""
-    binary = shutil.which("chromium") or shutil.which("chromium-browser") or next(
-        (p for p in ("/usr/bin/chromium",) if os.path.exists(p)), None)
-    driver_path = shutil.which("chromedriver") or next(
-        (p for p in ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver") if os.path.exists(p)), None)
+    from benchmarks.gallery import chromium_paths, start_chromium
+
+    binary, driver_path = chromium_paths()
     if binary is None or driver_path is None:
         pytest.skip("chromium and chromedriver not installed (apt-get install -y chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(driver_path), options=options)  # explicit driver: no Selenium Manager download
+    pytest.importorskip("selenium.webdriver")
+    return start_chromium(binary, driver_path)
 
 
 def console_errors(driver) -> list[dict]:

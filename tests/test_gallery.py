@@ -329,9 +329,11 @@ def test_browser_pages_keep_prompt_groups_together(tmp_path, browser):
     first = browser.find_elements(By.CSS_SELECTOR, "article.asset")
     assert len(first) == PAGE_CARDS and browser.find_element(By.CSS_SELECTOR, ".page-of").text == "page 1 of 2"
     browser.find_element(By.CSS_SELECTOR, "#pager-top a[data-page='2']").click()
+    _wait(browser, "return document.querySelector('.page-of').textContent.includes('page 2 of 2')", 30)
     second = [c.get_attribute("data-asset-id") for c in browser.find_elements(By.CSS_SELECTOR, "article.asset")]
     assert second == [f"a{i:03d}" for i in range(PAGE_CARDS, PAGE_CARDS + 10)]
     browser.back()
+    _wait(browser, "return document.querySelector('.page-of').textContent.includes('page 1 of 2')", 30)
     assert len(browser.find_elements(By.CSS_SELECTOR, "article.asset")) == PAGE_CARDS
 
 
@@ -344,6 +346,7 @@ def test_browser_asset_detail_loads_orbits_and_links_downloads(built, browser):
     _open(browser, gallery)
     browser.find_element(By.CSS_SELECTOR, "#asset-boxa0 a.asset-link").click()
     assert _wait(browser, "return document.body.dataset.modelState || null") == "loaded"
+    assert browser.current_url.endswith("#asset=boxa0")  # the detail is a link
     loaded, *dims = browser.execute_script(
         "const v = document.getElementById('viewer'); const d = v.getDimensions(); return [v.loaded, d.x, d.y, d.z]")
     assert loaded is True
@@ -362,6 +365,7 @@ def test_browser_asset_detail_loads_orbits_and_links_downloads(built, browser):
     ActionChains(browser).move_to_element(viewer).click_and_hold().move_by_offset(150, 0).pause(0.3).release().perform()
     assert abs(browser.execute_script(theta) - before) > 0.1  # dragging orbits the camera
     browser.find_element(By.ID, "close-detail").click()
+    _wait(browser, "return document.getElementById('detail').classList.contains('hidden')", 30)
     assert browser.find_element(By.ID, "detail").get_attribute("class").split() == ["detail", "hidden"]
     assert console_errors(browser) == []
 
