@@ -63,5 +63,6 @@ def browse_lines(config: PipelineConfig) -> list[str]:
         lines.append(f"  gallery: {config.output.rstrip('/')}/gallery/index.html")
     if config.tracking.enabled:
         uri = tracking_uri_of(config)
-        lines.append(f"  MLflow runs: {browse_command(uri)}  (then http://127.0.0.1:5000)")
+        command = browse_command(uri)
+        lines.append(f"  MLflow runs: {command}" + ("" if command.startswith("open ") else "  (then open http://127.0.0.1:5000)"))
     return lines

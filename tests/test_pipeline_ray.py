@@ -7,6 +7,7 @@ optimiser are the fakes of ``pipeline_fakes`` except in the ``ray job submit`` q
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -220,7 +221,10 @@ def test_dataset_run_failed_assets_resume_and_retry_failed(head, tmp_path):
     out = tmp_path / "ds"
     prompts = ["a red apple", "a blue chair", "a NaN monster"]
     config = fake_config(out, prompts, **{"tracking.enabled": "true"})
-    summary = run_dataset(config, pipeline_fakes.fake_components(mvd=True))
+    console = io.StringIO()
+    summary = run_dataset(config, pipeline_fakes.fake_components(mvd=True), stream=console)
+    said = console.getvalue()  # what the first seconds show, before any iteration is counted
+    assert "loading models in their actors: ip, mvd, reference" in said and "model ip ready" in said and "MLflow: sqlite" in said
     assert (summary.succeeded, summary.failed) == (4, 2)
     rows = _latest(out)
     assert len(rows) == 6
