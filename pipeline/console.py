@@ -52,8 +52,9 @@ class ModelsWatch:
             self.note(f"[pipeline] model {name} ready ({time.monotonic() - self.began:.1f}s)")
 
 
-def browse_lines(config: PipelineConfig) -> list[str]:
-    """How to look at the result: the gallery's path and the exact ``mlflow ui`` command."""
+def browse_lines(config: PipelineConfig, experiment_id: str | None = None) -> list[str]:
+    """How to look at the result: the gallery's path and the exact command that shows the MLflow
+    runs (with the URL that opens the experiment in MLflow 3's model-training view)."""
     from pipeline.tracking import browse_command, tracking_uri_of
 
     lines = []
@@ -63,6 +64,8 @@ def browse_lines(config: PipelineConfig) -> list[str]:
         lines.append(f"  gallery: {config.output.rstrip('/')}/gallery/index.html")
     if config.tracking.enabled:
         uri = tracking_uri_of(config)
-        command = browse_command(uri)
-        lines.append(f"  MLflow runs: {command}" + ("" if command.startswith("open ") else "  (then open http://127.0.0.1:5000)"))
+        remote = uri.startswith(("http://", "https://"))
+        server = uri.rstrip("/") if remote else "http://127.0.0.1:5000"
+        page = f"{server}/#/experiments/{experiment_id}?workflowType=machine_learning" if experiment_id else server
+        lines.append(f"  MLflow runs: open {page}" if remote else f"  MLflow runs: {browse_command(uri)}  (then open {page})")
     return lines

@@ -48,6 +48,7 @@ class RunSummary:
     seconds: float = 0.0
     actor_stats: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     parent_run_id: str | None = None
+    experiment_id: str | None = None
     attempts: dict[str, int] = field(default_factory=dict)
     """Optimiser attempts per asset started in this run (> 1: Ray retried the task)."""
 
@@ -169,12 +170,13 @@ def run_dataset(
         _write_gallery(config, tracker, stream)
         if tracker is not None:
             summary.parent_run_id = tracker.parent_id if tracker.started else None
+            summary.experiment_id = tracker.experiment_id
             tracker.finish(summary.totals())
         return summary
     components = components or default_components(config.method, config.models)
 
     if tracker is not None:
-        summary.parent_run_id = tracker.parent_id
+        summary.parent_run_id, summary.experiment_id = tracker.parent_id, tracker.experiment_id
         print(f"[pipeline] MLflow: {tracker.tracking_uri} (parent run {tracker.parent_id})", file=stream, flush=True)
 
     graph = build_graph(config, components, work_dir_of(config, writer))
@@ -337,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"[pipeline] finished: {summary.succeeded} succeeded, {summary.failed} failed, "
         f"{summary.skipped_done} skipped (done), {summary.skipped_failed} skipped (failed) "
         f"in {summary.seconds:.1f}s; dataset at {config.output}",
-        *browse_lines(config),
+        *browse_lines(config, summary.experiment_id),
         sep="\n",
         file=sys.stderr,
         flush=True,

@@ -73,9 +73,10 @@ def test_progress_state_hands_points_and_previews_over_once():
 def test_the_end_names_the_gallery_and_the_mlflow_command(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     config = OmegaConf.to_object(build_config({"prompts": {"inline": ["x"]}}, [f"output={tmp_path}/qs"]))
-    assert browse_lines(config) == [
+    assert browse_lines(config, "7") == [
         f"  gallery: {tmp_path}/qs/gallery/index.html",
-        f"  MLflow runs: cd {tmp_path}/qs && mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)",
+        f"  MLflow runs: cd {tmp_path}/qs && mlflow ui --backend-store-uri sqlite:///mlflow.db"
+        "  (then open http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning)",
     ]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
-    assert browse_lines(config)[1] == "  MLflow runs: open http://mlflow.internal:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000/")
+    assert browse_lines(config, "7")[1] == "  MLflow runs: open http://mlflow.internal:5000/#/experiments/7?workflowType=machine_learning"

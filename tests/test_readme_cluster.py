@@ -136,7 +136,8 @@ def test_readme_cluster_commands_run_as_written(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
     # the printed MLflow command, as written (plus a free port): the runs and the thumbnail of the asset
     ui_port = _free_port()
-    command = shlex.split(browse.split(" && ", 1)[1]) + ["--port", str(ui_port), "--host", "127.0.0.1"]
+    printed = next(line for line in log.splitlines() if browse in line)
+    command = shlex.split(printed.split(" && ", 1)[1].split("  (then", 1)[0]) + ["--port", str(ui_port), "--host", "127.0.0.1"]
     ui = subprocess.Popen(command, cwd=out, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_http(f"http://127.0.0.1:{ui_port}/health")
