@@ -1,6 +1,6 @@
 """The dataset on disk: atomic asset commits and Parquet manifest shards.
 
-Layout (CONTRACTS.md): ``<output>/assets/<asset_id>/`` holds one finished asset;
+Layout (docs/ARCHITECTURE.md "Dataset layout"): ``<output>/assets/<asset_id>/`` holds one finished asset;
 ``<output>/manifest/part-<timestamp>-<uuid>.parquet`` one row per finished asset (later rows
 for an asset_id supersede earlier ones). An asset is staged in ``<output>/.tmp/`` and renamed
 into place, so it is either complete or absent. Its ``asset.json`` (written last) repeats its
