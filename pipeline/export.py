@@ -130,7 +130,7 @@ def export_one(output: str, asset_id: str, export_overrides: list[str], device: 
     """Re-export one committed asset; returns ``{"row": ..., "skipped": bool}``."""
     import tempfile
 
-    from pipeline.writer import ASSET_RECORD, DatasetWriter, utc_now
+    from pipeline.writer import DatasetWriter, utc_now
     from stages.evaluate.render import load_asset_scene
     from stages.export import export_asset
     from stages.models.device import resolve_device
@@ -162,7 +162,7 @@ def export_one(output: str, asset_id: str, export_overrides: list[str], device: 
         finished_at=utc_now(),
         export_digest=digest,
     )
-    _write_record(writer, asset_id, record, ASSET_RECORD)
+    writer.rewrite_record(asset_id, record)
     return {"row": record, "skipped": False}
 
 
@@ -189,18 +189,6 @@ def _replace_files(writer: Any, asset_id: str, staged: Path, files: dict[str, st
                 writer.fs.delete_file(f"{target}/{name}")
             except (FileNotFoundError, OSError):
                 pass
-
-
-def _write_record(writer: Any, asset_id: str, record: dict[str, Any], name: str) -> None:
-    data = json.dumps(record, indent=2).encode()
-    path = writer.path("assets", asset_id, name)
-    if writer.is_local:
-        tmp = Path(path).with_name(f".{name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    else:
-        with writer.fs.open_output_stream(path) as stream:
-            stream.write(data)
 
 
 # ------------------------------------------------------------------ the driver

@@ -414,7 +414,7 @@ class Tracker:
                 record = {**record, "mlflow_run_id": self._create_child(asset_id, "succeeded", self._job_params(record))}
                 self.client.set_tag(record["mlflow_run_id"], "recovered_from", "asset.json")
                 record["finished_at"] = utc_now()
-                _update_record(writer, asset_id, record)
+                writer.rewrite_record(asset_id, record)
                 changed.append(record)
             self.finish_asset(record, writer)
         return changed
@@ -438,17 +438,3 @@ class Tracker:
         for start in range(0, len(batch), METRIC_BATCH):
             self.client.log_batch(run_id, metrics=batch[start : start + METRIC_BATCH])
 
-
-def _update_record(writer: "DatasetWriter", asset_id: str, record: dict[str, Any]) -> None:
-    """Rewrite a committed asset's ``asset.json`` (temp file + rename where the store has one)."""
-    from pipeline.writer import ASSET_RECORD
-
-    data = json.dumps(record, indent=2).encode()
-    path = writer.path("assets", asset_id, ASSET_RECORD)
-    if writer.is_local:
-        tmp = Path(path).with_name(f".{ASSET_RECORD}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    else:
-        with writer.fs.open_output_stream(path) as stream:
-            stream.write(data)
