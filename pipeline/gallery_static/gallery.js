@@ -37,7 +37,7 @@
   function datasetUrl(path) { return DATA.dataset + "/" + encodePath(path); }
   function thumbUrl(asset, role) {
     if (IN_MLFLOW) {
-      return role === "preview" && asset.run
+      return role === "preview" && asset.run && asset.status === "succeeded"
         ? MLFLOW_BASE + "get-artifact?path=thumbnail.jpg&run_uuid=" + encodeURIComponent(asset.run) : null;
     }
     return asset.thumbs[role] ? encodePath(asset.thumbs[role]) : null;
