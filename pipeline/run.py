@@ -1,9 +1,11 @@
 """Entry point: ``python -m pipeline.run CONFIG.yaml [key=value ...] [--retry-failed]``.
 
-Reads top to bottom: load and validate the config (prompt files included) → plan the jobs
-(skip committed assets; failed ones unless ``--retry-failed``) → join or start Ray and check
-the resources → build the graph → keep ``resources.tasks_in_flight`` assets running → record
-each result (manifest shard, MLflow child run) → totals.
+Reads top to bottom: load and validate the config (prompt files included; a relative output
+of a Ray job goes under ``job_output_root``) → plan the jobs (skip committed assets; failed ones
+unless ``--retry-failed``) → open the tracking (close a killed predecessor's run, give every
+committed asset its run) → join or start Ray and check the resources → build the graph → keep
+``resources.tasks_in_flight`` assets running, each with its MLflow child run from start to end
+and its curves streamed → record each result (manifest shard) → gallery, totals, where to look.
 """
 
 from __future__ import annotations
