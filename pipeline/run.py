@@ -190,6 +190,7 @@ def run_dataset(
         _drive(graph, todo, config, writer, tracker, printer, summary)
         status = "FINISHED"
     except BaseException as error:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         reason = f"{type(error).__name__}: {error}"
         raise
     finally:

@@ -223,6 +223,8 @@ class Tracker:
         self._parent: str | None = None
         self.runs: dict[str, str] = {}
         """asset_id → child run id, for the assets this run started or repaired."""
+        self.open: set[str] = set()
+        """Assets whose child run this tracker started and has not closed yet."""
         self.stale_parent = self._close_stale_parent()
 
     # ---------------------------------------------------------------- parent run
@@ -271,11 +273,15 @@ class Tracker:
         return stale
 
     def finish(self, totals: dict[str, float], status: str = "FINISHED", reason: str | None = None) -> None:
-        """Close the parent run (if one was started) with the run's totals."""
+        """Close the parent run (if one was started) with the run's totals, and the child runs of
+        assets still in flight (the driver stopped before they ended: KILLED; a rerun re-attaches)."""
         if self._parent is None:
             return
         from mlflow.entities import Metric
 
+        for asset_id in sorted(self.open):
+            self.client.set_terminated(self.runs[asset_id], "KILLED")
+        self.open.clear()
         now = int(time.time() * 1000)
         self._log_metrics(self._parent, [Metric(k, float(v), now, 0) for k, v in _finite(totals).items()])
         if reason:
@@ -302,8 +308,10 @@ class Tracker:
                 self.client.set_tag(run_id, "status", "running")
                 self.client.update_run(run_id, status="RUNNING")
                 self.runs[job.asset_id] = run_id
+                self.open.add(job.asset_id)
                 return run_id
         run_id = self._create_child(job.asset_id, "running", self._job_params(job))
+        self.open.add(job.asset_id)
         _write_json(state_path, {"mlflow_run_id": run_id, "tracking_uri": self.tracking_uri})
         return run_id
 
@@ -378,6 +386,7 @@ class Tracker:
             self._log_thumbnail(run_id, writer, row)
         self.client.set_tag(run_id, "status", row["status"])
         self.client.set_terminated(run_id, "FINISHED" if row["status"] == "succeeded" else "FAILED")
+        self.open.discard(row["asset_id"])
         return run_id
 
     def _log_thumbnail(self, run_id: str, writer: "DatasetWriter", row: dict[str, Any]) -> None:

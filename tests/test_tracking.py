@@ -163,3 +163,16 @@ def test_repair_recreates_a_missing_child_run_from_asset_json(tmp_path):
     writer.write_manifest([changed])
     assert tracker.repair(writer) == []  # once repaired, nothing more to do
     assert len(tracker.client.search_runs([tracker.experiment_id], "tags.asset_id != ''")) == 1
+
+
+def test_a_driver_that_stops_closes_the_runs_of_assets_in_flight(tmp_path):
+    config = _config(tmp_path / "ds")
+    tracker = _tracker(config)
+    job = make_jobs(config, ["a red apple"])[0]
+    run_id = tracker.start_asset(job)
+    tracker.finish({"succeeded": 0}, "KILLED", "KeyboardInterrupt: ")  # Ctrl-C: the finally block
+    assert tracker.client.get_run(run_id).info.status == "KILLED"
+    assert tracker.client.get_run(tracker.parent_id).data.tags["end_reason"] == "KeyboardInterrupt: "
+    again = _tracker(config)
+    assert again.stale_parent is None  # closed properly: nothing stale
+    assert again.start_asset(job) == run_id  # and the asset's run is re-attached on the rerun
