@@ -487,7 +487,11 @@ def print_report(results: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.full", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.full", description=__doc__.splitlines()[0],
+        epilog="examples:\n  python -m benchmarks.full                  # full-size models on CUDA\n  python -m benchmarks.full --quick --device cpu\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--quick", action="store_true", help="tiny models, fewest points (for tests)")

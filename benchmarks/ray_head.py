@@ -37,6 +37,8 @@ def local_head(num_cpus: int = 2, ready_timeout_s: float = 90.0) -> Iterator[dic
     # Token auth off for this throw-away head: it listens on 127.0.0.1 only, and a pytest
     # process cannot switch its (import-time) Ray auth config to match a fresh token.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # a job's `python` entrypoint must be this interpreter, also when the venv is not activated
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     cmd = [
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
         "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",

@@ -5,7 +5,7 @@ on creation (``ray/serve/batching.py``), which raises outside a Serve deployment
 deployment with ``@serve.batch`` around the same guidance measured worse (``python -m
 benchmarks.batching``, benchmarks/RESULTS.md §5: about half the requests/s and a quarter of
 the batch size at 16 callers); and Serve's request routing would send an asset's requests to
-replicas that never saw its ``register``. This is the same policy (DESIGN.md): up to
+replicas that never saw its ``register``. This is the policy of docs/ARCHITECTURE.md "Guidance actor protocol": up to
 ``max_batch`` items or ``max_wait_ms`` after the first, whichever comes first; nothing padded;
 the model call runs on one worker thread so the event loop keeps accepting requests while a
 batch computes.

@@ -88,11 +88,10 @@ class TrackingConfig:
     enabled: bool = True
     """Log the run to MLflow: a parent run per dataset run, a nested child run per asset."""
     tracking_uri: Optional[str] = None
-    """MLflow tracking URI; default ``sqlite:///<output>/mlflow.db`` (local outputs only)."""
+    """MLflow tracking URI; default ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<output>/mlflow.db``
+    (local outputs; its artifacts in ``<output>/mlartifacts``). Only the driver talks to MLflow."""
     experiment: str = "modedreamer-ray"
     """MLflow experiment name (created when missing)."""
-    log_models: bool = True
-    """Upload each asset's files (mesh, PLY, checkpoint) as child-run artifacts."""
 
 
 @dataclass
@@ -127,6 +126,11 @@ class PipelineConfig:
     work_dir: Optional[str] = None
     """Checkpoints of unfinished assets (must be reachable from every node); default
     ``<output>/.work`` for local outputs."""
+    job_output_root: str = "~/modedreamer-ray"
+    """Where a relative ``output`` / ``work_dir`` goes when the driver runs in a Ray job's temporary
+    working-dir copy (``ray job submit --working-dir``), which is deleted with the cluster:
+    ``<job_output_root>/<output>`` on the driver's node. Outside a Ray job, relative paths are
+    relative to the current directory."""
     ray_address: Optional[str] = None
     """Ray cluster to join; ``RAY_ADDRESS`` wins when set; neither: start a local Ray."""
     ray_connect_timeout_s: float = 30.0
@@ -212,8 +216,10 @@ def _check_fraction(value: float, key: str) -> None:
     _require(value < 1 or float(value).is_integer(), key, f"must be < 1 or a whole number, got {value}")
 
 
-def validate_config(config: PipelineConfig) -> None:
-    """Checks that need no cluster; reads the prompt files (so their errors surface now)."""
+def validate_config(config: PipelineConfig, actors: Sequence[str] | None = None) -> None:
+    """Checks that need no cluster; reads the prompt files (so their errors surface now).
+    ``actors``: the model actors whose models are checked (default: those the method uses;
+    ``()`` for tools that load no model, such as ``pipeline.export``)."""
     from pipeline.components import models_needed
     from pipeline.preflight import preflight  # local: these import this module
     from pipeline.prompts import read_prompts
@@ -246,9 +252,10 @@ def validate_config(config: PipelineConfig) -> None:
         _require(source.format in PROMPT_FORMATS, f"{key}.format", f"must be one of {PROMPT_FORMATS}, got '{source.format}'")
         _require(source.limit is None or source.limit >= 1, f"{key}.limit", "must be >= 1 or null")
     _require(config.ray_connect_timeout_s > 0, "ray_connect_timeout_s", "must be > 0")
-    check_gpu_visibility(config, models_needed(config.method))
+    needed = models_needed(config.method) if actors is None else tuple(actors)
+    check_gpu_visibility(config, needed)
     read_prompts(config.prompts)
-    preflight(config, models_needed(config.method))
+    preflight(config, needed)
 
 
 def actor_reservations(config: PipelineConfig, models_needed: Sequence[str]) -> tuple[float, float]:

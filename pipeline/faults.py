@@ -180,8 +180,7 @@ class ModelWatch:
     @classmethod
     def of(cls, graph: Any, resources: Any) -> "ModelWatch":
         """The watch of a :class:`~pipeline.graph.Graph`'s actors with the run's ``resources``."""
-        kinds = tuple(MODEL_ACTORS)
-        return cls({kind: getattr(graph, kind) for kind in kinds}, {kind: getattr(resources, kind).max_restarts for kind in kinds})
+        return cls(graph.model_actors(), {kind: getattr(resources, kind).max_restarts for kind in MODEL_ACTORS})
 
     def wait_ready(self, stream: TextIO, poll_s: float = 1.0) -> None:
         """Block until every model actor has built its model; raise :class:`RunStopped` naming
@@ -190,6 +189,7 @@ class ModelWatch:
         if pending:
             kinds = sorted({kind for kind, _ in self.actors})
             print(f"[pipeline] building the models ({', '.join(MODEL_ACTORS[k].label for k in kinds)}) ...", file=stream, flush=True)
+        began = time.monotonic()
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=poll_s)
             for ref in ready:
@@ -200,6 +200,8 @@ class ModelWatch:
                     raise RunStopped(death_reason(kind, error, self.max_restarts.get(kind, 0))) from None
                 except ActorUnavailableError:
                     pending[_ping(handle)] = (kind, handle)  # restarting: ask again
+                    continue
+                print(f"[pipeline] model ready: {MODEL_ACTORS[kind].label} ({time.monotonic() - began:.1f}s)", file=stream, flush=True)
 
     def find_dead(self, timeout_s: float = 10.0) -> str | None:
         """Ping every model actor now; the reason of the first dead for good, or None."""

@@ -1,6 +1,6 @@
 """The dataset on disk: atomic asset commits and Parquet manifest shards.
 
-Layout (CONTRACTS.md): ``<output>/assets/<asset_id>/`` holds one finished asset;
+Layout (docs/ARCHITECTURE.md "Dataset layout"): ``<output>/assets/<asset_id>/`` holds one finished asset;
 ``<output>/manifest/part-<timestamp>-<uuid>.parquet`` one row per finished asset (later rows
 for an asset_id supersede earlier ones; :meth:`DatasetWriter.compact_manifest` drops the
 superseded ones). Shards that do not read are set aside in ``<output>/damaged/manifest/``. An asset is staged in ``<output>/.tmp/`` and renamed
@@ -163,6 +163,19 @@ class DatasetWriter:
     def read_record(self, asset_id: str) -> dict[str, Any]:
         with self.fs.open_input_stream(self.path("assets", asset_id, ASSET_RECORD)) as stream:
             return json.loads(stream.read().decode("utf-8"))
+
+    def rewrite_record(self, asset_id: str, record: dict[str, Any]) -> None:
+        """Replace a committed asset's ``asset.json`` (temp file + rename where the store has one):
+        its MLflow run re-created, its files re-exported."""
+        data = json.dumps(record, indent=2).encode()
+        path = self.path("assets", asset_id, ASSET_RECORD)
+        if self.is_local:
+            tmp = Path(path).with_name(f".{ASSET_RECORD}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        else:
+            with self.fs.open_output_stream(path) as stream:
+                stream.write(data)
 
     def clean_staging(self) -> None:
         """Delete leftovers of staged assets whose writer died before the rename."""

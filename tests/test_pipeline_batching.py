@@ -61,7 +61,8 @@ def test_a_failing_item_fails_only_its_own_caller():
 
 def test_progress_line_rate_and_eta():
     printer = ProgressPrinter(total_assets=4, iterations_per_asset=100, done=1, failed=1, in_flight=2)
-    printer.line(0, now=printer._start)  # first sample sets the base
-    line = printer.line(100, now=printer._start + 10.0)  # 100 its in 10 s, 300 left
+    printer.line(10, now=printer._start + 5.0)  # the first iteration seen sets the base (model loading is not speed)
+    line = printer.line(110, now=printer._start + 15.0, export_seconds=[2.0], running={"a": 60, "b": 50})
+    # 100 its in 10 s; left: 2 unfinished assets x 100 - 110 done by them = 90 its, then their exports
     assert "assets 2/4 (done 1, failed 1, in flight 2)" in line
-    assert "10.0 it/s" in line and "ETA 0:00:30" in line
+    assert "10.0 it/s" in line and "ETA 0:00:13" in line  # 9 s + 2 exports x 2 s, one at a time
