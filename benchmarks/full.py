@@ -31,70 +31,21 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
-from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from benchmarks.common import environment, format_table, synchronize, time_call, write_json
 from stages.guidance.ip_guidance import IPComponents, IPGuidance
 from stages.guidance.mvdream_guidance import MVDreamGuidance
 from stages.guidance.protocol import GuidanceRequest
+from stages.guidance.runtime import GuidanceRuntime
+from stages.models.architecture import MVDREAM_SD21_4VIEW, SD15_IP_BASE, TINY_IP, TINY_MVDREAM, build_ip, build_mvdream
 from stages.models.device import resolve_device
-from stages.models.ip_adapter import VIT_H_14_CONFIG, IPAdapter, install_ip_adapter_state, load_ip_adapter, tiny_ip_adapter_state_dict
-from stages.models.mvdream import (
-    MVDreamComponents,
-    build_mvdream_unet,
-    build_tiny_mvdream,
-    mvdream_alphas_cumprod,
-    mvdream_unet_config,
-)
-from stages.models.sd import SD15_SCHEDULER_CONFIG, SD15_UNET_CONFIG, SDComponents, build_tiny_sd, place, seeded
-from stages.models.tiny import TINY_RENDER_RESOLUTION, tiny_tokenizer
+from stages.models.tiny import TINY_RENDER_RESOLUTION
 from stages.scene.cameras import CameraConfig, sample_cameras
 
 DEFAULT_OUT = Path("benchmarks/out/full.json")
 ITERATIONS_PER_ASSET = 6000
-
-SD_VAE_CONFIG = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-}
-"""The SD1.5 / SD2.1 VAE (``vae/config.json``)."""
-
-CLIP_L_TEXT_CONFIG = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-)
-"""SD1.5's text encoder, CLIP ViT-L/14 text tower."""
-
-OPENCLIP_H_TEXT_CONFIG = dict(
-    vocab_size=49408,
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=23,
-    num_attention_heads=16,
-    max_position_embeddings=77,
-    hidden_act="gelu",
-    projection_dim=1024,
-)
-"""SD2.1's (MVDream's) OpenCLIP ViT-H text tower in diffusers layout: 23 of 24 layers (penultimate)."""
-
-IP_ADAPTER_TOKENS = 4
-"""``ip-adapter_sd15``: 4 image tokens projected from 1024-d ViT-H image embeds to 768."""
 
 PEAK_TFLOPS = (
     ("H100 PCIe", 756.0),
@@ -121,49 +72,17 @@ def peak_tflops(device_name: str | None) -> float | None:
 
 
 # ----------------------------------------------------------------------------- models
-def build_ip_guidance(full: bool, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> IPGuidance:
-    """SD1.5 + IP-Adapter guidance: real-size random weights (``full``) or the tiny preset."""
-    if not full:
-        sd = build_tiny_sd(seed)
-        for module in (sd.unet, sd.vae, sd.text_encoder):
-            place(module, device, dtype)
-        ip = load_ip_adapter(sd.unet, "tiny", "tiny", dtype=dtype, device=device, seed=seed)
-        return IPGuidance(IPComponents(sd, ip), render_resolution=TINY_RENDER_RESOLUTION)
-    with torch.device(device):
-        unet = seeded(seed, lambda: UNet2DConditionModel.from_config(SD15_UNET_CONFIG))
-        vae = seeded(seed + 1, lambda: AutoencoderKL.from_config(SD_VAE_CONFIG))
-        text = seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG)))
-        encoder = seeded(seed + 4, lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H_14_CONFIG)))
-    for module in (unet, vae, text, encoder):
-        place(module, device, dtype)
-    state = tiny_ip_adapter_state_dict(unet, encoder.config, "base", seed + 3)  # real ip-adapter_sd15 shapes
-    on_meta = torch.device(device).type == "meta"
-    if on_meta:  # FLOP counting: the adapter's modules are created and loaded on meta too
-        state = {group: {k: v.to("meta") for k, v in values.items()} for group, values in state.items()}
-    with torch.device("meta") if on_meta else contextlib.nullcontext():
-        install_ip_adapter_state(unet, state)
-    place(unet, device, dtype)
-    sd = SDComponents(unet, vae, text, tiny_tokenizer(), DDPMScheduler(**SD15_SCHEDULER_CONFIG))
-    size = encoder.config.image_size
-    ip = IPAdapter(encoder, CLIPImageProcessor(size=size, crop_size=size), "base", IP_ADAPTER_TOKENS, "random")
-    return IPGuidance(IPComponents(sd, ip), render_resolution=512)
+def build_ip_guidance(full: bool, device: torch.device | str, dtype: torch.dtype, seed: int = 0, runtime: GuidanceRuntime | None = None) -> IPGuidance:
+    """SD1.5 + ``ip-adapter_sd15`` + ViT-H/14 at real size with random weights (``full``), or the tiny preset."""
+    sd, ip = build_ip(SD15_IP_BASE if full else TINY_IP, device, dtype, seed)
+    return IPGuidance(IPComponents(sd, ip), render_resolution=512 if full else TINY_RENDER_RESOLUTION, runtime=runtime)
 
 
-def build_mvd_guidance(full: bool, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> MVDreamGuidance:
+def build_mvd_guidance(full: bool, device: torch.device | str, dtype: torch.dtype, seed: int = 0, runtime: GuidanceRuntime | None = None) -> MVDreamGuidance:
     """MVDream (SD2.1-base 4-view UNet with camera embedding) guidance, real size or tiny."""
-    if not full:
-        parts = build_tiny_mvdream(seed)
-        resolution = TINY_RENDER_RESOLUTION
-    else:
-        with torch.device(device):
-            unet = seeded(seed, lambda: build_mvdream_unet(mvdream_unet_config()))
-            vae = seeded(seed + 1, lambda: AutoencoderKL.from_config(SD_VAE_CONFIG))
-            text = seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**OPENCLIP_H_TEXT_CONFIG)))
-        parts = MVDreamComponents(unet, vae, text, tiny_tokenizer(), mvdream_alphas_cumprod())
-        resolution = 256
-    for module in (parts.unet, parts.vae, parts.text_encoder):
-        place(module, device, dtype)
-    return MVDreamGuidance(parts, render_resolution=resolution, guidance_scale=None)
+    parts = build_mvdream(MVDREAM_SD21_4VIEW if full else TINY_MVDREAM, device, dtype, seed)
+    resolution = 256 if full else TINY_RENDER_RESOLUTION
+    return MVDreamGuidance(parts, render_resolution=resolution, guidance_scale=None, runtime=runtime)
 
 
 # ----------------------------------------------------------------------------- requests
