@@ -60,11 +60,24 @@ class ActorResources:
     num_gpus: float = 0.0
     """GPUs per replica; a fraction (< 1) packs several replicas/actors on one GPU."""
     max_batch: int = 8
-    """Largest number of requests answered by one model forward."""
+    """Largest number of requests answered by one model call."""
+    max_batch_views: int = 0
+    """Guidance actors: largest number of renders (views, summed over the requests) in one batch;
+    0: bounded by ``max_batch`` alone. A request larger than the bound is answered alone."""
     max_wait_ms: float = 10.0
     """How long the first request of a batch waits for more before the forward runs."""
     max_restarts: int = 3
     """Ray restarts a dead replica this many times (its clients re-register their assets)."""
+    vae_chunk: int = 8
+    """Guidance actors: images whose VAE-encoder graph is held at once (~1.5 GiB each at 512² in
+    fp16); a batch is answered in passes of at most this many images, and a request with more
+    views is re-encoded chunk by chunk for its input gradient (one more encoder forward per image)."""
+    unet_rows: int = 64
+    """Guidance actors: largest UNet batch of one forward (ISD rows are 4 per view, ``ip_null`` 2,
+    MVDream 2); a pass with more rows runs several forwards."""
+    compile: bool = False
+    """Guidance actors: ``torch.compile`` the UNet and the VAE encoder (batch sizes are padded to
+    power-of-two buckets, so each compiles a bounded number of times; the first calls are slow)."""
 
 
 @dataclass
@@ -77,6 +90,13 @@ class ResourcesConfig:
     """GPU fraction per optimiser task (renders and Adam run there)."""
     task_max_retries: int = 3
     """Ray re-runs an optimiser task whose worker died; it resumes from its checkpoint."""
+    gpu_memory_gib: Optional[float] = None
+    """Memory of one GPU to plan against (GiB); null: detected (NVML on the driver, or on each GPU
+    node of the cluster). The run is refused before any model loads when the memory plan
+    (``python -m benchmarks.memory CONFIG``) does not fit."""
+    gpu_memory_headroom: float = 0.1
+    """Fraction of each GPU's memory the plan keeps free (allocator fragmentation, kernel
+    workspaces, anything the plan does not measure)."""
     reference: ActorResources = field(default_factory=lambda: ActorResources(max_batch=4))
     ip: ActorResources = field(default_factory=ActorResources)
     mvd: ActorResources = field(default_factory=ActorResources)
@@ -223,6 +243,8 @@ def validate_config(config: PipelineConfig) -> None:
     _require(res.task_max_retries >= -1, "resources.task_max_retries", "must be >= -1 (-1: forever)")
     _check_fraction(res.task_num_cpus, "resources.task_num_cpus")
     _check_fraction(res.task_num_gpus, "resources.task_num_gpus")
+    _require(res.gpu_memory_gib is None or res.gpu_memory_gib > 0, "resources.gpu_memory_gib", f"must be > 0 or null, got {res.gpu_memory_gib}")
+    _require(0 <= res.gpu_memory_headroom < 1, "resources.gpu_memory_headroom", f"must be in [0, 1), got {res.gpu_memory_headroom}")
     for name in ("reference", "ip", "mvd"):
         actor: ActorResources = getattr(res, name)
         key = f"resources.{name}"
@@ -230,6 +252,9 @@ def validate_config(config: PipelineConfig) -> None:
         _require(actor.max_batch >= 1, f"{key}.max_batch", f"must be >= 1, got {actor.max_batch}")
         _require(actor.max_wait_ms >= 0, f"{key}.max_wait_ms", f"must be >= 0, got {actor.max_wait_ms}")
         _require(actor.max_restarts >= -1, f"{key}.max_restarts", "must be >= -1 (-1: forever)")
+        _require(actor.max_batch_views >= 0, f"{key}.max_batch_views", f"must be >= 0 (0: no bound), got {actor.max_batch_views}")
+        _require(actor.vae_chunk >= 1, f"{key}.vae_chunk", f"must be >= 1, got {actor.vae_chunk}")
+        _require(actor.unet_rows >= 1, f"{key}.unet_rows", f"must be >= 1, got {actor.unet_rows}")
         _check_fraction(actor.num_cpus, f"{key}.num_cpus")
         _check_fraction(actor.num_gpus, f"{key}.num_gpus")
     for index, source in enumerate(config.prompts.sources):

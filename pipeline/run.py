@@ -155,7 +155,7 @@ def run_dataset(
         _write_gallery(config, None, stream)
         summary.seconds = time.monotonic() - began
         return summary
-    components = components or default_components(config.method, config.models)
+    components = components or default_components(config.method, config.models, config.resources)
 
     tracker = None
     if config.tracking.enabled:
