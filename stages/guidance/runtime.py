@@ -125,9 +125,9 @@ class RowBounded:
         for part in row_chunks(total, self.limit, self.multiple):
             chunk = [r[part] for r in rows]
             size = chunk[0].shape[0]
-            if self.compiled:
+            if self.compiled:  # one shape and one memory layout per bucket: no guard fails on strides
                 padded = bucket_of(size, self.limit, self.multiple)
-                chunk = [pad_rows(c, padded) for c in chunk]
+                chunk = [pad_rows(c, padded).contiguous() for c in chunk]
             self.calls[int(chunk[0].shape[0])] += 1
             outputs.append(self.fn(self.module, *chunk)[:size])
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
