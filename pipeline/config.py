@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from stages.guidance.runtime import GuidanceRuntime
 from stages.models.config import ModelsConfig
 from stages.optimize.config import OptimizeConfig
 
@@ -68,11 +69,11 @@ class ActorResources:
     """How long the first request of a batch waits for more before the forward runs."""
     max_restarts: int = 3
     """Ray restarts a dead replica this many times (its clients re-register their assets)."""
-    vae_chunk: int = 8
+    vae_chunk: int = GuidanceRuntime.vae_chunk
     """Guidance actors: images whose VAE-encoder graph is held at once (~1.5 GiB each at 512² in
     fp16); a batch is answered in passes of at most this many images, and a request with more
     views is re-encoded chunk by chunk for its input gradient (one more encoder forward per image)."""
-    unet_rows: int = 64
+    unet_rows: int = GuidanceRuntime.unet_rows
     """Guidance actors: largest UNet batch of one forward (ISD rows are 4 per view, ``ip_null`` 2,
     MVDream 2); a pass with more rows runs several forwards."""
     compile: bool = False

@@ -1,9 +1,9 @@
 """MVDream SDS guidance (ModeDreamer Eq. 8) implementing the guidance protocol.
 
 Per request: B = 4·k renders of one asset (k groups of 4 views, each group with one t),
-their camera-to-world matrices, a noise seed. The requests of a call are answered in passes of
-at most ``runtime.vae_chunk`` images (:class:`~stages.guidance.runtime.GuidanceRuntime`): a
-pass is VAE-encoded at ``render_resolution`` (256 → 32² latents) with grad, noised with each
+their camera-to-world matrices, a noise seed. The requests of a call are cut into slices of
+whole 4-view groups and answered in passes of at most ``runtime.vae_chunk`` images
+(:class:`~stages.guidance.runtime.GuidanceRuntime`): a pass is VAE-encoded at ``render_resolution`` (256 → 32² latents) with grad, noised with each
 request's own noise, and goes through the multi-view UNet as one batch of 2·ΣB rows (text-cond
 and text-uncond halves, camera repeated, ``num_frames`` = 4), in forwards of at most
 ``runtime.unet_rows`` rows (whole 4-view groups). The latent gradient is
@@ -35,8 +35,8 @@ from stages.guidance.losses import (
     sds_weight,
     surrogate_loss,
 )
-from stages.guidance.protocol import GuidanceRequest, GuidanceResponse, UnknownAssetError, request_noise
-from stages.guidance.runtime import GuidanceRuntime, RowBounded, passes
+from stages.guidance.protocol import GuidanceRequest, GuidanceResponse, UnknownAssetError
+from stages.guidance.runtime import GuidanceRuntime, RowBounded, ViewSlice, passes, slice_noise, slice_request, view_slices
 from stages.guidance.vae_bridge import backprop_to_renders, bounded_encoder, encode_renders
 from stages.models.config import ModelsConfig
 from stages.models.device import resolve_device, resolve_dtype
@@ -224,26 +224,52 @@ class MVDreamGuidance:
             )
 
     def grad(self, requests: Sequence[GuidanceRequest]) -> list[GuidanceResponse]:
-        """``grad_rgb`` for every request, in passes of at most ``runtime.vae_chunk`` images."""
+        """``grad_rgb`` for every request: whole 4-view groups sliced and answered in passes of at
+        most ``runtime.vae_chunk`` images (see :mod:`stages.guidance.runtime`)."""
         for request in requests:  # every request is checked before any work
             self._check(request)
-        responses: list[GuidanceResponse] = []
-        for group in passes([int(r.rgb.shape[0]) for r in requests], self.runtime.vae_chunk):
-            responses += self._grad_pass([requests[i] for i in group])
+        slices = view_slices([int(r.rgb.shape[0]) for r in requests], self.runtime.vae_chunk, self.num_frames)
+        latent_parts: list[list[Tensor]] = [[] for _ in requests]
+        rgb_parts: list[list[Tensor]] = [[] for _ in requests]
+        infos: list[dict[str, float]] = [{} for _ in requests]
+        for group in passes([piece.views for piece in slices], self.runtime.vae_chunk):
+            pieces = [slices[i] for i in group]
+            latent_grads, rgb_grads, pass_infos = self._grad_pass([(requests[p.request], p) for p in pieces])
+            for piece, g_latent, g_rgb, info in zip(pieces, latent_grads, rgb_grads, pass_infos):
+                latent_parts[piece.request].append(g_latent)
+                rgb_parts[piece.request].append(g_rgb)
+                infos[piece.request] = info
+        responses = []
+        for request, g_latent, g_rgb, info in zip(requests, latent_parts, rgb_parts, infos):
+            g_latent = torch.cat(g_latent)
+            responses.append(
+                GuidanceResponse(
+                    asset_id=request.asset_id,
+                    grad_rgb=torch.cat(g_rgb).to(request.rgb.dtype),
+                    loss=float(surrogate_loss(g_latent)),
+                    grad_norm=float(g_latent.norm()),
+                    timesteps=request.timesteps.detach().cpu(),
+                    info=info,
+                )
+            )
         return responses
 
-    def _grad_pass(self, requests: Sequence[GuidanceRequest]) -> list[GuidanceResponse]:
-        """One VAE encode with grad, the multi-view UNet over every row (bounded forwards), one backprop."""
+    def _grad_pass(
+        self, pieces: Sequence[tuple[GuidanceRequest, ViewSlice]]
+    ) -> tuple[list[Tensor], list[Tensor], list[dict[str, float]]]:
+        """One pass: VAE encode with grad, the multi-view UNet over every row (bounded forwards),
+        one backprop. Returns each slice's latent gradient, grad_rgb and info."""
         models = self.models
         device, dtype = models.device, models.dtype
         alphas_all = models.alphas_cumprod.float()
+        requests = [slice_request(request, piece.start, piece.stop) for request, piece in pieces]
 
         encoded = encode_renders(
             self.latent_encoder, [r.rgb for r in requests], self.render_resolution, device, dtype, self.runtime.vae_chunk
         )
         latents = encoded.latents
         shape = latents.shape[1:]
-        noises = [request_noise(r.seed, (r.rgb.shape[0], *shape)) for r in requests]
+        noises = [slice_noise(whole.seed, int(whole.rgb.shape[0]), shape, piece) for whole, piece in pieces]
         timesteps = torch.cat([r.timesteps.long().cpu() for r in requests])
         noise = torch.cat(noises).to(device)
         t_device = timesteps.to(device)
@@ -298,17 +324,7 @@ class MVDreamGuidance:
             infos.append({"guidance_scale": scale, "recon_loss": float(recon)})
 
         grad_rgb = backprop_to_renders(encoded, torch.cat(grads).to(latents.dtype))
-        return [
-            GuidanceResponse(
-                asset_id=request.asset_id,
-                grad_rgb=g_rgb.to(request.rgb.dtype),
-                loss=float(surrogate_loss(g_lat)),
-                grad_norm=float(g_lat.norm()),
-                timesteps=request.timesteps.detach().cpu(),
-                info=info,
-            )
-            for request, g_rgb, g_lat, info in zip(requests, grad_rgb, grads, infos)
-        ]
+        return grads, grad_rgb, infos
 
     def _unet_forward(self, unet: torch.nn.Module, x: Tensor, t: Tensor, context: Tensor, camera: Tensor) -> Tensor:
         return mvdream_forward(unet, x, t, context, camera, num_frames=self.num_frames)

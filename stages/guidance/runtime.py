@@ -1,11 +1,13 @@
 """How a guidance runs its models: memory bounds and optional ``torch.compile``.
 
 None of these settings changes a gradient beyond floating-point rounding; they trade memory and
-compile time for speed. A guidance answers a batch of requests in *passes* of at most
-``vae_chunk`` images (:func:`passes`): each pass encodes its renders with grad, evaluates the
-UNet over its rows in forwards of at most ``unet_rows`` rows, back-propagates through the
-encoder and frees the graph before the next pass, so the peak holds one pass's encoder graph and
-one forward's activations whatever the batch. With ``compile``, each forward's batch is padded
+compile time for speed. A guidance cuts each request into slices of at most ``vae_chunk`` views
+(:func:`view_slices`; whole 4-view groups for MVDream, whose views attend to each other) and
+answers the slices in *passes* of at most ``vae_chunk`` images (:func:`passes`): each pass
+encodes its renders with grad, evaluates the UNet over its rows in forwards of at most
+``unet_rows`` rows, back-propagates through the encoder and frees the graph before the next
+pass, so the peak holds one pass's encoder graph and one forward's activations whatever the
+batch, and nothing is computed twice. With ``compile``, each forward's batch is padded
 (by repeating its last row, outputs dropped) up to a *bucket*: ``multiple``·2^k rows, capped at
 the bound, so a compiled model sees at most ``len(buckets(...))`` batch shapes (× grad modes).
 """
@@ -13,22 +15,28 @@ the bound, so a compiled model sees at most ``len(buckets(...))`` batch shapes (
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from stages.guidance.protocol import GuidanceRequest, request_noise
+
+
+UNBOUNDED = 1 << 20
+"""A ``vae_chunk`` / ``unet_rows`` no batch reaches: one pass and one forward per batch."""
 
 
 @dataclass(frozen=True)
 class GuidanceRuntime:
     """Memory bounds and compilation of one guidance's models (``resources.ip`` / ``resources.mvd``)."""
 
-    vae_chunk: int = 8
-    """Images whose VAE-encoder graph is held at once (one pass of a batch). A request with more
-    views than this is encoded chunk by chunk and re-encoded chunk by chunk for its input
+    vae_chunk: int = 4
+    """Images whose VAE-encoder graph is held at once (one pass). Requests are sliced to fit;
+    only an MVDream 4-view group larger than this is re-encoded chunk by chunk for its input
     gradient (one extra encoder forward per image beyond the last chunk)."""
-    unet_rows: int = 64
+    unet_rows: int = 32
     """Largest UNet batch of one forward; a pass with more rows runs several forwards."""
     compile: bool = False
     """``torch.compile`` the UNet and the VAE encoder (shape buckets bound the recompiles)."""
@@ -40,6 +48,52 @@ class GuidanceRuntime:
             raise ValueError(f"vae_chunk must be >= 1, got {self.vae_chunk}")
         if int(self.unet_rows) < 1:
             raise ValueError(f"unet_rows must be >= 1, got {self.unet_rows}")
+
+
+@dataclass(frozen=True)
+class ViewSlice:
+    """Views ``[start, stop)`` of request ``request`` of a batch."""
+
+    request: int
+    start: int
+    stop: int
+
+    @property
+    def views(self) -> int:
+        return self.stop - self.start
+
+
+def view_slices(views: Sequence[int], limit: int, group: int = 1) -> list[ViewSlice]:
+    """Every request's views cut into slices of at most ``limit`` views, whole groups of ``group``
+    (MVDream's 4 views attend to each other; a slice holds at least one group). A view's
+    gradient depends on its own group only, so slices give the gradient of the whole request."""
+    step = row_limit(limit, group)
+    return [ViewSlice(index, start, min(start + step, count)) for index, count in enumerate(views) for start in range(0, count, step)]
+
+
+def slice_request(request: GuidanceRequest, start: int, stop: int) -> GuidanceRequest:
+    """The request for views ``[start, stop)`` (renders, timesteps, cameras sliced; same seed)."""
+    if start == 0 and stop == request.rgb.shape[0]:
+        return request
+    part = slice(start, stop)
+
+    def cut(value: Tensor | None) -> Tensor | None:
+        return None if value is None else value[part]
+
+    return replace(
+        request,
+        rgb=request.rgb[part],
+        timesteps=request.timesteps[part],
+        c2w=cut(request.c2w),
+        elevation=cut(request.elevation),
+        azimuth=cut(request.azimuth),
+    )
+
+
+def slice_noise(seed: int, views: int, latent_shape: Sequence[int], piece: ViewSlice) -> Tensor:
+    """The slice's part of the noise its whole request draws (``request_noise(seed, (views, ...))``),
+    so a sliced request is noised exactly as the whole one."""
+    return request_noise(seed, (views, *latent_shape))[piece.start : piece.stop]
 
 
 def passes(sizes: Sequence[int], limit: int) -> list[range]:
