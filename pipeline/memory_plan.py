@@ -76,8 +76,6 @@ class Process:
     """Peak device bytes including the CUDA context; None when unknown (task memory not modelled)."""
     parts: dict[str, int] = field(default_factory=dict)
     detail: str = ""
-    keys: tuple[str, ...] = ()
-    """Config keys that lower this process' memory or its GPU's load."""
 
     @property
     def known_bytes(self) -> int:
@@ -154,7 +152,6 @@ def plan_memory(
                 None if task_bytes is None else task_bytes + CONTEXT_BYTES,
                 parts=parts,
                 detail="its largest phase" if phases else "task_memory missing",
-                keys=("resources.tasks_in_flight", "resources.task_num_gpus"),
             )
         )
     placed, unplaced = _pack([p for p in processes if p.share > 0], gpus)
@@ -225,11 +222,20 @@ def actor_specs(config: PipelineConfig, kind: str, dtype: str | None = None) -> 
     return specs
 
 
-ACTOR_KEYS = {
-    "reference": ("resources.reference.max_batch", "resources.reference.num_gpus", "models.dtype"),
-    "ip": ("resources.ip.vae_chunk", "resources.ip.unet_rows", "resources.ip.num_gpus", "models.dtype"),
-    "mvd": ("resources.mvd.vae_chunk", "resources.mvd.unet_rows", "resources.mvd.num_gpus", "models.dtype"),
+LOWER_KEYS = {
+    "reference": ("resources.reference.max_batch",),
+    "ip": ("resources.ip.vae_chunk", "resources.ip.unet_rows"),
+    "mvd": ("resources.mvd.vae_chunk", "resources.mvd.unet_rows"),
+    "task": ("resources.tasks_in_flight",),
 }
+"""Keys whose smaller value lowers a process' peak (or, for tasks, their number)."""
+RAISE_KEYS = {
+    "reference": ("resources.reference.num_gpus",),
+    "ip": ("resources.ip.num_gpus",),
+    "mvd": ("resources.mvd.num_gpus",),
+    "task": ("resources.task_num_gpus",),
+}
+"""Keys whose larger value leaves fewer processes beside it on a GPU."""
 
 
 def _actor_process(config: PipelineConfig, kind: str, actor: ActorResources, dtype: str, table: Any, notes: list[str]) -> Process:
@@ -250,7 +256,6 @@ def _actor_process(config: PipelineConfig, kind: str, actor: ActorResources, dty
         memory.total + CONTEXT_BYTES,
         parts={"weights": memory.weights, "activations": memory.activations, "context": CONTEXT_BYTES},
         detail=spec.key().split("|", 3)[-1],
-        keys=ACTOR_KEYS[kind],
     )
 
 
@@ -301,18 +306,19 @@ def check_plan(plan: MemoryPlan, capacity: int, headroom: float, source: str = "
     for index, (gpu, total) in enumerate(zip(plan.gpus, plan.gpu_totals())):
         if total <= budget:
             continue
-        groups = _groups(gpu)
-        biggest = sorted(groups, key=lambda g: -g[2])
-        listing = ", ".join(f"{count} x {ACTOR_NAMES.get(kind, 'optimiser task')} {each / GIB:.1f} GiB" for kind, count, _, each in biggest)
-        keys: list[str] = []
-        for kind, *_ in biggest:
-            keys += [k for k in next(p.keys for p in gpu if p.kind == kind) if k not in keys]
-        lower = "" if plan.complete else " at least (task memory not modelled)"
+        groups = sorted(_groups(gpu), key=lambda g: -g[2])
+        listing = ", ".join(f"{count} x {ACTOR_NAMES.get(kind, 'optimiser task')} {each / GIB:.1f} GiB" for kind, count, _, each in groups)
+        lower = [key for kind, *_ in groups for key in LOWER_KEYS[kind]]
+        more = [key for kind, *_ in groups for key in RAISE_KEYS[kind]]
+        if plan.dtype == "float32":
+            lower.append("models.dtype (float16)")
+        bound = "" if plan.complete else " at least (task memory not modelled)"
         raise ConfigError(
-            f"memory plan: GPU {index} needs {total / GIB:.1f} GiB{lower} but has {capacity / GIB:.1f} GiB"
+            f"memory plan: GPU {index} needs {total / GIB:.1f} GiB{bound} but has {capacity / GIB:.1f} GiB"
             f"{' (' + source + ')' if source else ''}, {budget / GIB:.1f} GiB after resources.gpu_memory_headroom="
-            f"{headroom:g}: {listing}. Change {', '.join(keys)} (or resources.gpu_memory_gib if the card is "
-            "bigger); `python -m benchmarks.memory CONFIG` prints the whole plan"
+            f"{headroom:g}: {listing}. To fit, lower {', '.join(lower)}, or raise {', '.join(more)} (fewer "
+            "processes per GPU), or set resources.gpu_memory_gib if the card is bigger; "
+            "`python -m benchmarks.memory CONFIG` prints the whole plan"
         )
 
 
@@ -329,7 +335,9 @@ def format_plan(plan: MemoryPlan, capacity: int | None = None, headroom: float =
     lines = [f"memory plan ({plan.dtype} models; GPU shares packed best-fit, as Ray does on a node; GiB):"]
     header = f"  {'GPU':>3}  {'process':<22} {'count':>5} {'share':>8} {'weights':>8} {'activ.':>8} {'context':>8} {'peak':>8} {'all':>8}  call"
     lines.append(header)
-    for index, gpu in enumerate(plan.gpus):
+    totals = plan.gpu_totals()
+    for first, last in _alike_gpus(plan.gpus):
+        gpu, label = plan.gpus[first], str(first) if first == last else f"{first}-{last}"
         seen: dict[str, list[Process]] = {}
         for p in gpu:
             seen.setdefault(p.kind, []).append(p)
@@ -341,16 +349,17 @@ def format_plan(plan: MemoryPlan, capacity: int | None = None, headroom: float =
             peak = f"{p.known_bytes / GIB:.2f}{unknown}"
             total = f"{len(group) * p.known_bytes / GIB:.2f}{unknown}"
             lines.append(
-                f"  {index:>3}  {name:<22} {len(group):>5} {p.share:>8.4g} {_gib(weights):>8} "
+                f"  {label:>3}  {name:<22} {len(group):>5} {p.share:>8.4g} {_gib(weights):>8} "
                 f"{_gib(p.parts.get('activations')):>8} {_gib(p.parts.get('context')):>8} {peak:>8} {total:>8}  {p.detail}"
             )
-        total = plan.gpu_totals()[index]
+        total = totals[first]
         verdict = ""
         if capacity is not None:
             budget = capacity * (1 - headroom)
             verdict = f" of {capacity / GIB:.1f} (budget {budget / GIB:.1f} with {headroom:.0%} headroom): " + ("fits" if total <= budget else "DOES NOT FIT")
         bound = "" if plan.complete else " (lower bound)"
-        lines.append(f"  GPU {index}: {total / GIB:.2f} GiB{bound}{verdict}")
+        each = "" if first == last else " each"
+        lines.append(f"  GPU {label}: {total / GIB:.2f} GiB{each}{bound}{verdict}")
     if plan.on_cpu:
         kinds = sorted({ACTOR_NAMES.get(p.kind, "optimiser task") for p in plan.on_cpu})
         lines.append(f"  on the CPU (no GPU share, not planned): {len(plan.on_cpu)} processes ({', '.join(kinds)})")
@@ -363,6 +372,20 @@ def format_plan(plan: MemoryPlan, capacity: int | None = None, headroom: float =
             )
     lines += [f"  note: {note}" for note in plan.notes]
     return "\n".join(lines)
+
+
+def _alike_gpus(gpus: list[list[Process]]) -> list[tuple[int, int]]:
+    """Runs of consecutive GPUs holding the same processes, as (first, last) indices."""
+    def signature(gpu: list[Process]) -> tuple:
+        return tuple((p.kind, p.share, p.known_bytes) for p in gpu)
+
+    runs: list[tuple[int, int]] = []
+    for index, gpu in enumerate(gpus):
+        if runs and signature(gpus[runs[-1][0]]) == signature(gpu):
+            runs[-1] = (runs[-1][0], index)
+        else:
+            runs.append((index, index))
+    return runs
 
 
 def _gib(value: int | None) -> str:

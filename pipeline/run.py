@@ -2,8 +2,8 @@
 
 Reads top to bottom: load and validate the config (prompt files included) → plan the jobs
 (skip committed assets; failed ones unless ``--retry-failed``) → join or start Ray and check
-the resources → build the graph → keep ``resources.tasks_in_flight`` assets running → record
-each result (manifest shard, MLflow child run) → totals.
+the resources and the GPU memory plan → build the graph → keep ``resources.tasks_in_flight``
+assets running → record each result (manifest shard, MLflow child run) → totals.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import ray
 from pipeline.components import Components, default_components, models_needed
 from pipeline.config import ConfigError, PipelineConfig, capacity_note, check_resources, cpu_fallback_notes, load_config
 from pipeline.graph import Graph, build_graph
+from pipeline.memory_plan import check_memory_plan, describe_memory_plan
 from pipeline.jobs import Job, make_jobs
 from pipeline.progress import ProgressPrinter
 from pipeline.prompts import read_prompts
@@ -148,6 +149,7 @@ def run_dataset(
     connect_ray(config)
     cluster, needed = ray.cluster_resources(), models_needed(config.method)
     check_resources(config, cluster, needed)
+    check_memory_plan(config, cluster, stream)  # before any model loads
     for note in [capacity_note(config, cluster, needed), *cpu_fallback_notes(config, cluster, needed)]:
         if note:
             print(f"[pipeline] note: {note}", file=stream, flush=True)
@@ -263,7 +265,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("config", help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. variants=4 method.iterations=3000")
     parser.add_argument("--retry-failed", action="store_true", help="redo assets recorded as failed")
-    parser.add_argument("--dry-run", action="store_true", help="validate the config and print what would run; start nothing")
+    parser.add_argument("--dry-run", action="store_true", help="validate the config and print what would run and its GPU memory plan; start nothing")
     return parser.parse_intermixed_args(argv)
 
 
@@ -275,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.retry_failed = True
         if args.dry_run:
             describe_plan(config, sys.stderr)
+            describe_memory_plan(config, sys.stderr)
             return 0
         summary = run_dataset(config)
     except ConfigError as error:
