@@ -14,7 +14,9 @@ at 64² then 4 views at 256² from half-way):
 - dtype (fp32 / fp16 / bf16), SDPA backend and ``torch.compile`` effects on the ISD UNet forward;
 - FLOPs per iteration (``torch.utils.flop_counter.FlopCounterMode``: both guidance calls, UNets +
   VAE encoder forward/backward + text/image encoders not included since they run once per
-  asset) and the fraction of the card's peak dense bf16/fp16 throughput that this reaches.
+  asset) and the fraction of the card's peak dense bf16/fp16 throughput that this reaches;
+- FLOPs per asset for each ``isd.sd_branch`` (``vanilla``: 4 UNet rows per view, ``ip_null``: 2)
+  and representation, the real ``grad`` calls of the full-size models counted on ``meta``.
 
 On CPU everything runs at tiny size (``"size": "tiny-cpu"``) and says so; the FLOPs of the
 full-size guidance are still counted there on the ``meta`` device (no memory, no compute).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import tempfile
 import time
@@ -42,6 +45,7 @@ from stages.guidance.runtime import GuidanceRuntime
 from stages.models.architecture import MVDREAM_SD21_4VIEW, SD15_IP_BASE, TINY_IP, TINY_MVDREAM, build_ip, build_mvdream
 from stages.models.device import resolve_device
 from stages.models.tiny import TINY_RENDER_RESOLUTION
+from stages.optimize.config import OptimizeConfig
 from stages.scene.cameras import CameraConfig, sample_cameras
 
 DEFAULT_OUT = Path("benchmarks/out/full.json")
@@ -72,10 +76,18 @@ def peak_tflops(device_name: str | None) -> float | None:
 
 
 # ----------------------------------------------------------------------------- models
-def build_ip_guidance(full: bool, device: torch.device | str, dtype: torch.dtype, seed: int = 0, runtime: GuidanceRuntime | None = None) -> IPGuidance:
+def build_ip_guidance(
+    full: bool,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    seed: int = 0,
+    runtime: GuidanceRuntime | None = None,
+    sd_branch: str = "vanilla",
+) -> IPGuidance:
     """SD1.5 + ``ip-adapter_sd15`` + ViT-H/14 at real size with random weights (``full``), or the tiny preset."""
     sd, ip = build_ip(SD15_IP_BASE if full else TINY_IP, device, dtype, seed)
-    return IPGuidance(IPComponents(sd, ip), render_resolution=512 if full else TINY_RENDER_RESOLUTION, runtime=runtime)
+    resolution = 512 if full else TINY_RENDER_RESOLUTION
+    return IPGuidance(IPComponents(sd, ip), render_resolution=resolution, sd_branch=sd_branch, runtime=runtime)
 
 
 def build_mvd_guidance(full: bool, device: torch.device | str, dtype: torch.dtype, seed: int = 0, runtime: GuidanceRuntime | None = None) -> MVDreamGuidance:
@@ -328,6 +340,100 @@ def full_size_flops_on_meta() -> dict[str, Any]:
     }
 
 
+def phase_iterations(config: OptimizeConfig) -> list[tuple[int, int, int]]:
+    """(views, render resolution, iterations) of each phase of ``config``'s schedule."""
+    total, schedule = config.iterations, config.schedule
+    bounds = [0, *schedule.milestone_steps(total), total]
+    return [
+        (int(views), int(res), max(0, end - start))
+        for views, res, start, end in zip(schedule.batch_sizes, schedule.resolutions, bounds[:-1], bounds[1:])
+    ]
+
+
+def guidance_call_flops(guidance: Any, kind: str, views: int, render: int) -> float:
+    """FLOPs of one real ``grad`` call (one asset, ``views`` renders at ``render``²), counted by
+    ``FlopCounterMode``; on meta, host reads are answered by the memory tracker's shim."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stages.models.memory import LiveBytes
+
+    request = make_request("bench-0", kind, views, render, seed=7)
+    counter = FlopCounterMode(display=False)
+    with LiveBytes("meta"), counter:
+        guidance.grad([request])
+    return float(counter.get_total_flops())
+
+
+def nerf_field_flops_per_sample(config: Any, samples: int = 4096) -> dict[str, float]:
+    """Counted FLOPs per sample of the NeRF field (hash-grid features → density and albedo MLPs):
+    forward, and forward + backward to the parameters. Only matmuls count (FlopCounterMode); the
+    hash-grid lookups and interpolation are memory work, not FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stages.scene.nerf.field import NeRFField
+
+    cfg = copy.deepcopy(config)
+    cfg.backend = "torch"
+    field = NeRFField(cfg, torch.Generator().manual_seed(0))
+    points = torch.rand(samples, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with FlopCounterMode(display=False) as forward:
+        with torch.no_grad():
+            field(points)
+    with FlopCounterMode(display=False) as both:
+        out = field(points)
+        (out["density"].sum() + out["albedo"].sum()).backward()
+    return {"forward": forward.get_total_flops() / samples, "forward_backward": both.get_total_flops() / samples}
+
+
+def flops_per_asset(full: bool = True) -> dict[str, Any]:
+    """FLOPs of one asset at the paper's method (``OptimizeConfig()``), for each ``isd.sd_branch``
+    and representation: both guidance calls of every iteration counted on the real ``grad`` code
+    (full-size models on meta; ``full=False``: the tiny models, for tests) phase by phase, plus the
+    scene's render: NeRF field FLOPs per sample × every sample of every ray (the renderer's
+    ``num_samples_per_ray``, before occupancy pruning: an upper bound), forward + backward, and one
+    more forward where the render is deferred (``method.backprop``); splats: gsplat's CUDA
+    rasteriser is not counted (elementwise and sort work, no matmuls)."""
+    from stages.guidance.losses import SD_BRANCHES
+    from stages.optimize.config import REPRESENTATIONS
+
+    device = torch.device("meta") if full else torch.device("cpu")
+    method = OptimizeConfig()
+    phases = phase_iterations(method)
+    mvd = build_mvd_guidance(full, device, torch.float32)
+    register_assets(None, mvd, 1)
+    mvd_calls = [guidance_call_flops(mvd, "mvd", views, render) for views, render, _ in phases]
+    per_sample = nerf_field_flops_per_sample(method.nerf) if full else None
+    samples = sum(its * views * render * render * method.nerf.renderer.num_samples_per_ray for views, render, its in phases)
+    rows = []
+    for branch in SD_BRANCHES:
+        ip = build_ip_guidance(full, device, torch.float32, sd_branch=branch)
+        register_assets(ip, None, 1)
+        ip_calls = [guidance_call_flops(ip, "ip", views, render) for views, render, _ in phases]
+        guidance = sum(its * (a + b) for (_, _, its), a, b in zip(phases, ip_calls, mvd_calls))
+        for representation in REPRESENTATIONS:
+            scene = None
+            if representation == "nerf" and per_sample is not None:
+                scene = samples * (per_sample["forward_backward"] + per_sample["forward"])
+            rows.append({
+                "sd_branch": branch,
+                "representation": representation,
+                "unet_rows_per_view": 4 if branch == "vanilla" else 2,
+                "guidance_tflop_per_iteration": [(a + b) / 1e12 for a, b in zip(ip_calls, mvd_calls)],
+                "guidance_pflop_per_asset": guidance / 1e15,
+                "scene_pflop_per_asset_bound": None if scene is None else scene / 1e15,
+                "total_pflop_per_asset": (guidance + (scene or 0.0)) / 1e15,
+            })
+    return {
+        "phases": [{"views": v, "render": r, "iterations": i} for v, r, i in phases],
+        "mvd_tflop_per_iteration": [b / 1e12 for b in mvd_calls],
+        "nerf_field_flops_per_sample": per_sample,
+        "rows": rows,
+        "note": "guidance: VAE encode + input-gradient backward and the UNet forwards of both guidance calls per "
+        "iteration (text/image encoders run once per asset: not counted); scene: NeRF upper bound (every sample "
+        "of every ray, deferred render's extra forward included), splats not counted; Adam not counted",
+    }
+
+
 # ----------------------------------------------------------------------------- driver
 def run(device: torch.device, quick: bool, compile_unet: bool) -> dict[str, Any]:
     full = device.type == "cuda" and not quick
@@ -377,7 +483,28 @@ def run(device: torch.device, quick: bool, compile_unet: bool) -> dict[str, Any]
     results["unet"] = unet_variants(full, device, dtypes, compile_unet, repeats)
     if not full and not quick:
         results["full_size_flops_meta"] = full_size_flops_on_meta()
+    if not quick:
+        results["flops_per_asset"] = flops_per_asset(full=True)
     return results
+
+
+def print_flops_per_asset(flops: dict[str, Any]) -> None:
+    phases = ", ".join(f"{p['iterations']} its of {p['views']} views at {p['render']}²" for p in flops["phases"])
+    print(f"\nFLOPs per asset, full size, counted on meta (paper schedule: {phases})")
+    rows = [
+        {
+            "sd_branch": r["sd_branch"],
+            "representation": r["representation"],
+            "UNet rows/view": r["unet_rows_per_view"],
+            "guidance TFLOP/it": " / ".join(f"{v:.2f}" for v in r["guidance_tflop_per_iteration"]),
+            "guidance PFLOP": r["guidance_pflop_per_asset"],
+            "scene PFLOP (bound)": "not counted" if r["scene_pflop_per_asset_bound"] is None else r["scene_pflop_per_asset_bound"],
+            "total PFLOP": r["total_pflop_per_asset"],
+        }
+        for r in flops["rows"]
+    ]
+    print(format_table(rows))
+    print(f"({flops['note']})")
 
 
 def print_report(results: dict[str, Any]) -> None:
@@ -403,6 +530,8 @@ def print_report(results: dict[str, Any]) -> None:
                 f"\nfull-size FLOPs per iteration (meta device): phase 1 (8 views) {meta['phase1_8_views']['total_flops']:.4g}, "
                 f"phase 2 (4 views) {meta['phase2_4_views']['total_flops']:.4g}; per asset {meta['per_asset_flops']:.4g}"
             )
+    if "flops_per_asset" in results:
+        print_flops_per_asset(results["flops_per_asset"])
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
