@@ -145,19 +145,43 @@ def iteration_seconds(
         config.schedule = ScheduleConfig(milestones=[0.5], resolutions=[resolution, resolution], batch_sizes=[batch, batch])
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        with tempfile.TemporaryDirectory() as work:
-            result = optimize_asset(config, GuidanceSet(ip=ip, mvd=mvd), reference, 0, Path(work), "a ceramic teapot", f"iter-{resolution}")
+        row: dict[str, Any] = {"views": batch, "render": resolution, "scene": f"{config.representation} ({'paper' if full else 'tiny'} config)"}
+        try:
+            with tempfile.TemporaryDirectory() as work:
+                result = optimize_asset(config, GuidanceSet(ip=ip, mvd=mvd), reference, 0, Path(work), "a ceramic teapot", f"iter-{resolution}")
+        except torch.OutOfMemoryError as error:  # reported; the next phase and sections still run
+            row.update(seconds_per_iteration=None, peak_memory_gb=None, error=f"OutOfMemoryError: {str(error).splitlines()[0][:200]}")
+            torch.cuda.empty_cache()
+            rows.append(row)
+            continue
         seconds = [h["seconds"] for h in result.history[1:]] or [result.history[0]["seconds"]]
-        rows.append(
-            {
-                "views": batch,
-                "render": resolution,
-                "seconds_per_iteration": statistics.median(seconds),
-                "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-                "scene": f"{config.representation} ({'paper' if full else 'tiny'} config)",
-            }
-        )
+        row["seconds_per_iteration"] = statistics.median(seconds)
+        row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        if full:
+            row["memory_model_gb"] = in_process_memory_model(config, ip, mvd, batch, resolution)
+        rows.append(row)
     return rows
+
+
+def in_process_memory_model(config: OptimizeConfig, ip: IPGuidance, mvd: MVDreamGuidance, views: int, render: int) -> dict[str, Any]:
+    """What the memory plan predicts for this process (both guidance models and one optimiser task
+    in one process, one request at a time): every weight, the larger guidance call's activations
+    (the calls run one after the other), the task's peak when ``task_memory`` is present."""
+    from pipeline.memory_plan import default_task_memory
+    from stages.guidance.memory import ActorSpec, actor_memory
+
+    dtype = str(ip.sd.dtype).replace("torch.", "")
+    common = dict(dtype=dtype, requests=1, views=views, render=render)
+    ip_memory, _ = actor_memory(ActorSpec("ip", SD15_IP_BASE, model_resolution=512, vae_chunk=ip.runtime.vae_chunk, unet_rows=ip.runtime.unet_rows, **common))
+    mvd_memory, _ = actor_memory(ActorSpec("mvd", MVDREAM_SD21_4VIEW, model_resolution=256, vae_chunk=mvd.runtime.vae_chunk, unet_rows=mvd.runtime.unet_rows, **common))
+    task_fn = default_task_memory()
+    task = max(int(p.total_peak) for p in task_fn(config)) if task_fn is not None else None
+    guidance = ip_memory.weights + mvd_memory.weights + max(ip_memory.activations, mvd_memory.activations)
+    return {
+        "guidance_gb": guidance / 2**30,
+        "task_gb": None if task is None else task / 2**30,
+        "total_gb": None if task is None else (guidance + task) / 2**30,
+    }
 
 
 def batching_gain(guidance: Any, kind: str, counts: Sequence[int], views: int, resolution: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:
@@ -435,7 +459,8 @@ def flops_per_asset(full: bool = True) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- driver
-def run(device: torch.device, quick: bool, compile_unet: bool) -> dict[str, Any]:
+def run(device: torch.device, quick: bool, compile_unet: bool, out: Path | None = None) -> dict[str, Any]:
+    """Every section in order of importance, the JSON rewritten to ``out`` after each."""
     full = device.type == "cuda" and not quick
     size = "full" if full else ("tiny-cpu" if device.type == "cpu" else "tiny")
     iterations = 2 if quick else (8 if full else 3)
@@ -453,26 +478,37 @@ def run(device: torch.device, quick: bool, compile_unet: bool) -> dict[str, Any]
     results["card"] = card
     results["peak_tflops"] = peak_tflops(card)
 
+    def save() -> None:  # after every section: a step killed by its timeout keeps what it measured
+        if out is not None:
+            write_json(results, out)
+
     ip = build_ip_guidance(full, device, dtype)
     mvd = build_mvd_guidance(full, device, dtype)
     register_assets(ip, mvd, max(counts))
     results["iteration"] = iteration_seconds(ip, mvd, full, device, iterations)
     half = ITERATIONS_PER_ASSET // 2
-    seconds_per_asset = sum(half * row["seconds_per_iteration"] for row in results["iteration"])
+    timed = [row["seconds_per_iteration"] for row in results["iteration"]]
+    seconds_per_asset = sum(half * s for s in timed) if None not in timed else None
     results["seconds_per_asset"] = seconds_per_asset
-    results["assets_per_gpu_hour"] = 3600.0 / seconds_per_asset
+    results["assets_per_gpu_hour"] = 3600.0 / seconds_per_asset if seconds_per_asset else None
     memories = [row["peak_memory_gb"] for row in results["iteration"] if row["peak_memory_gb"] is not None]
     results["peak_memory_gb"] = max(memories) if memories else None
+    save()
+    if not quick:
+        results["flops_per_asset"] = flops_per_asset(full=True)
+        save()
 
     ip_res, mvd_res = (256, 256) if full else (32, 32)
     results["batching"] = batching_gain(ip, "ip", counts, 4, ip_res, device, repeats) + batching_gain(mvd, "mvd", counts, 4, mvd_res, device, repeats)
+    save()
 
     flops = count_flops(ip, mvd, 4, ip_res, mvd_res)
     phase2 = results["iteration"][-1]["seconds_per_iteration"]
-    achieved = flops["total_flops"] / phase2 / 1e12
+    achieved = flops["total_flops"] / phase2 / 1e12 if phase2 else None
     flops.update(views=4, render=mvd_res, achieved_tflops=achieved)
-    flops["fraction_of_peak"] = achieved / results["peak_tflops"] if results["peak_tflops"] else None
+    flops["fraction_of_peak"] = achieved / results["peak_tflops"] if results["peak_tflops"] and achieved else None
     results["flops"] = flops
+    save()
     del ip, mvd
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -481,10 +517,10 @@ def run(device: torch.device, quick: bool, compile_unet: bool) -> dict[str, Any]
     if quick:
         dtypes = dtypes[-1:]
     results["unet"] = unet_variants(full, device, dtypes, compile_unet, repeats)
+    save()
     if not full and not quick:
         results["full_size_flops_meta"] = full_size_flops_on_meta()
-    if not quick:
-        results["flops_per_asset"] = flops_per_asset(full=True)
+        save()
     return results
 
 
@@ -509,13 +545,20 @@ def print_flops_per_asset(flops: dict[str, Any]) -> None:
 
 def print_report(results: dict[str, Any]) -> None:
     print(f"benchmarks.full — size: {results['size']} ({results['note']}); card: {results['card'] or 'none'}; dtype {results['dtype']}")
-    print(format_table(results["iteration"], ["views", "render", "seconds_per_iteration", "peak_memory_gb", "scene"]))
-    print(f"assets per GPU-hour at {ITERATIONS_PER_ASSET} iterations: {results['assets_per_gpu_hour']:.4g}")
+    rows = [{**row, "model_gb": (row.get("memory_model_gb") or {}).get("total_gb") or (row.get("memory_model_gb") or {}).get("guidance_gb")} for row in results["iteration"]]
+    print(format_table(rows, ["views", "render", "seconds_per_iteration", "peak_memory_gb", "model_gb", "scene"]))
+    print("(model_gb: the memory plan's figure for this process; without task_memory, its guidance part only)")
+    for row in results["iteration"]:
+        if row.get("error"):
+            print(f"  {row['views']} views at {row['render']}²: {row['error']}")
+    rate = results["assets_per_gpu_hour"]
+    print(f"assets per GPU-hour at {ITERATIONS_PER_ASSET} iterations: {rate:.4g}" if rate else "assets per GPU-hour: not measured")
     print("\nbatching (k assets in one grad call)")
     print(format_table(results["batching"], ["guidance", "assets", "batched_s", "separate_s", "gain"]))
     f = results["flops"]
     peak = results["peak_tflops"]
-    print(f"\nFLOPs per iteration (guidance, 4 views): {f['total_flops']:.4g}; achieved {f['achieved_tflops']:.4g} TFLOP/s; peak {peak if peak else 'unknown'}")
+    achieved = f"{f['achieved_tflops']:.4g}" if f["achieved_tflops"] else "-"
+    print(f"\nFLOPs per iteration (guidance, 4 views): {f['total_flops']:.4g}; achieved {achieved} TFLOP/s; peak {peak if peak else 'unknown'}")
     print("\nISD UNet forward by dtype")
     print(format_table(results["unet"]["dtype"], ["dtype", "seconds"]))
     print(format_table(results["unet"]["sdpa"], ["backend", "dtype", "seconds", "note"]))
@@ -544,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     compile_unet = args.compile_unet if args.compile_unet is not None else (device.type == "cuda" and not args.quick)
-    results = run(device, args.quick, compile_unet)
+    results = run(device, args.quick, compile_unet, args.out)
     print_report(results)
     path = write_json(results, args.out)
     print(f"\nwrote {path}")
