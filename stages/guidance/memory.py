@@ -219,19 +219,10 @@ def _request(spec: ActorSpec, index: int) -> GuidanceRequest:
 
 
 def _measure_reference(spec: ActorSpec) -> ActorMemory:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from stages.models.reference import pipeline_of
 
     sd = build_sd(spec.architecture, "meta", spec.torch_dtype)
-    pipeline = StableDiffusionPipeline(
-        vae=sd.vae,
-        text_encoder=sd.text_encoder,
-        tokenizer=sd.tokenizer,
-        unet=sd.unet,
-        scheduler=DDIMScheduler.from_config(sd.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipeline = pipeline_of(sd)
     pipeline.set_progress_bar_config(disable=True)
     size = spec.model_resolution
 
