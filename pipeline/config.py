@@ -71,8 +71,9 @@ class ActorResources:
     """Ray restarts a dead replica this many times (its clients re-register their assets)."""
     vae_chunk: int = GuidanceRuntime.vae_chunk
     """Guidance actors: images whose VAE-encoder graph is held at once (~1.5 GiB each at 512² in
-    fp16); a batch is answered in passes of at most this many images, and a request with more
-    views is re-encoded chunk by chunk for its input gradient (one more encoder forward per image)."""
+    fp16): requests are sliced into whole views (MVDream: whole 4-view groups) and answered in
+    passes of at most this many images, with no extra FLOPs; only an MVDream group larger than
+    this is re-encoded chunk by chunk for its input gradient."""
     unet_rows: int = GuidanceRuntime.unet_rows
     """Guidance actors: largest UNet batch of one forward (ISD rows are 4 per view, ``ip_null`` 2,
     MVDream 2); a pass with more rows runs several forwards."""

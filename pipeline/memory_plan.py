@@ -24,12 +24,15 @@ GPU passes its memory minus ``resources.gpu_memory_headroom``, naming the keys t
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence, TextIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, TextIO
 
 from pipeline.components import models_needed
 from pipeline.config import ActorResources, ConfigError, PipelineConfig
-from stages.guidance.memory import ActorMemory, ActorSpec, actor_memory
 from stages.optimize.config import OptimizeConfig
+
+if TYPE_CHECKING:  # stages.guidance.memory imports diffusers: loaded when a plan is made, not with pipeline.run
+    from stages.guidance.memory import ActorSpec
 
 GIB = 2**30
 CONTEXT_BYTES = 512 * 2**20
@@ -107,16 +110,26 @@ class MemoryPlan:
 
 def plan_memory(
     config: PipelineConfig,
-    task_memory: TaskMemoryFn | None | str = "default",
+    task_memory: TaskMemoryFn | None | Literal["default"] = "default",
     gpus: int | None = None,
-    table: Any = "default",
+    table: Path | None | Literal["default"] = "default",
 ) -> MemoryPlan:
     """The memory plan of ``config``. ``task_memory``: the task model (``"default"``: the real
-    one when present; None: tasks unknown). ``gpus``: GPUs to place on (None: as many as needed)."""
+    one when present; None: tasks unknown). ``gpus``: GPUs to place on (None: as many as needed).
+    ``table``: the measured actor figures (``"default"``: the shipped table; None: measure).
+    Raises :class:`ConfigError` naming the key of a model source that cannot be resolved."""
     from stages.guidance.memory import TABLE
+    from stages.models.sources import ModelSourceError
 
     task_fn = default_task_memory() if task_memory == "default" else task_memory
     table_path = TABLE if table == "default" else table
+    try:
+        return _plan(config, task_fn, gpus, table_path)
+    except ModelSourceError as error:  # e.g. a local path that does not exist: its key is in the message
+        raise ConfigError(f"memory plan: {error}") from None
+
+
+def _plan(config: PipelineConfig, task_fn: TaskMemoryFn | None, gpus: int | None, table_path: Path | None) -> MemoryPlan:
     res, needed = config.resources, models_needed(config.method)
     dtype = _gpu_dtype(config.models.dtype)
     notes: list[str] = []
@@ -164,9 +177,10 @@ def plan_memory(
 
 
 def _gpu_dtype(name: str) -> str:
-    from stages.models.device import resolve_dtype
-
+    """``models.dtype`` as the actors resolve it on a GPU (``auto``: float16)."""
     import torch
+
+    from stages.models.device import resolve_dtype
 
     return str(resolve_dtype(name, torch.device("cuda"))).replace("torch.", "")
 
@@ -177,7 +191,8 @@ def _task_phases(method: OptimizeConfig, task_fn: TaskMemoryFn) -> list[TaskPhas
     phases = []
     for index, row in enumerate(task_fn(method)):
         values = {name: int(_field(row, name)) for name in ("parameters", "optimizer_state", "frame_buffers", "peak_graph", "total_peak")}
-        label = str(getattr(row, "phase", labels[index] if index < len(labels) else f"phase {index + 1}"))
+        own = row.get("phase") if isinstance(row, dict) else getattr(row, "phase", None)
+        label = own if isinstance(own, str) else (labels[index] if index < len(labels) else f"phase {index + 1}")
         phases.append(TaskPhase(label, values["parameters"], values["optimizer_state"], values["frame_buffers"], values["peak_graph"], values["total_peak"]))
     if not phases:
         raise ValueError("task_memory returned no phase")
@@ -195,6 +210,7 @@ def _field(row: Any, name: str) -> Any:
 def actor_specs(config: PipelineConfig, kind: str, dtype: str | None = None) -> list[ActorSpec]:
     """The biggest call of actor ``kind`` in each phase of the schedule (one spec per distinct load)."""
     from stages.guidance.ip_guidance import ip_render_resolution
+    from stages.guidance.memory import ActorSpec
     from stages.guidance.mvdream_guidance import mvd_render_resolution
     from stages.models.architecture import ip_architecture, mvdream_architecture, sd_architecture
 
@@ -238,8 +254,10 @@ RAISE_KEYS = {
 """Keys whose larger value leaves fewer processes beside it on a GPU."""
 
 
-def _actor_process(config: PipelineConfig, kind: str, actor: ActorResources, dtype: str, table: Any, notes: list[str]) -> Process:
-    best: tuple[ActorMemory, ActorSpec] | None = None
+def _actor_process(config: PipelineConfig, kind: str, actor: ActorResources, dtype: str, table: Path | None, notes: list[str]) -> Process:
+    from stages.guidance.memory import actor_memory
+
+    best: tuple[Any, ActorSpec] | None = None
     for spec in actor_specs(config, kind, dtype):
         memory, source = actor_memory(spec, table)
         if source != "table":

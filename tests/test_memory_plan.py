@@ -185,3 +185,15 @@ def test_the_run_is_refused_before_any_model_loads(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="graph"):  # the plan passed; the run went on to build the graph
         run.run_dataset(config, components, stream=stream)
     assert "memory plan: up to" in stream.getvalue() and "of 80.0 GiB (resources.gpu_memory_gib)" in stream.getvalue()
+
+
+def test_the_plan_needs_no_weights_but_names_a_model_source_that_cannot_be_resolved(tmp_path, capsys):
+    """Hub ids resolve to their known architecture without a download (the shipped table answers);
+    a local path that does not exist is refused with its key."""
+    from pipeline.run import main
+
+    config = str(REPO / "configs" / "dataset.yaml")
+    assert main([config, f"output={tmp_path}", "--dry-run", "resources.gpu_memory_gib=80", "models.sd=someone/sd15-finetune"]) == 0
+    assert "IP guidance" in capsys.readouterr().err
+    assert main([config, f"output={tmp_path}", "--dry-run", f"models.mvdream={tmp_path / 'missing'}"]) == 2
+    assert "error: memory plan: models.mvdream:" in capsys.readouterr().err

@@ -6,11 +6,11 @@ the latent-space gradients w(t)·r are back-propagated through the encoder (inpu
 only, the VAE weights stay frozen) to give each request its grad_rgb.
 
 Memory: the encoder's graph at 512² holds ~1.5 GiB per image in fp16, so at most ``chunk``
-images keep theirs. When a pass has more images than that (a single request with more views
-than ``chunk``), every chunk is first encoded without grad, the last chunk keeping its graph;
-:func:`backprop_to_renders` then back-propagates that chunk and re-encodes every other chunk
-with grad, one at a time, freeing each chunk's graph before the next (the exact gradient at
-the cost of one more encoder forward per re-encoded image).
+images keep theirs. The guidances slice requests so that a pass fits ``chunk``; when it cannot
+(an MVDream 4-view group larger than ``chunk``), every chunk is first encoded without grad, the
+last chunk keeping its graph; :func:`backprop_to_renders` then back-propagates that chunk and
+re-encodes every other chunk with grad, one at a time, freeing each chunk's graph before the
+next (the exact gradient at the cost of one more encoder forward per re-encoded image).
 """
 
 from __future__ import annotations
