@@ -175,7 +175,7 @@ def in_process_memory_model(config: OptimizeConfig, ip: IPGuidance, mvd: MVDream
     ip_memory, _ = actor_memory(ActorSpec("ip", SD15_IP_BASE, model_resolution=512, vae_chunk=ip.runtime.vae_chunk, unet_rows=ip.runtime.unet_rows, **common))
     mvd_memory, _ = actor_memory(ActorSpec("mvd", MVDREAM_SD21_4VIEW, model_resolution=256, vae_chunk=mvd.runtime.vae_chunk, unet_rows=mvd.runtime.unet_rows, **common))
     task_fn = default_task_memory()
-    task = max(int(p.total_peak) for p in task_fn(config)) if task_fn is not None else None
+    task = max(int(p.peak_bytes) for p in task_fn(config)) if task_fn is not None else None
     guidance = ip_memory.weights + mvd_memory.weights + max(ip_memory.activations, mvd_memory.activations)
     return {
         "guidance_gb": guidance / 2**30,

@@ -20,8 +20,6 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import OmegaConf
-
 from benchmarks.common import write_json
 from pipeline.components import models_needed
 from pipeline.config import ConfigError, PipelineConfig, load_config
@@ -31,10 +29,10 @@ from stages.guidance.runtime import UNBOUNDED
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path("benchmarks/out/memory.json")
-FORK_POINT_TASK_OVERRIDES: list[str] = []
-"""``method.*`` overrides that turn the optimiser task back into e009dc1's (direct back-propagation
-of the whole render's graph), applied before ``task_memory`` in the fork-point plan. Empty until
-the deferred back-propagation switch of ``stages.optimize`` is merged; then its key goes here."""
+FORK_POINT_TASK = {"backprop": "direct"}
+"""``method`` fields that turn the optimiser task back into e009dc1's (direct back-propagation of
+the whole render's graph), set in the fork-point plan where the method has them (the deferred
+back-propagation switch, ``method.backprop``, comes with ``stages.optimize.memory``)."""
 SHIPPED = (
     "dataset.yaml",
     "dataset_8gpu.yaml",
@@ -54,9 +52,9 @@ def fork_point(config: PipelineConfig) -> PipelineConfig:
         actor = getattr(old.resources, kind)
         actor.vae_chunk = actor.unet_rows = UNBOUNDED
         actor.max_batch_views = 0
-    if FORK_POINT_TASK_OVERRIDES:
-        merged = OmegaConf.merge(OmegaConf.structured(old.method), OmegaConf.from_dotlist(FORK_POINT_TASK_OVERRIDES))
-        old.method = OmegaConf.to_object(merged)
+    for name, value in FORK_POINT_TASK.items():
+        if hasattr(old.method, name):
+            setattr(old.method, name, value)
     return old
 
 

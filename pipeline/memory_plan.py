@@ -3,9 +3,9 @@
 Processes (each with its own CUDA context):
 
 - each optimiser task, phase by phase of the method's schedule, from
-  ``stages.optimize.memory.task_memory(method)`` (parameters, optimiser state, frame buffers,
-  peak graph, total peak; measured on CPU with the real shapes); a task may be in any phase, so
-  it counts at its largest;
+  ``stages.optimize.memory.task_memory(method)`` (one row per phase: parameter, gradient,
+  optimiser, frame and graph bytes and the peak; measured on CPU with the real shapes); a task
+  may be in any phase, so it counts at its largest peak;
 - each replica of each model actor the method uses, at the biggest call its bounds allow
   (``max_batch`` requests, at most ``max_batch_views`` views, no more than the tasks in flight;
   answered in passes of ``vae_chunk`` images and UNet forwards of ``unet_rows`` rows): weights at
@@ -56,16 +56,21 @@ def default_task_memory() -> TaskMemoryFn | None:
     return task_memory
 
 
+TASK_FIELDS = ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "frame_bytes", "graph_bytes", "peak_bytes")
+"""What the plan reads from each row of ``task_memory`` (``stages.optimize.memory.TaskMemory``)."""
+
+
 @dataclass(frozen=True)
 class TaskPhase:
-    """Bytes of one optimiser task in one phase of its schedule (from ``task_memory``)."""
+    """Bytes of one optimiser task in one phase of its schedule (a ``task_memory`` row)."""
 
     label: str
-    parameters: int
-    optimizer_state: int
-    frame_buffers: int
-    peak_graph: int
-    total: int
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    frame_bytes: int
+    graph_bytes: int
+    peak_bytes: int
 
 
 @dataclass
@@ -151,7 +156,7 @@ def _plan(config: PipelineConfig, task_fn: TaskMemoryFn | None, gpus: int | None
             "optimiser tasks: memory not modelled (stages.optimize.memory.task_memory is missing), "
             "only their CUDA contexts are counted: GPU sums are lower bounds"
         )
-    task_bytes = max(p.total for p in phases) if phases else None
+    task_bytes = max(p.peak_bytes for p in phases) if phases else None
     for index in range(res.tasks_in_flight):
         if res.task_num_gpus <= 0:
             processes.append(Process(f"task {index}", "task", 0.0, None, detail="on the CPU (task_num_gpus 0)"))
@@ -188,20 +193,13 @@ def _gpu_dtype(name: str) -> str:
 def _task_phases(method: OptimizeConfig, task_fn: TaskMemoryFn) -> list[TaskPhase]:
     schedule = method.schedule
     labels = [f"phase {i + 1}: {b} views at {r}²" for i, (b, r) in enumerate(zip(schedule.batch_sizes, schedule.resolutions))]
-    phases = []
-    for index, row in enumerate(task_fn(method)):
-        values = {name: int(_field(row, name)) for name in ("parameters", "optimizer_state", "frame_buffers", "peak_graph", "total_peak")}
-        own = row.get("phase") if isinstance(row, dict) else getattr(row, "phase", None)
-        label = own if isinstance(own, str) else (labels[index] if index < len(labels) else f"phase {index + 1}")
-        phases.append(TaskPhase(label, values["parameters"], values["optimizer_state"], values["frame_buffers"], values["peak_graph"], values["total_peak"]))
-    if not phases:
-        raise ValueError("task_memory returned no phase")
-    return phases
+    rows = list(task_fn(method))
+    if len(rows) != len(labels):
+        raise ValueError(f"task_memory returned {len(rows)} phases for a schedule of {len(labels)}")
+    return [TaskPhase(label, *(int(_field(row, name)) for name in TASK_FIELDS)) for label, row in zip(labels, rows)]
 
 
 def _field(row: Any, name: str) -> Any:
-    if isinstance(row, dict):
-        return row[name]
     if not hasattr(row, name):
         raise AttributeError(f"task_memory rows need a {name!r} field (bytes); got {type(row).__name__}")
     return getattr(row, name)
@@ -382,11 +380,11 @@ def format_plan(plan: MemoryPlan, capacity: int | None = None, headroom: float =
         kinds = sorted({ACTOR_NAMES.get(p.kind, "optimiser task") for p in plan.on_cpu})
         lines.append(f"  on the CPU (no GPU share, not planned): {len(plan.on_cpu)} processes ({', '.join(kinds)})")
     if plan.task_phases:
-        lines.append("  optimiser task by phase (task_memory): parameters / optimiser state / frame buffers / peak graph / total peak")
+        lines.append("  optimiser task by phase (task_memory): parameters / gradients / optimiser state / frame buffers / graph / peak")
         for ph in plan.task_phases:
             lines.append(
-                f"    {ph.label}: {_gib(ph.parameters)} / {_gib(ph.optimizer_state)} / {_gib(ph.frame_buffers)} / "
-                f"{_gib(ph.peak_graph)} / {_gib(ph.total)}"
+                f"    {ph.label}: {_gib(ph.parameter_bytes)} / {_gib(ph.gradient_bytes)} / {_gib(ph.optimizer_bytes)} / "
+                f"{_gib(ph.frame_bytes)} / {_gib(ph.graph_bytes)} / {_gib(ph.peak_bytes)}"
             )
     lines += [f"  note: {note}" for note in plan.notes]
     return "\n".join(lines)

@@ -24,19 +24,21 @@ BUDGET = 0.9 * CARD  # 10 % headroom
 
 @dataclass
 class StandInPhase:
-    """What ``task_memory`` returns per schedule phase (bytes)."""
+    """The fields the plan reads from ``stages.optimize.memory.TaskMemory`` (bytes)."""
 
-    parameters: int
-    optimizer_state: int
-    frame_buffers: int
-    peak_graph: int
-    total_peak: int
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    frame_bytes: int
+    graph_bytes: int
+    peak_bytes: int
 
 
 def stand_in(total_gib: tuple[float, ...]):
     def task_memory(method):
         assert len(total_gib) == len(method.schedule.batch_sizes)
-        return [StandInPhase(64 << 20, 128 << 20, 8 << 20, int(t * GIB) - (200 << 20), int(t * GIB)) for t in total_gib]
+        mib = 1 << 20
+        return [StandInPhase(64 * mib, 64 * mib, 128 * mib, 8 * mib, int(t * GIB) - 264 * mib, int(t * GIB)) for t in total_gib]
 
     return task_memory
 
