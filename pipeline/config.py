@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config_input import apply_overrides, check_top_level, name_the_keys
+from stages.guidance.runtime import GuidanceRuntime
 from stages.models.config import ModelsConfig
 from stages.optimize.config import OptimizeConfig
 
@@ -61,11 +62,25 @@ class ActorResources:
     num_gpus: float = 0.0
     """GPUs per replica; a fraction (< 1) packs several replicas/actors on one GPU."""
     max_batch: int = 8
-    """Largest number of requests answered by one model forward."""
+    """Largest number of requests answered by one model call."""
+    max_batch_views: int = 0
+    """Guidance actors: largest number of renders (views, summed over the requests) in one batch;
+    0: bounded by ``max_batch`` alone. A request larger than the bound is answered alone."""
     max_wait_ms: float = 10.0
     """How long the first request of a batch waits for more before the forward runs."""
     max_restarts: int = 3
     """Ray restarts a dead replica this many times (its clients re-register their assets)."""
+    vae_chunk: int = GuidanceRuntime.vae_chunk
+    """Guidance actors: images whose VAE-encoder graph is held at once (~1.5 GiB each at 512² in
+    fp16): requests are sliced into whole views (MVDream: whole 4-view groups) and answered in
+    passes of at most this many images, with no extra FLOPs; only an MVDream group larger than
+    this is re-encoded chunk by chunk for its input gradient."""
+    unet_rows: int = GuidanceRuntime.unet_rows
+    """Guidance actors: largest UNet batch of one forward (ISD rows are 4 per view, ``ip_null`` 2,
+    MVDream 2); a pass with more rows runs several forwards."""
+    compile: bool = False
+    """Guidance actors: ``torch.compile`` the UNet and the VAE encoder (batch sizes are padded to
+    power-of-two buckets, so each compiles a bounded number of times; the first calls are slow)."""
 
 
 @dataclass
@@ -78,6 +93,13 @@ class ResourcesConfig:
     """GPU fraction per optimiser task (renders and Adam run there)."""
     task_max_retries: int = 3
     """Ray re-runs an optimiser task whose worker died; it resumes from its checkpoint."""
+    gpu_memory_gib: Optional[float] = None
+    """Memory of one GPU to plan against (GiB); null: detected (NVML on the driver, or on each GPU
+    node of the cluster). The run is refused before any model loads when the memory plan
+    (``python -m benchmarks.memory CONFIG``) does not fit."""
+    gpu_memory_headroom: float = 0.1
+    """Fraction of each GPU's memory the plan keeps free (allocator fragmentation, kernel
+    workspaces, anything the plan does not measure)."""
     reference: ActorResources = field(default_factory=lambda: ActorResources(max_batch=4))
     ip: ActorResources = field(default_factory=ActorResources)
     mvd: ActorResources = field(default_factory=ActorResources)
@@ -174,11 +196,13 @@ def build_config(
     return merged
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = (), check_models: bool = True) -> PipelineConfig:
     """Read a YAML config, apply dotlist overrides, validate, and return the typed config.
 
     Relative prompt paths become absolute (against the YAML's directory); the prompt files
     are read once here so a missing or empty one fails before any work starts.
+    ``check_models=False`` leaves the model checks to the caller (``--dry-run`` names a missing
+    model beside the plan).
     """
     path = Path(path)
     if not path.is_file():
@@ -195,7 +219,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConf
         raise ConfigError(f"{path}: config key {name_the_keys(str(error), PipelineConfig)}") from None
     for source in config.prompts.sources:
         source.path = _resolve_prompt_path(source.path, path.parent)
-    validate_config(config)
+    validate_config(config, None if check_models else ())
     return config
 
 
@@ -238,6 +262,8 @@ def validate_config(config: PipelineConfig, actors: Sequence[str] | None = None)
     _require(res.task_max_retries >= -1, "resources.task_max_retries", "must be >= -1 (-1: forever)")
     _check_fraction(res.task_num_cpus, "resources.task_num_cpus")
     _check_fraction(res.task_num_gpus, "resources.task_num_gpus")
+    _require(res.gpu_memory_gib is None or res.gpu_memory_gib > 0, "resources.gpu_memory_gib", f"must be > 0 or null, got {res.gpu_memory_gib}")
+    _require(0 <= res.gpu_memory_headroom < 1, "resources.gpu_memory_headroom", f"must be in [0, 1), got {res.gpu_memory_headroom}")
     for name in ("reference", "ip", "mvd"):
         actor: ActorResources = getattr(res, name)
         key = f"resources.{name}"
@@ -245,6 +271,9 @@ def validate_config(config: PipelineConfig, actors: Sequence[str] | None = None)
         _require(actor.max_batch >= 1, f"{key}.max_batch", f"must be >= 1, got {actor.max_batch}")
         _require(actor.max_wait_ms >= 0, f"{key}.max_wait_ms", f"must be >= 0, got {actor.max_wait_ms}")
         _require(actor.max_restarts >= -1, f"{key}.max_restarts", "must be >= -1 (-1: forever)")
+        _require(actor.max_batch_views >= 0, f"{key}.max_batch_views", f"must be >= 0 (0: no bound), got {actor.max_batch_views}")
+        _require(actor.vae_chunk >= 1, f"{key}.vae_chunk", f"must be >= 1, got {actor.vae_chunk}")
+        _require(actor.unet_rows >= 1, f"{key}.unet_rows", f"must be >= 1, got {actor.unet_rows}")
         _check_fraction(actor.num_cpus, f"{key}.num_cpus")
         _check_fraction(actor.num_gpus, f"{key}.num_gpus")
     for index, source in enumerate(config.prompts.sources):

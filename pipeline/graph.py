@@ -113,18 +113,18 @@ def build_graph(config: PipelineConfig, components: Components, work_dir: str) -
     """Create the model actors and the per-asset DAG for ``config``."""
     res = config.resources
 
-    def replicas(actor_class: Any, factory: Any, resources: ActorResources, retry_calls: bool) -> list[Any]:
+    def replicas(actor_class: Any, factory: Any, resources: ActorResources, retry_calls: bool, *extra: Any) -> list[Any]:
         if factory is None:
             return []
         options = _actor_options(resources, retry_calls)
         return [
-            actor_class.options(**options).remote(factory, resources.max_batch, resources.max_wait_ms)
+            actor_class.options(**options).remote(factory, resources.max_batch, resources.max_wait_ms, *extra)
             for _ in range(resources.replicas)
         ]
 
-    reference = replicas(ReferenceActor, components.reference_sampler, res.reference, retry_calls=True)
-    ip = replicas(IPGuidanceActor, components.ip_guidance, res.ip, retry_calls=False)
-    mvd = replicas(MVDreamGuidanceActor, components.mvd_guidance, res.mvd, retry_calls=False)
+    reference = replicas(ReferenceActor, components.reference_sampler, res.reference, True)
+    ip = replicas(IPGuidanceActor, components.ip_guidance, res.ip, False, res.ip.max_batch_views)
+    mvd = replicas(MVDreamGuidanceActor, components.mvd_guidance, res.mvd, False, res.mvd.max_batch_views)
     progress = ProgressActor.remote()
 
     handles = GuidanceHandles(ip=ip, mvd=mvd)

@@ -4,8 +4,8 @@ Reads top to bottom: load and validate the config (prompt files, model sources, 
 included; a relative output of a Ray job goes under ``job_output_root``) → repair the manifest
 (``--verify``: check committed files) → plan the jobs (skip committed assets; failed ones unless
 ``--retry-failed``) → open the tracking (close a killed predecessor's run, give every committed
-asset its run) → join or start Ray and check the resources → build the graph and wait for the
-models → keep ``resources.tasks_in_flight`` assets running, each with its MLflow child run from
+asset its run) → join or start Ray, check the resources and the GPU memory plan → build the graph
+and wait for the models → keep ``resources.tasks_in_flight`` assets running, each with its MLflow child run from
 start to end and its curves streamed → record each result (manifest shard) → gallery, totals,
 where to look. A fault of the run (a model gone for good, the disk full) stops it with one
 message; see ``pipeline/faults.py``.
@@ -25,7 +25,15 @@ from typing import Any, Sequence, TextIO
 import ray
 
 from pipeline.components import Components, default_components, models_needed
-from pipeline.config import ConfigError, PipelineConfig, capacity_note, check_resources, cpu_fallback_notes, load_config
+from pipeline.config import (
+    ConfigError,
+    PipelineConfig,
+    capacity_note,
+    check_resources,
+    cpu_fallback_notes,
+    load_config,
+    validate_config,
+)
 from pipeline.console import browse_lines, describe_cluster
 from pipeline.faults import (
     ModelGoneError,
@@ -39,6 +47,7 @@ from pipeline.faults import (
 from pipeline.graph import Graph, build_graph
 from pipeline.integrity import damaged_parts_note, repair_manifest, requeue_damaged, verify_assets
 from pipeline.job_output import resolve_job_output
+from pipeline.memory_plan import check_memory_plan, describe_memory_plan
 from pipeline.jobs import Job, make_jobs
 from pipeline.preflight import wait_for_ray
 from pipeline.progress import ProgressPrinter
@@ -198,6 +207,7 @@ def run_dataset(
     connect_ray(config, stream)
     cluster, needed = ray.cluster_resources(), models_needed(config.method)
     check_resources(config, cluster, needed)
+    check_memory_plan(config, cluster, stream)  # before any model loads
     for note in [capacity_note(config, cluster, needed), *cpu_fallback_notes(config, cluster, needed)]:
         if note:
             print(f"[pipeline] note: {note}", file=stream, flush=True)
@@ -209,7 +219,7 @@ def run_dataset(
             summary.experiment_id = tracker.experiment_id
             tracker.finish(summary.totals())
         return summary
-    components = components or default_components(config.method, config.models)
+    components = components or default_components(config.method, config.models, config.resources)
 
     if tracker is not None:
         summary.parent_run_id, summary.experiment_id = tracker.parent_id, tracker.experiment_id
@@ -416,7 +426,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("config", help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. variants=4 method.iterations=3000")
     parser.add_argument("--retry-failed", action="store_true", help="redo assets recorded as failed")
-    parser.add_argument("--dry-run", action="store_true", help="validate the config and print what would run; start nothing")
+    parser.add_argument("--dry-run", action="store_true", help="validate the config and print what would run and its GPU memory plan; start nothing")
     parser.add_argument(
         "--verify", action="store_true",
         help="check every committed asset's files against the checksums in its asset.json; damaged assets are set aside and redone",
@@ -432,16 +442,31 @@ def summary_line(summary: RunSummary, config: PipelineConfig, verb: str = "finis
     )
 
 
+def dry_run(config: PipelineConfig, stream: TextIO, verify: bool = False) -> int:
+    """``--dry-run``: the plan and the GPU memory plan, then the model checks that
+    :func:`load_config` left for now, so a missing model is named beside the plan (which needs
+    no weights) and a plan that cannot fit; 2 when any check failed, else 0."""
+    describe_plan(config, stream, verify=verify)
+    errors = []
+    for check in (lambda: describe_memory_plan(config, stream), lambda: validate_config(config)):
+        try:
+            check()
+        except ConfigError as error:
+            errors.append(str(error))
+    for error in errors:
+        print(f"error: {error}", file=stream, flush=True)
+    return 2 if errors else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """0: done; 1: stopped by a fault of the run (model gone, disk full); 2: bad input."""
     args = parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides, check_models=not args.dry_run)
         if args.retry_failed:
             config.retry_failed = True
         if args.dry_run:
-            describe_plan(config, sys.stderr, verify=args.verify)
-            return 0
+            return dry_run(config, sys.stderr, verify=args.verify)
         summary = run_dataset(config, verify=args.verify)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

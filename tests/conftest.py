@@ -2,6 +2,7 @@
 selected (``-m chaos``); nothing downloads."""
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+# Memory-plan measurements missing from the shipped table are cached per session, not in ~/.cache.
+os.environ.setdefault("MODEDREAMER_MEMORY_CACHE", os.path.join(tempfile.mkdtemp(prefix="memplan-"), "memory_table.json"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,7 +11,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from pipeline.config import build_config

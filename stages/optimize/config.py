@@ -1,8 +1,9 @@
 """Configuration of one asset's optimisation (nested dataclasses, OmegaConf-structured friendly).
 
-Defaults are the paper's setting (docs/ARCHITECTURE.md "The method"): 6000 iterations of α·ISD + β·SDS-MVD with α
-0.4→0.8 and β 0.6→0.02, MVDream-threestudio's timestep anneal, 8 views at 64² then 4 views at
-256² from half-way, AdamW (0.9, 0.99), eps 1e-15. :meth:`OptimizeConfig.tiny` is a CPU-sized
+Defaults are the paper's setting where the paper states one (docs/ARCHITECTURE.md "The method"): 6000 iterations of α·ISD + β·SDS-MVD
+with α 0.4→0.8 and β 0.6→0.02. The rest is reconstructed from MVDream-threestudio, on which the
+method builds: its timestep anneal, its render schedule (8 views at 64² then 4 views at 256² from
+half-way; the paper gives none), AdamW (0.9, 0.99), eps 1e-15. :meth:`OptimizeConfig.tiny` is a CPU-sized
 preset for tests and the quickstart. Build from YAML / dotlist overrides with
 :func:`load_optimize_config`.
 """
