@@ -188,7 +188,7 @@ def test_dataset_run_failed_assets_resume_and_retry_failed(head, tmp_path):
     console = io.StringIO()
     summary = run_dataset(config, pipeline_fakes.fake_components(mvd=True), stream=console)
     said = console.getvalue()  # what the first seconds show, before any iteration is counted
-    assert "loading models in their actors: ip, mvd, reference" in said and "model ip ready" in said and "MLflow: sqlite" in said
+    assert "building the models (IP guidance" in said and "model ready: MVDream guidance" in said and "MLflow: sqlite" in said
     assert (summary.succeeded, summary.failed) == (4, 2)
     rows = _latest(out)
     assert len(rows) == 6
