@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,8 +82,37 @@ def corner_indices(corners: Tensor, layout: LevelLayout) -> Tensor:
     return index % layout.size
 
 
+class HashGridLookup(torch.autograd.Function):
+    """Σ_corners w · table[index] for all levels at once, differentiable in the table only.
+
+    Backward needs just the corner indices and weights (saved as int32 + float32: 8 bytes per
+    corner and level, against 20 for autograd's index_select + mul), and scatters with one
+    ``index_add``. Used when the points need no gradient (every render; analytic normals take
+    the plain autograd path)."""
+
+    @staticmethod
+    def forward(ctx: Any, table: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+        n, levels, corners = weights.shape
+        feats = table.index_select(0, index.reshape(-1)).view(n, levels, corners, table.shape[1])
+        ctx.save_for_backward(index, weights)
+        ctx.table_shape = table.shape
+        return torch.einsum("nlcf,nlc->nlf", feats, weights)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None]:
+        index, weights = ctx.saved_tensors
+        grad_table = None
+        if ctx.needs_input_grad[0]:
+            source = (weights[..., None] * grad_out[:, :, None, :]).reshape(-1, grad_out.shape[-1])
+            grad_table = grad_out.new_zeros(ctx.table_shape).index_add_(0, index.reshape(-1), source)
+        return grad_table, None, None
+
+
 class TorchHashGrid(nn.Module):
-    """Pure-torch ``HashGrid``: (N, 3) in [0, 1] → (N, n_levels · F), level-major features."""
+    """Pure-torch ``HashGrid``: (N, 3) in [0, 1] → (N, n_levels · F), level-major features.
+
+    All levels are evaluated at once (a handful of (N, L, 8) tensor ops, whatever the number of
+    levels): per-axis corner terms, combined into dense or hashed table indices per level."""
 
     def __init__(self, config: HashGridConfig, generator: torch.Generator) -> None:
         super().__init__()
@@ -90,6 +120,14 @@ class TorchHashGrid(nn.Module):
         self.layout = grid_layout(config)
         self.n_output_dims = config.n_levels * config.n_features_per_level
         self.params = nn.Parameter(init_grid_params(config, generator))
+        levels = self.layout
+        self.register_buffer("scales", torch.tensor([lv.scale for lv in levels], dtype=torch.float32), persistent=False)
+        strides = [[1, lv.resolution, lv.resolution**2] for lv in levels]
+        self.register_buffer("strides", torch.tensor(strides, dtype=torch.int64)[:, None, :], persistent=False)
+        self.register_buffer("sizes", torch.tensor([lv.size for lv in levels], dtype=torch.int64), persistent=False)
+        self.register_buffer("offsets", torch.tensor([lv.offset for lv in levels], dtype=torch.int64), persistent=False)
+        self.register_buffer("dense", torch.tensor([lv.dense for lv in levels]), persistent=False)
+        self.register_buffer("primes", torch.tensor(PRIMES, dtype=torch.int64), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (N, 3) in [0, 1] → features (N, L·F) float32."""
@@ -97,40 +135,36 @@ class TorchHashGrid(nn.Module):
             return checkpoint(self._encode, x, self.params, use_reentrant=False)
         return self._encode(x, self.params)
 
+    def corners(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Table rows (N, L, 8) int64 and trilinear weights (N, L, 8) of the 8 corners around
+        each point at every level; corner c = bx + 2·by + 4·bz. Weights are differentiable in x."""
+        n, levels = x.shape[0], len(self.layout)
+        pos = x.float()[:, None, :] * self.scales[:, None] + 0.5  # (N, L, 3)
+        grid = torch.floor(pos)
+        frac = pos - grid
+        with torch.no_grad():
+            lo = grid.long()
+            both = torch.stack([lo, lo + 1], dim=2)  # (N, L, 2, 3): [lower, upper] per axis
+            dense = both * self.strides  # (L, 1, 3) per-level [1, R, R²]
+            dense = dense[..., None, None, :, 0] + dense[..., None, :, None, 1] + dense[..., :, None, None, 2]
+            # hashed levels have power-of-two tables, so masking each term equals masking the XOR
+            hashed = (both * self.primes) & (self.sizes - 1)[:, None, None]
+            hashed = hashed[..., None, None, :, 0] ^ hashed[..., None, :, None, 1] ^ hashed[..., :, None, None, 2]
+            rows = torch.where(self.dense[:, None, None, None], dense % self.sizes[:, None, None, None], hashed)
+            rows = rows.reshape(n, levels, 8) + self.offsets[:, None]
+        w = torch.stack([1.0 - frac, frac], dim=2)  # (N, L, 2, 3)
+        weights = w[..., None, None, :, 0] * w[..., None, :, None, 1] * w[..., :, None, None, 2]
+        return rows, weights.reshape(n, levels, 8)
+
     def _encode(self, x: Tensor, params: Tensor) -> Tensor:
-        n_features = self.config.n_features_per_level
-        table = params.view(-1, n_features)
-        x = x.float()
+        table = params.view(-1, self.config.n_features_per_level)
         n = x.shape[0]
-        # Corner c = bx + 2·by + 4·bz is built as a (2, 2, 2) block indexed [bz, by, bx]; index
-        # terms and weights factor per axis, so each level costs a few (N, 8) ops only.
-        index = torch.empty(n, len(self.layout), 8, dtype=torch.int64, device=x.device)
-        weights = []
-        for layout in self.layout:
-            pos = x * layout.scale + 0.5
-            grid = torch.floor(pos)
-            frac = pos - grid  # differentiable in x (analytic normals)
-            with torch.no_grad():
-                lo = grid.long()
-                both = torch.stack([lo, lo + 1], dim=1)  # (N, 2, 3): [lower, upper] per axis
-                if layout.dense:
-                    r = layout.resolution
-                    terms = both * torch.tensor([1, r, r * r], device=x.device)
-                    combined = terms[:, None, None, :, 0] + terms[:, None, :, None, 1] + terms[:, :, None, None, 2]
-                    combined = combined.reshape(n, 8) % layout.size
-                else:
-                    # size is a power of two here, so masking each term first equals masking the XOR
-                    mask = layout.size - 1
-                    terms = (both * torch.tensor(PRIMES, device=x.device)) & mask
-                    combined = terms[:, None, None, :, 0] ^ terms[:, None, :, None, 1] ^ terms[:, :, None, None, 2]
-                    combined = combined.reshape(n, 8)
-                index[:, layout.level] = combined + layout.offset
-            wx, wy, wz = (torch.stack([1.0 - frac[:, d], frac[:, d]], dim=1) for d in range(3))  # (N, 2) each
-            weights.append((wz[:, :, None, None] * wy[:, None, :, None] * wx[:, None, None, :]).reshape(n, 8))
-        w = torch.stack(weights, dim=1)  # (N, L, 8)
-        # index_select: its CPU backward (index_add) is ~10x faster than embedding's
-        feats = table.index_select(0, index.reshape(-1)).view(n, len(self.layout), 8, n_features)
-        out = (feats * w[..., None]).sum(dim=2)  # (N, L, F)
+        rows, weights = self.corners(x)
+        if x.requires_grad and torch.is_grad_enabled():  # analytic normals: differentiable in x
+            feats = table.index_select(0, rows.reshape(-1)).view(n, len(self.layout), 8, -1)
+            out = (feats * weights[..., None]).sum(dim=2)
+        else:
+            out = HashGridLookup.apply(table, rows.to(torch.int32), weights.detach())
         return out.reshape(n, self.n_output_dims)
 
 
