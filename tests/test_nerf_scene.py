@@ -157,14 +157,12 @@ def test_regularizers_match_their_formulas():
     out = {
         "opacity": opacity,
         "normal": normal,
-        "weights": torch.tensor([0.5, 0.25]),
-        "sample_normal": torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, -1.0]]),
-        "sample_dirs": torch.tensor([[0.0, 0.6, 0.8], [0.0, 0.6, 0.8]]),
+        "orient_sum": torch.tensor(0.5 * 0.8**2),
     }
     regs = scene.regularizers(out)
     assert regs["sparsity"].item() == pytest.approx(math.sqrt(0.25 + 0.01))
     assert regs["opaque"].item() == pytest.approx(math.log(2.0), rel=1e-5)
-    assert regs["orient"].item() == pytest.approx(0.5 * 0.8**2 / 16)  # only the back-facing sample counts
+    assert regs["orient"].item() == pytest.approx(0.5 * 0.8**2 / 16)  # orient_sum / covered pixels
     # horizontal neighbours: 4 rows × 1 changed pair of 3, squared diff 2 per pair over 3 channels
     assert regs["normal_smooth"].item() == pytest.approx(4 * 2.0 / (3 * 4 * 3))
 

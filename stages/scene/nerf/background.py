@@ -56,19 +56,28 @@ class Background(nn.Module):
             else:
                 self.register_buffer("color", color)
 
-    def forward(self, dirs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """``generator`` drives ``random_aug`` (training mode only); None disables it."""
+    def draw_augmentation(self, n_views: int, generator: torch.Generator) -> Tensor | None:
+        """``random_aug`` of one training render, drawn on ``generator`` (a CPU generator: a
+        host-side decision, no device sync): with probability ``random_aug_prob`` random colours
+        (1 or ``n_views``, 3), else None (and always None when ``random_aug`` is off)."""
+        c = self.config
+        if not (self.training and c.random_aug):
+            return None
+        draw = torch.rand(1 + 3 * n_views, generator=generator)
+        if float(draw[0]) >= c.random_aug_prob:
+            return None
+        n_colors = 1 if c.share_aug_bg else n_views
+        return draw[1 : 1 + 3 * n_colors].reshape(n_colors, 3)
+
+    def forward(self, dirs: Tensor, replacement: Tensor | None = None) -> Tensor:
+        """Colours (..., 3) for unit directions (..., 3); ``replacement`` (broadcastable to
+        them, from :meth:`draw_augmentation`) replaces the colour of a training render."""
         if self.network is not None:
             flat = dirs.reshape(-1, 3)
             color = torch.sigmoid(self.network(sh_encode(flat, self.config.sh_degree))).reshape(dirs.shape)
         else:
             color = self.color.to(dirs).expand(dirs.shape)
-        c = self.config
-        if self.training and c.random_aug and generator is not None:
-            draw = torch.rand(1 + 3 * dirs.shape[0], generator=generator, device=generator.device)
-            if draw[0] < c.random_aug_prob:
-                n_colors = 1 if c.share_aug_bg else dirs.shape[0]
-                random_color = draw[1 : 1 + 3 * n_colors].reshape(n_colors, 1, 1, 3).to(dirs)
-                # `color * 0 +` keeps the parameters in the graph (threestudio does the same)
-                color = color * 0.0 + random_color.expand(dirs.shape)
+        if replacement is not None:
+            # `color * 0 +` keeps the parameters in the graph (threestudio does the same)
+            color = color * 0.0 + replacement.to(dirs).expand(dirs.shape)
         return color

@@ -88,7 +88,13 @@ class RendererConfig:
     grid_ema_decay: float = 0.95
     """Each refresh keeps max(previous cell value × this, new value); lower frees emptied cells faster."""
     chunk_samples: int = 1 << 21
-    """Bound on samples per ray chunk (rays are processed in chunks of chunk_samples // S)."""
+    """Bound on the kept samples of one render chunk (whole rays; a chunk holds at most
+    max(chunk_samples, num_samples_per_ray)). With deferred back-propagation the peak autograd
+    graph is one chunk's, so this bounds the optimiser's memory; fewer, larger chunks launch
+    fewer kernels."""
+    march_block_samples: int = 1 << 24
+    """Candidate samples (rays × num_samples_per_ray) tested against the occupancy grid at once
+    while planning a render: bounds that step's temporary memory (~30 bytes per candidate)."""
 
 
 @dataclass
@@ -192,6 +198,7 @@ class NeRFConfig:
             (self.renderer.grid_resolution >= 2, "nerf.renderer.grid_resolution must be >= 2"),
             (self.renderer.grid_update_every >= 1, "nerf.renderer.grid_update_every must be >= 1"),
             (self.renderer.chunk_samples >= 1, "nerf.renderer.chunk_samples must be >= 1"),
+            (self.renderer.march_block_samples >= 1, "nerf.renderer.march_block_samples must be >= 1"),
             (self.shading.normal_type in NORMAL_TYPES, f"nerf.shading.normal_type must be one of {NORMAL_TYPES}"),
             (len(self.shading.light_distance_range) == 2, "nerf.shading.light_distance_range must be [min, max]"),
             (len(self.shading.ambient_light_color) == 3, "nerf.shading.ambient_light_color must have 3 entries"),
