@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.clients import ActorGuidance
+import torch
+
+from pipeline.clients import ActorGuidance, RenderShare
 from pipeline.components import Components
 from pipeline.jobs import Job
 from pipeline.writer import ASSET_RECORD, DatasetWriter, utc_now
@@ -40,16 +42,22 @@ class GuidanceHandles:
 
     ip: list[Any] = field(default_factory=list)
     mvd: list[Any] = field(default_factory=list)
+    wire_dtype: str | None = None
+    """dtype renders travel in (``float16`` halves the object-store bytes; exact when the guidance
+    models run in fp16); None: the render's own (float32)."""
 
-    def pick(self, replicas: list[Any], asset_id: str) -> ActorGuidance | None:
+    def pick(self, replicas: list[Any], asset_id: str, renders: RenderShare | None = None) -> ActorGuidance | None:
         if not replicas:
             return None
         # Sticky by asset: its registration lives on that replica.
         index = int.from_bytes(asset_id.encode()[-4:], "little") % len(replicas)
-        return ActorGuidance(replicas[index])
+        return ActorGuidance(replicas[index], renders=renders)
 
     def guidance_set(self, asset_id: str) -> GuidanceSet:
-        return GuidanceSet(ip=self.pick(self.ip, asset_id), mvd=self.pick(self.mvd, asset_id))
+        """The asset's two clients, sharing one :class:`RenderShare`: each iteration's render is
+        put in the object store once for both guidance terms."""
+        renders = RenderShare(getattr(torch, self.wire_dtype) if self.wire_dtype else None)
+        return GuidanceSet(ip=self.pick(self.ip, asset_id, renders), mvd=self.pick(self.mvd, asset_id, renders))
 
 
 @dataclass
