@@ -81,6 +81,7 @@ METADATA_OPS = frozenset({
 HOST_FUNCTIONS = frozenset({
     "sample_cameras", "make_cameras", "_uniform", "choose_shading", "sample_timesteps", "timestep_bounds",
     "validate_request", "derive_seed", "_generator", "_timestep_metrics", "request_noise", "_get_value",
+    "draw_augmentation", "_draw_render_randomness", "_draw_background", "_light_positions",
 })
 """Functions that only touch host tensors by construction: CPU generators, request fields, and
 ``torch.optim``'s ``_get_value`` (Adam keeps its step counter on the host unless ``capturable``)."""
