@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -82,31 +83,42 @@ def corner_indices(corners: Tensor, layout: LevelLayout) -> Tensor:
     return index % layout.size
 
 
+LEVELS_PER_SCATTER = 4
+"""Levels whose table gradients are scattered at once in the hash grid's backward."""
+
+
 class HashGridLookup(torch.autograd.Function):
     """Σ_corners w · table[row] for all levels at once, differentiable in the table only.
 
     ``rows`` / ``weights`` are level-major (L, N, 8): each level's gathers and scatters then
     stay inside that level's table (cache-friendly; mixing levels made the CPU backward 3×
-    slower). Backward needs just the rows and weights (saved as int32 + float32: 8 bytes per
-    corner and level, against 20 for autograd's index_select + mul) and scatters with one
-    ``index_add`` (int64 indices: int32 ones take a 5× slower CPU path). Used when the points
-    need no gradient (every render; analytic normals take the plain autograd path)."""
+    slower). The forward is one ``embedding_bag`` (weighted sum per point and level, no
+    (L, N, 8, F) temporary); the backward needs just the rows and weights (saved as int32 +
+    float32: 8 bytes per corner and level, against 20 for autograd's index_select + mul) and
+    scatters with ``index_add`` a group of levels at a time (int64 indices: int32 ones take a
+    5× slower CPU path), so its temporaries stay a fraction of the saved tensors. Used when the
+    points need no gradient (every render; analytic normals take the plain autograd path)."""
 
     @staticmethod
     def forward(ctx: Any, table: Tensor, rows: Tensor, weights: Tensor) -> Tensor:
         levels, n, corners = weights.shape
-        feats = table.index_select(0, rows.reshape(-1)).view(levels, n, corners, table.shape[1])
         ctx.save_for_backward(rows, weights)
         ctx.table_shape = table.shape
-        return (feats * weights[..., None]).sum(dim=2)  # (L, N, F)
+        out = F.embedding_bag(
+            rows.reshape(-1, corners), table, per_sample_weights=weights.reshape(-1, corners), mode="sum"
+        )
+        return out.view(levels, n, table.shape[1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None]:
         rows, weights = ctx.saved_tensors
         grad_table = None
         if ctx.needs_input_grad[0]:
-            source = (weights[..., None] * grad_out[:, :, None, :]).reshape(-1, grad_out.shape[-1])
-            grad_table = grad_out.new_zeros(ctx.table_shape).index_add_(0, rows.reshape(-1).long(), source)
+            grad_table = grad_out.new_zeros(ctx.table_shape)
+            step = LEVELS_PER_SCATTER
+            for lo in range(0, rows.shape[0], step):
+                source = weights[lo : lo + step, :, :, None] * grad_out[lo : lo + step, :, None, :]
+                grad_table.index_add_(0, rows[lo : lo + step].reshape(-1).long(), source.reshape(-1, grad_out.shape[-1]))
         return grad_table, None, None
 
 
@@ -130,7 +142,7 @@ class TorchHashGrid(nn.Module):
         self.register_buffer("scales", per_level([lv.scale for lv in levels], torch.float32, 1, 1), persistent=False)
         # per axis: [1, R, R²] for dense levels and 0 for hashed ones; the hash masks the other way round
         strides = [[1, lv.resolution, lv.resolution**2] if lv.dense else [0, 0, 0] for lv in levels]
-        self.register_buffer("dense_strides", per_level(strides, torch.int64, 1, 1, 3), persistent=False)
+        self.register_buffer("dense_strides", per_level(strides, torch.int32, 1, 1, 3), persistent=False)
         masks = [0 if lv.dense else lv.size - 1 for lv in levels]  # hashed tables are powers of two
         self.register_buffer("hash_masks", per_level(masks, torch.int64, 1, 1, 1), persistent=False)
         self.register_buffer("primes", torch.tensor(PRIMES, dtype=torch.int64), persistent=False)
@@ -150,20 +162,32 @@ class TorchHashGrid(nn.Module):
         Per axis, a dense level contributes coordinate × stride and a hashed level
         (coordinate × prime) mod table size, the other kind's term being 0 (zero strides /
         masks); a corner's row is then (Σ dense terms mod size) + (⊕ hashed terms) + offset, in
-        int32 (every term is below 2³¹), so all levels share one set of ops."""
+        int32 (every term is below 2³¹), so all levels share one set of ops. Temporaries are
+        freed as soon as used: this runs on the largest tensors of a render."""
         pos = x.float()[None] * self.scales + 0.5  # (L, N, 3)
-        grid = torch.floor(pos)
-        frac = pos - grid
         with torch.no_grad():
-            lo = grid.long()
+            lower = torch.floor(pos)
+        frac = pos - lower
+        del pos
+        with torch.no_grad():
+            lo = lower.int()
+            del lower
             both = torch.stack([lo, lo + 1], dim=2)  # (L, N, 2, 3): [lower, upper] per axis
-            dense = (both * self.dense_strides).int()
-            hashed = ((both * self.primes) & self.hash_masks).int()
-            summed = dense[..., None, None, :, 0] + dense[..., None, :, None, 1] + dense[..., :, None, None, 2]
-            xored = hashed[..., None, None, :, 0] ^ hashed[..., None, :, None, 1] ^ hashed[..., :, None, None, 2]
-            rows = (torch.remainder(summed, self.sizes) + xored).flatten(2) + self.offsets
+            del lo
+            dense = both * self.dense_strides
+            hashed = ((both.long() * self.primes) & self.hash_masks).int()
+            del both
+            rows = dense[..., None, None, :, 0] + dense[..., None, :, None, 1]
+            rows = rows + dense[..., :, None, None, 2]
+            del dense
+            rows.remainder_(self.sizes)
+            xored = hashed[..., None, None, :, 0] ^ hashed[..., None, :, None, 1]
+            rows.add_(xored ^ hashed[..., :, None, None, 2])
+            del xored, hashed
+            rows = rows.flatten(2).add_(self.offsets)
         w = torch.stack([1.0 - frac, frac], dim=2)  # (L, N, 2, 3)
-        weights = w[..., None, None, :, 0] * w[..., None, :, None, 1] * w[..., :, None, None, 2]
+        del frac
+        weights = (w[..., None, None, :, 0] * w[..., None, :, None, 1]) * w[..., :, None, None, 2]
         return rows, weights.flatten(2)
 
     def _encode(self, x: Tensor, params: Tensor) -> Tensor:
