@@ -4,6 +4,13 @@ Every iteration renders ONE batch of views (groups of ``cameras.n_view``) and us
 render for both terms: the IP side (one t per image) and MVDream (one t per view group). The
 renders receive ``α·grad_ip + β·grad_mvd`` (DESIGN.md), plus the weighted scene regularisers.
 
+Back-propagation (``method.backprop``): a :class:`~stages.scene.base.DeferredScene` renders from
+a per-iteration plan. In deferred mode the render runs without autograd, the guidance answers,
+and the plan is rendered again chunk by chunk with autograd, each chunk back-propagated with its
+slice of dL/d(image) at once, so the peak graph is one chunk's; direct mode keeps one graph of
+the whole render. Both give the same gradients up to float rounding. An iteration moves device
+values to the host once, at its end (the metrics, stacked).
+
 Determinism: all randomness of iteration ``i`` comes from generators seeded by ``(seed, i,
 stream)`` (cameras, shading, timesteps, the guidance noise seeds), and the global torch RNG
 (used by scene internals such as sample jitter or background augmentation) is re-seeded

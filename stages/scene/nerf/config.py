@@ -92,9 +92,9 @@ class RendererConfig:
     max(chunk_samples, num_samples_per_ray)). With deferred back-propagation the peak autograd
     graph is one chunk's, so this bounds the optimiser's memory; fewer, larger chunks launch
     fewer kernels."""
-    march_block_samples: int = 1 << 24
+    march_block_samples: int = 1 << 23
     """Candidate samples (rays × num_samples_per_ray) tested against the occupancy grid at once
-    while planning a render: bounds that step's temporary memory (~30 bytes per candidate)."""
+    while planning a render: bounds that step's temporary memory (~70 bytes per candidate)."""
 
 
 @dataclass
