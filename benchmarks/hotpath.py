@@ -18,7 +18,9 @@ Counting rules (per iteration, i.e. one ``_Run.iteration(step)``):
 
 - **aten ops**: leaf ``aten::`` events of the profile (ops without aten children: what would
   launch work on a device), and **kernel ops**: the same without metadata-only ops (views,
-  ``empty``, ``as_strided``, ``detach``, …), the kernel-launch proxy.
+  ``empty``, ``as_strided``, ``detach``, …) and without copies of 0-dim tensors (the CPU's
+  wrapping of Python scalars for type promotion; CUDA passes them as kernel arguments): the
+  kernel-launch proxy.
 - **device-to-host syncs**: (a) every outermost aten op that reaches one of ``SYNC_OPS``
   (``nonzero``, ``_local_scalar_dense`` = ``.item()``/``float()``/``int()``/``bool()``, ``equal``,
   ``masked_select``, ``unique``): boolean-mask indexing (``index`` → ``nonzero``) and
@@ -264,7 +266,8 @@ def count_ops(events: Sequence[Any]) -> dict[str, Any]:
         if not _is_aten(name) or any(_is_aten(c.name) for c in event.cpu_children):
             continue
         leaf_ops += 1
-        if name not in METADATA_OPS:
+        scalar_copy = name == "aten::copy_" and all(shape == [] for shape in (event.input_shapes or [[0]])[:2])
+        if name not in METADATA_OPS and not scalar_copy:
             kernel_ops += 1
             ops_by_name[name] += 1
     return {"aten_leaf_ops": leaf_ops, "kernel_ops": kernel_ops, "explicit_moves": dict(moves),
@@ -355,6 +358,8 @@ def measure_phase(
         "sparse_occupancy": sparse_occupancy,
         "seconds_profiled": seconds,
         "opacity_mean": metrics.get("opacity_mean"),
+        "kept_samples": metrics.get("kept_samples"),
+        "chunks": metrics.get("chunks"),
         **counts,
     }
 
@@ -377,6 +382,10 @@ def _one_iteration(
             middle = scene.occupancy.shape[0] // 2
             scene.occupancy[middle, middle, middle] = True
     scene.train()
+    plans: list[Any] = []
+    if hasattr(scene, "plan_render"):
+        planner = scene.plan_render
+        scene.plan_render = lambda *a, **k: plans.append(planner(*a, **k)) or plans[-1]  # type: ignore[method-assign]
     with wire_as_ray() as wire:
         handles = GuidanceHandles(ip=[wire.handle(StandInGuidance(wire))], mvd=[wire.handle(StandInGuidance(wire))])
         guidance = handles.guidance_set(asset_id)
@@ -390,7 +399,7 @@ def _one_iteration(
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(seed, step, "global"))
                 if mode == "profile":
-                    with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                         metrics = run.iteration(step)
                     result: Any = count_ops(prof.events())
                 else:
@@ -398,12 +407,15 @@ def _one_iteration(
                         metrics = run.iteration(step)
         finally:
             run.close()
+    samples = getattr(plans[-1], "samples", None) if plans else None
+    if samples is not None:
+        metrics = {**metrics, "kept_samples": float(samples.n_kept), "chunks": float(len(samples.chunks))}
     return result, metrics, wire
 
 
 COLUMNS = (
-    "phase", "views", "resolution", "sparse_occupancy", "aten_leaf_ops", "kernel_ops", "device_to_host_syncs",
-    "object_store_bytes", "seconds_profiled",
+    "phase", "views", "resolution", "sparse_occupancy", "chunks", "aten_leaf_ops", "kernel_ops",
+    "device_to_host_syncs", "object_store_bytes", "seconds_profiled",
 )
 
 

@@ -188,7 +188,8 @@ def test_plan_packs_the_kept_samples_in_bounded_chunks():
     points = origins[:, None] + dirs[:, None] * t[..., None]
     cell = ((points + 1.0) / 2.0 * 32).long().clamp(0, 31)
     keep = scene.occupancy[cell[..., 0], cell[..., 1], cell[..., 2]] & hit[:, None]
-    assert torch.equal(plan.samples.long(), keep.reshape(-1).nonzero()[:, 0])
+    kept_ray, kept_bin = keep.nonzero(as_tuple=True)
+    assert torch.equal(plan.ray.long(), kept_ray) and torch.equal(plan.t, t[kept_ray, kept_bin])
     assert 0 < plan.n_kept < keep.numel()
     counts = keep.sum(1)
     assert torch.equal(plan.first, torch.cumsum(counts, 0) - counts)

@@ -204,14 +204,12 @@ class _NeRFModel:
         g = torch.Generator().manual_seed(0)
         origins = torch.tensor([0.0, 0.0, 2.5]).expand(n_rays, 3).contiguous()
         dirs = torch.nn.functional.normalize(torch.randn(n_rays, 3, generator=g) * 0.1 + torch.tensor([0.0, 0.0, -1.0]), dim=-1)
-        ray = torch.arange(n_samples) // per_ray % n_rays
-        ray = torch.sort(ray).values
+        ray = torch.sort(torch.arange(n_samples) // per_ray % n_rays).values
         counts = torch.bincount(ray, minlength=n_rays)
         first = torch.cumsum(counts, 0) - counts
-        bins = torch.arange(n_samples) - first[ray]
-        samples = (ray * s + bins).int()
-        near, delta = torch.full((n_rays,), 1.5), torch.full((n_rays,), 2.0 / s)
-        plan = SamplePlan(s, samples, first, near, delta, seed=1, chunks=[(0, n_rays, 0, n_samples)])
+        delta = torch.full((n_rays,), 2.0 / s)
+        t = 1.5 + (torch.arange(n_samples) - first[ray] + 0.5) * delta[ray]
+        plan = SamplePlan(s, ray.int(), t, first, delta, chunks=[(0, n_rays, 0, n_samples)])
         shading = "diffuse" if self.normals else "albedo"
         maps = ("rgb", "opacity", "depth", "background") + (("normal",) if self.normals else ())
         return NeRFRenderPlan(
@@ -273,13 +271,13 @@ class _NeRFModel:
         finally:
             cfg.march_block_samples = saved_block
         kept = plan.samples.n_kept
-        per_ray_tensors = sum(_tensor_bytes(t) for t in (plan.origins, plan.dirs, plan.samples.first, plan.samples.near, plan.samples.delta))
+        per_ray_tensors = sum(_tensor_bytes(t) for t in (plan.origins, plan.dirs, plan.samples.first, plan.samples.delta))
         with torch.no_grad():
             shading = "diffuse" if self.normals else "albedo"
             out = self.scene.render(cams[:1], 2, 2, shading=shading)
         pixel_bytes = sum(v.nbytes for v in out.values() if v.dim() == 4) / 4
         candidates = rays * self.samples_per_ray
-        index_bytes = plan.samples.samples.element_size()
+        index_bytes = plan.samples.ray.element_size() + plan.samples.t.element_size()
         return {
             "per_ray": per_ray_tensors / rays,
             "per_sample": index_bytes,

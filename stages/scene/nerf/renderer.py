@@ -95,23 +95,21 @@ class SamplePlan:
     """Where the samples of R rays are, packed: kept samples sorted by (ray, bin), and the ray
     chunks the render is split into.
 
-    ``samples`` (M,) flat candidate ids ``ray · S + bin`` (int32 when R·S fits); ``first`` (R,)
-    packed index of each ray's first kept sample; ``near`` / ``delta`` (R,) the ray's first
-    bin and bin length; ``seed`` the jitter seed (None: bin midpoints); ``chunks`` host tuples
-    (ray_start, ray_stop, sample_start, sample_stop) covering all rays in order, each holding at
-    most ``max(chunk_samples, S)`` samples."""
+    Per kept sample (M,): ``ray`` (int32 when R·S fits, else int64) and distance ``t``; per ray
+    (R,): ``first``, the packed index of its first kept sample, and ``delta``, its bin length;
+    ``chunks``: host tuples (ray_start, ray_stop, sample_start, sample_stop) covering all rays in
+    order, each holding at most ``max(chunk_samples, S)`` samples."""
 
     n_samples: int
-    samples: Tensor
+    ray: Tensor
+    t: Tensor
     first: Tensor
-    near: Tensor
     delta: Tensor
-    seed: int | None
     chunks: list[tuple[int, int, int, int]]
 
     @property
     def n_kept(self) -> int:
-        return int(self.samples.shape[0])
+        return int(self.ray.shape[0])
 
 
 def _candidate_t(near: Tensor, delta: Tensor, candidates: Tensor, n_samples: int, seed: int | None) -> Tensor:
@@ -177,16 +175,21 @@ def plan_samples(
     if ray_start < n_rays:  # empty tail (no thresholds when there are no rays)
         chunks.append((ray_start, n_rays, sample_start, n_kept))
     index_dtype = torch.int32 if n_rays * s < 2**31 else torch.int64
-    samples = torch.empty(n_kept, dtype=index_dtype, device=device)
+    ray = torch.empty(n_kept, dtype=index_dtype, device=device)
+    t = torch.empty(n_kept, dtype=torch.float32, device=device)
     done = 0
     for block, a in enumerate(range(0, n_rays, rays_per_block)):
         b, total = min(n_rays, a + rays_per_block), block_totals[block]
         if total > done:  # the j-th kept candidate of the block is where its running count reaches j
             running = torch.cumsum(mask[a:b].reshape(-1), dim=0)
             wanted = torch.arange(1, total - done + 1, device=device, dtype=running.dtype)
-            samples[done:total] = torch.searchsorted(running, wanted) + a * s
+            ids = torch.searchsorted(running, wanted) + a * s
+            del running, wanted
+            rays = torch.div(ids, s, rounding_mode="floor")
+            ray[done:total] = rays
+            t[done:total] = _candidate_t(near[rays], delta[rays], ids, s, seed)
         done = total
-    return SamplePlan(s, samples, cum - counts, near, delta, seed, chunks)
+    return SamplePlan(s, ray, t, cum - counts, delta, chunks)
 
 
 @dataclass
@@ -227,15 +230,14 @@ def march_chunk(
     r0, r1, s0, s1 = chunk
     n = r1 - r0
     device = origins.device
-    ids = plan.samples[s0:s1].long()
-    ray = torch.div(ids, plan.n_samples, rounding_mode="floor")
+    ray, t = plan.ray[s0:s1].long(), plan.t[s0:s1]
     delta = plan.delta[ray]
-    t = _candidate_t(plan.near[ray], delta, ids, plan.n_samples, plan.seed)
     ray_dirs = dirs[ray]
-    points = origins[ray] + ray_dirs * t[:, None]
+    points = torch.addcmul(origins[ray], ray_dirs, t[:, None])
     out = field(points)
     sigma_delta = out["density"] * delta
-    running = torch.cumsum(sigma_delta.double(), dim=0) - sigma_delta.double()
+    exact = sigma_delta.double()
+    running = torch.cumsum(exact, dim=0).sub_(exact)
     before = running - running[plan.first[ray] - s0]  # Σ σδ of the ray's earlier samples
     weights = torch.exp(-before.float()) * (1.0 - torch.exp(-sigma_delta))
     normal = None
