@@ -142,6 +142,18 @@ class _Persistent:
     gradients: int
     optimizer: int
 
+    def phase(
+        self, index: int, views: int, resolution: int, representation: str, mode: str,
+        frame: float, graph: float, working: float, breakdown: str,
+    ) -> TaskMemory:
+        """The phase's :class:`TaskMemory`: peak = parameters + optimiser state + frame + working."""
+        return TaskMemory(
+            phase=index, views=views, resolution=resolution, representation=representation, backprop=mode,
+            parameter_bytes=self.parameters, gradient_bytes=self.gradients, optimizer_bytes=self.optimizer,
+            frame_bytes=int(frame), graph_bytes=int(graph), working_bytes=int(working),
+            peak_bytes=int(self.parameters + self.optimizer + frame + working), breakdown=breakdown,
+        )
+
 
 def _persistent(scene: torch.nn.Module) -> _Persistent:
     """Parameters and buffers, gradients, and AdamW state of the real modules. AdamW keeps two
@@ -333,12 +345,7 @@ class _NeRFModel:
             f" grads {_gib(persistent.gradients)} + render {_gib(rendering)} (graph {_gib(graph)}: {bound}))"
             f" = {_gib(total)} GiB"
         )
-        return TaskMemory(
-            phase=index, views=views, resolution=resolution, representation="nerf", backprop=mode,
-            parameter_bytes=persistent.parameters, gradient_bytes=persistent.gradients,
-            optimizer_bytes=persistent.optimizer, frame_bytes=int(frame), graph_bytes=int(graph),
-            working_bytes=int(working), peak_bytes=int(total), breakdown=breakdown,
-        )
+        return persistent.phase(index, views, resolution, "nerf", mode, frame, graph, working, breakdown)
 
 
 class _SplatModel:
@@ -411,12 +418,7 @@ class _SplatModel:
             f" + graph {_gib(graph)} ({chunk_views} view(s); projection only, gsplat's tile buffers not modelled)"
             f" = {_gib(total)} GiB"
         )
-        return TaskMemory(
-            phase=index, views=views, resolution=resolution, representation="splats", backprop=mode,
-            parameter_bytes=persistent.parameters, gradient_bytes=persistent.gradients,
-            optimizer_bytes=persistent.optimizer, frame_bytes=int(frame), graph_bytes=int(graph),
-            working_bytes=int(working), peak_bytes=int(total), breakdown=breakdown,
-        )
+        return persistent.phase(index, views, resolution, "splats", mode, frame, graph, working, breakdown)
 
 
 def format_task_memory(phases: Sequence[TaskMemory]) -> str:
