@@ -320,10 +320,12 @@ class SyncCounter(TorchDispatchMode):
 
 
 # ----------------------------------------------------------------------------- one iteration
-def paper_config(representation: str) -> Any:
+def paper_config(representation: str, tiny: bool = False) -> Any:
+    """The paper's method config (``tiny``: the CPU preset, for smoke tests) on the CPU."""
     from stages.optimize.config import OptimizeConfig
 
-    cfg = OptimizeConfig(representation=representation)
+    cfg = OptimizeConfig.tiny(representation) if tiny else OptimizeConfig(representation=representation)
+    cfg.schedule.milestones, cfg.iterations = [0.5], 6000
     cfg.device = "cpu"
     cfg.checkpoint_every = 0
     if representation == "nerf":
@@ -332,16 +334,16 @@ def paper_config(representation: str) -> Any:
 
 
 def measure_phase(
-    phase: int, representation: str, sparse_occupancy: bool, config_overrides: Sequence[str] = ()
+    phase: int, representation: str, sparse_occupancy: bool, config_overrides: Sequence[str] = (), tiny: bool = False
 ) -> dict[str, Any]:
     """Count one iteration of phase ``phase`` twice from the same fresh state: once under the
     profiler (ops, explicit moves, wire bytes), once under :class:`SyncCounter` (a dispatch mode
     changes which ops the profiler sees, so the two never run together)."""
     step = PHASE_STEPS[phase]
     tick = time.perf_counter()
-    ops, metrics, wire = _one_iteration(phase, representation, sparse_occupancy, config_overrides, "profile")
+    ops, metrics, wire = _one_iteration(phase, representation, sparse_occupancy, config_overrides, "profile", tiny)
     seconds = time.perf_counter() - tick
-    syncs, _, _ = _one_iteration(phase, representation, sparse_occupancy, config_overrides, "syncs")
+    syncs, _, _ = _one_iteration(phase, representation, sparse_occupancy, config_overrides, "syncs", tiny)
     counts = {**ops, "sync_sites": dict(syncs.sites), "host_reads": dict(syncs.host)}
     counts["syncs_render_pickled"] = wire.renders_by_value
     counts["device_to_host_syncs"] = (
@@ -365,14 +367,14 @@ def measure_phase(
 
 
 def _one_iteration(
-    phase: int, representation: str, sparse_occupancy: bool, config_overrides: Sequence[str], mode: str
+    phase: int, representation: str, sparse_occupancy: bool, config_overrides: Sequence[str], mode: str, tiny: bool
 ) -> tuple[Any, dict[str, float], Wire]:
     from pipeline.task import GuidanceHandles
     from stages.optimize.config import load_optimize_config
     from stages.optimize.loop import _Run, derive_seed
     from stages.scene.factory import build_scene
 
-    cfg = load_optimize_config(None, list(config_overrides), base=paper_config(representation))
+    cfg = load_optimize_config(None, list(config_overrides), base=paper_config(representation, tiny))
     step = PHASE_STEPS[phase]
     seed, asset_id = 0, "bench-hotpath"
     scene = build_scene(cfg, seed)
@@ -427,16 +429,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sparse-occupancy", action="store_true", help="empty the occupancy grid but one cell")
     parser.add_argument("--check-sparse", action="store_true", help="also measure phase 1 with the sparse grid")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config override")
+    parser.add_argument("--tiny", action="store_true", help="the tiny CPU preset instead of the paper's config (smoke test)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     for phase in [int(p) for p in args.phases.split(",") if p]:
         if phase not in PHASE_STEPS:
             parser.error(f"--phases: unknown phase {phase} (1 | 2)")
-        rows.append(measure_phase(phase, args.representation, args.sparse_occupancy, args.set))
+        rows.append(measure_phase(phase, args.representation, args.sparse_occupancy, args.set, args.tiny))
         print(format_table([rows[-1]], COLUMNS).splitlines()[-1], flush=True)
         if args.check_sparse and phase == 1 and not args.sparse_occupancy:
-            rows.append(measure_phase(phase, args.representation, True, args.set))
+            rows.append(measure_phase(phase, args.representation, True, args.set, args.tiny))
             print(format_table([rows[-1]], COLUMNS).splitlines()[-1], flush=True)
     results = {
         "benchmark": "hotpath",
