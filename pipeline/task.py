@@ -207,8 +207,9 @@ def run_asset(job: Job, reference: Any | None, handles: GuidanceHandles, spec: T
 
 
 OOM_HINT = (
-    "\nhint: the GPU ran out of memory. Per asset, lower method.schedule.batch_sizes or "
-    "method.schedule.resolutions (NeRF: method.nerf.hash_grid.checkpoint=true); per GPU, run fewer "
+    "\nhint: the GPU ran out of memory. Per asset, lower method.nerf.renderer.chunk_samples (with "
+    "method.backprop=auto|deferred it bounds the render's graph), method.schedule.batch_sizes or "
+    "method.schedule.resolutions; per GPU, run fewer "
     "optimisers beside the guidance actors (resources.tasks_in_flight) or give the actors their own "
     "GPUs (resources.<ip|mvd|reference>.num_gpus). --retry-failed redoes this asset."
 )
