@@ -170,6 +170,7 @@ class NeRFScene(nn.Module):
         shading: str = "albedo",
         light_positions: Tensor | None = None,
         with_normals: bool | None = None,
+        sample_outputs: bool = False,
     ) -> RenderOutput:
         """Render B cameras at H×W.
 
@@ -178,12 +179,12 @@ class NeRFScene(nn.Module):
         computed (always for non-albedo shading; for albedo when ``with_normals=True``, or when
         it is None and ``shading.compute_normals``) with ``orient_sum`` (Σ w·max(0, n·d)² over
         the samples, the ``orient`` regulariser's numerator),
-        and per kept sample (flattened over all rays): ``weights`` (M,), ``ray_indices`` (M,)
-        into B·H·W, ``sample_dirs`` (M,3) and, with normals, ``sample_normal`` (M,3).
-        ``light_positions`` (B,3) overrides the sampled point light.
+        and with ``sample_outputs``, per kept sample (flattened over all rays): ``weights`` (M,),
+        ``ray_indices`` (M,) into B·H·W, ``sample_dirs`` (M,3) and, with normals,
+        ``sample_normal`` (M,3). ``light_positions`` (B,3) overrides the sampled point light.
         """
         return self.render_planned(
-            self.plan_render(cameras, height, width, shading, light_positions, with_normals, sample_outputs=True)
+            self.plan_render(cameras, height, width, shading, light_positions, with_normals, sample_outputs)
         )
 
     def render_planned(self, plan: "NeRFRenderPlan") -> RenderOutput:
