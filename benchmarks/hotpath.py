@@ -334,16 +334,22 @@ def paper_config(representation: str, tiny: bool = False) -> Any:
 
 
 def measure_phase(
-    phase: int, representation: str, sparse_occupancy: bool, config_overrides: Sequence[str] = (), tiny: bool = False
+    phase: int,
+    representation: str,
+    sparse_occupancy: bool,
+    config_overrides: Sequence[str] = (),
+    tiny: bool = False,
+    wire_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Count one iteration of phase ``phase`` twice from the same fresh state: once under the
     profiler (ops, explicit moves, wire bytes), once under :class:`SyncCounter` (a dispatch mode
     changes which ops the profiler sees, so the two never run together)."""
     step = PHASE_STEPS[phase]
     tick = time.perf_counter()
-    ops, metrics, wire = _one_iteration(phase, representation, sparse_occupancy, config_overrides, "profile", tiny)
+    args = (phase, representation, sparse_occupancy, config_overrides)
+    ops, metrics, wire = _one_iteration(*args, "profile", tiny, wire_dtype)
     seconds = time.perf_counter() - tick
-    syncs, _, _ = _one_iteration(phase, representation, sparse_occupancy, config_overrides, "syncs", tiny)
+    syncs, _, _ = _one_iteration(*args, "syncs", tiny, wire_dtype)
     counts = {**ops, "sync_sites": dict(syncs.sites), "host_reads": dict(syncs.host)}
     counts["syncs_render_pickled"] = wire.renders_by_value
     counts["device_to_host_syncs"] = (
@@ -358,6 +364,7 @@ def measure_phase(
         "resolution": int(metrics["resolution"]),
         "representation": representation,
         "sparse_occupancy": sparse_occupancy,
+        "wire_dtype": wire_dtype or "float32",
         "seconds_profiled": seconds,
         "opacity_mean": metrics.get("opacity_mean"),
         "kept_samples": metrics.get("kept_samples"),
@@ -367,7 +374,13 @@ def measure_phase(
 
 
 def _one_iteration(
-    phase: int, representation: str, sparse_occupancy: bool, config_overrides: Sequence[str], mode: str, tiny: bool
+    phase: int,
+    representation: str,
+    sparse_occupancy: bool,
+    config_overrides: Sequence[str],
+    mode: str,
+    tiny: bool,
+    wire_dtype: str | None,
 ) -> tuple[Any, dict[str, float], Wire]:
     from pipeline.task import GuidanceHandles
     from stages.optimize.config import load_optimize_config
@@ -389,7 +402,8 @@ def _one_iteration(
         planner = scene.plan_render
         scene.plan_render = lambda *a, **k: plans.append(planner(*a, **k)) or plans[-1]  # type: ignore[method-assign]
     with wire_as_ray() as wire:
-        handles = GuidanceHandles(ip=[wire.handle(StandInGuidance(wire))], mvd=[wire.handle(StandInGuidance(wire))])
+        ip, mvd = (wire.handle(StandInGuidance(wire)) for _ in range(2))
+        handles = GuidanceHandles(ip=[ip], mvd=[mvd], **({"wire_dtype": wire_dtype} if wire_dtype else {}))
         guidance = handles.guidance_set(asset_id)
         for client in (guidance.ip, guidance.mvd):
             client.concurrent_calls = False  # one thread: counts do not depend on it
@@ -417,7 +431,7 @@ def _one_iteration(
 
 COLUMNS = (
     "phase", "views", "resolution", "sparse_occupancy", "chunks", "aten_leaf_ops", "kernel_ops",
-    "device_to_host_syncs", "object_store_bytes", "seconds_profiled",
+    "device_to_host_syncs", "wire_dtype", "object_store_bytes", "seconds_profiled",
 )
 
 
@@ -430,16 +444,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--check-sparse", action="store_true", help="also measure phase 1 with the sparse grid")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config override")
     parser.add_argument("--tiny", action="store_true", help="the tiny CPU preset instead of the paper's config (smoke test)")
+    parser.add_argument("--wire-dtype", default=None, help="dtype renders travel in (GuidanceHandles.wire_dtype), e.g. float16")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     for phase in [int(p) for p in args.phases.split(",") if p]:
         if phase not in PHASE_STEPS:
             parser.error(f"--phases: unknown phase {phase} (1 | 2)")
-        rows.append(measure_phase(phase, args.representation, args.sparse_occupancy, args.set, args.tiny))
+        rows.append(measure_phase(phase, args.representation, args.sparse_occupancy, args.set, args.tiny, args.wire_dtype))
         print(format_table([rows[-1]], COLUMNS).splitlines()[-1], flush=True)
         if args.check_sparse and phase == 1 and not args.sparse_occupancy:
-            rows.append(measure_phase(phase, args.representation, True, args.set, args.tiny))
+            rows.append(measure_phase(phase, args.representation, True, args.set, args.tiny, args.wire_dtype))
             print(format_table([rows[-1]], COLUMNS).splitlines()[-1], flush=True)
     results = {
         "benchmark": "hotpath",

@@ -37,3 +37,11 @@ def test_cli_writes_json(tmp_path):
     out = tmp_path / "hotpath.json"
     results = main(["--tiny", "--phases", "2", "--out", str(out)])
     assert out.is_file() and results["rows"][0]["phase"] == 2 and results["rows"][0]["resolution"] == 32
+
+
+def test_fp16_wire_halves_the_bytes():
+    full = measure_phase(2, "nerf", False, (), tiny=True)
+    half = measure_phase(2, "nerf", False, (), tiny=True, wire_dtype="float16")
+    for kind in ("put", "grad_result"):
+        ratio = half["object_store_bytes_by_kind"][kind] / full["object_store_bytes_by_kind"][kind]
+        assert 0.45 < ratio < 0.55, kind
