@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from stages.guidance.losses import loss_spec
 from stages.guidance.protocol import Guidance
+from stages.guidance.runtime import GuidanceRuntime
 from stages.models.config import ModelsConfig
 from stages.optimize.config import OptimizeConfig
 
@@ -50,31 +51,41 @@ def build_reference_sampler(models: ModelsConfig) -> Any:
     return ReferenceSampler(models.reference, resolve_dtype(models.dtype, device), device, seed=models.seed)
 
 
-def build_ip_guidance(models: ModelsConfig, method: OptimizeConfig) -> Guidance:
-    """``IPGuidance`` (renders resized to 512 for SD1.5, 64 for ``tiny``) with the method's
+def build_ip_guidance(models: ModelsConfig, method: OptimizeConfig, runtime: GuidanceRuntime | None = None) -> Guidance:
+    """``IPGuidance`` (renders resized to 512 for SD1.5, 32 for ``tiny``) with the method's
     ``isd.sd_branch`` and negative prompt (runs inside the IP guidance actor)."""
     from stages.guidance.ip_guidance import IPGuidance
 
-    return IPGuidance.from_config(models, sd_branch=method.isd.sd_branch, negative_prompt=method.isd.negative_prompt)
+    return IPGuidance.from_config(
+        models, sd_branch=method.isd.sd_branch, negative_prompt=method.isd.negative_prompt, runtime=runtime
+    )
 
 
-def build_mvd_guidance(models: ModelsConfig) -> Guidance:
+def build_mvd_guidance(models: ModelsConfig, runtime: GuidanceRuntime | None = None) -> Guidance:
     """``MVDreamGuidance`` (CFG, recon loss come with each request from ``method.mvd``)."""
     from stages.guidance.mvdream_guidance import MVDreamGuidance
 
-    return MVDreamGuidance.from_config(models)
+    return MVDreamGuidance.from_config(models, runtime=runtime)
 
 
-def default_components(method: OptimizeConfig, models: ModelsConfig) -> Components:
-    """The real library for ``method``: only the models it uses get a factory."""
+def guidance_runtime(actor: Any) -> GuidanceRuntime:
+    """The :class:`GuidanceRuntime` of a guidance actor's ``resources.<ip|mvd>`` keys."""
+    return GuidanceRuntime(vae_chunk=actor.vae_chunk, unet_rows=actor.unet_rows, compile=actor.compile)
+
+
+def default_components(method: OptimizeConfig, models: ModelsConfig, resources: Any | None = None) -> Components:
+    """The real library for ``method``: only the models it uses get a factory. ``resources``
+    (a ``ResourcesConfig``) gives the guidance actors their memory bounds and compile switch."""
     from stages.export import export_asset
     from stages.optimize.loop import optimize_asset
 
     needed = models_needed(method)
+    ip_runtime = guidance_runtime(resources.ip) if resources is not None else None
+    mvd_runtime = guidance_runtime(resources.mvd) if resources is not None else None
     return Components(
         optimize=optimize_asset,
         export=export_asset,
-        ip_guidance=functools.partial(build_ip_guidance, models, method) if "ip" in needed else None,
-        mvd_guidance=functools.partial(build_mvd_guidance, models) if "mvd" in needed else None,
+        ip_guidance=functools.partial(build_ip_guidance, models, method, ip_runtime) if "ip" in needed else None,
+        mvd_guidance=functools.partial(build_mvd_guidance, models, mvd_runtime) if "mvd" in needed else None,
         reference_sampler=functools.partial(build_reference_sampler, models) if "reference" in needed else None,
     )
