@@ -10,6 +10,7 @@ preset for tests and the quickstart. Build from YAML / dotlist overrides with
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -292,14 +293,28 @@ class OptimizeConfig:
     def resume_digest(self) -> str:
         """Hash of the fields that change the optimisation result (a checkpoint written under
         another value of these cannot be resumed); logging, export and device are left out."""
-        fields = asdict(self)
-        for key in RUNTIME_KEYS:
-            fields.pop(key, None)
-        return _digest(fields)
+        return _digest(without_runtime_keys(asdict(self)))
 
 
-RUNTIME_KEYS = ("checkpoint_every", "preview_every", "preview_resolution", "device", "progress", "export", "backprop")
-"""Keys that do not change the optimised scene (``backprop``: only up to float rounding)."""
+RUNTIME_KEYS = (
+    "checkpoint_every", "preview_every", "preview_resolution", "device", "progress", "export", "backprop",
+    "nerf.compile", "nerf.renderer.chunk_samples", "nerf.renderer.march_block_samples", "splats.chunk_views",
+)
+"""Keys (dotted: nested) that do not change the optimised scene. ``backprop``, ``compile`` and the
+render chunks only up to float rounding: they trade memory for speed, so lowering one to fit a GPU
+keeps asset ids and checkpoints."""
+
+
+def without_runtime_keys(fields: dict[str, Any]) -> dict[str, Any]:
+    """``asdict(OptimizeConfig)`` without :data:`RUNTIME_KEYS` (a copy)."""
+    out = copy.deepcopy(fields)
+    for key in RUNTIME_KEYS:
+        *parents, leaf = key.split(".")
+        node = out
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(leaf, None)
+    return out
 
 
 def _digest(fields: dict[str, Any]) -> str:
