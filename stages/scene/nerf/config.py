@@ -90,8 +90,10 @@ class RendererConfig:
     chunk_samples: int = 1 << 21
     """Bound on the kept samples of one render chunk (whole rays; a chunk holds at most
     max(chunk_samples, num_samples_per_ray)). With deferred back-propagation the peak autograd
-    graph is one chunk's, so this bounds the optimiser's memory; fewer, larger chunks launch
-    fewer kernels."""
+    graph is one chunk's, so this bounds the optimiser's memory (~1.7 KB of graph per kept
+    sample; at 2²¹ a task peaks at ~6 GiB in phase 2); fewer, larger chunks launch fewer kernels.
+    The shipped GPU dataset configs set 2¹⁸, so that 16 tasks share one 80 GB GPU with the
+    guidance actors (``python -m benchmarks.memory CONFIG``)."""
     march_block_samples: int = 1 << 23
     """Candidate samples (rays × num_samples_per_ray) tested against the occupancy grid at once
     while planning a render: bounds that step's temporary memory (~70 bytes per candidate)."""
