@@ -146,12 +146,14 @@ class _Persistent:
         self, index: int, views: int, resolution: int, representation: str, mode: str,
         frame: float, graph: float, working: float, breakdown: str,
     ) -> TaskMemory:
-        """The phase's :class:`TaskMemory`: peak = parameters + optimiser state + frame + working."""
+        """The phase's :class:`TaskMemory`: peak = parameters + optimiser state + frame + working
+        (``breakdown``: the terms, the peak is appended)."""
+        peak = int(self.parameters + self.optimizer + frame + working)
         return TaskMemory(
             phase=index, views=views, resolution=resolution, representation=representation, backprop=mode,
             parameter_bytes=self.parameters, gradient_bytes=self.gradients, optimizer_bytes=self.optimizer,
             frame_bytes=int(frame), graph_bytes=int(graph), working_bytes=int(working),
-            peak_bytes=int(self.parameters + self.optimizer + frame + working), breakdown=breakdown,
+            peak_bytes=peak, breakdown=f"{breakdown} = {_gib(peak)} GiB",
         )
 
 
@@ -338,12 +340,10 @@ class _NeRFModel:
         persistent = self.persistent
         # gradients exist from the first backward to the optimiser step, i.e. not while planning
         working = max(planning, persistent.gradients + rendering)
-        total = persistent.parameters + persistent.optimizer + frame + working
         breakdown = (
             f"{views}×{resolution}² {mode}: params {_gib(persistent.parameters)} + AdamW {_gib(persistent.optimizer)}"
             f" + frame {_gib(frame)} (plan for ≤ {kept_for_plan:,.0f} samples) + max(planning {_gib(planning)},"
             f" grads {_gib(persistent.gradients)} + render {_gib(rendering)} (graph {_gib(graph)}: {bound}))"
-            f" = {_gib(total)} GiB"
         )
         return persistent.phase(index, views, resolution, "nerf", mode, frame, graph, working, breakdown)
 
@@ -411,12 +411,10 @@ class _SplatModel:
         frame = pixels * maps + 2 * 3 * 4 * pixels
         persistent = self.persistent
         working = persistent.gradients + graph
-        total = persistent.parameters + persistent.optimizer + frame + working
         breakdown = (
             f"{views}×{resolution}² {mode} at {self.max_gaussians:,} Gaussians: params {_gib(persistent.parameters)}"
             f" + Adam {_gib(persistent.optimizer)} + frame {_gib(frame)} + grads {_gib(persistent.gradients)}"
             f" + graph {_gib(graph)} ({chunk_views} view(s); projection only, gsplat's tile buffers not modelled)"
-            f" = {_gib(total)} GiB"
         )
         return persistent.phase(index, views, resolution, "splats", mode, frame, graph, working, breakdown)
 
