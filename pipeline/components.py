@@ -1,7 +1,8 @@
 """The library pieces the pipeline wires together, named explicitly (no registry).
 
-:func:`default_components` returns the real ``stages`` classes for a config; tests and the
-benchmark pass their own :class:`Components` with small fakes of the same signatures.
+:func:`default_components` returns the real ``stages`` classes for a config (diffusers models or
+the toy world, chosen per model key by :mod:`stages.models.factory`); tests and the benchmark
+pass their own :class:`Components` with small fakes of the same signatures.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from typing import Any, Callable
 from stages.guidance.losses import loss_spec
 from stages.guidance.protocol import Guidance
 from stages.models.config import ModelsConfig
+from stages.models.factory import build_ip_guidance, build_mvd_guidance, build_reference_sampler
 from stages.optimize.config import OptimizeConfig
+
+__all__ = ["Components", "build_ip_guidance", "build_mvd_guidance", "build_reference_sampler", "default_components", "models_needed"]
 
 
 @dataclass
@@ -41,30 +45,6 @@ def models_needed(method: OptimizeConfig) -> tuple[str, ...]:
     return tuple(needed)
 
 
-def build_reference_sampler(models: ModelsConfig) -> Any:
-    """``ReferenceSampler`` on the configured device/dtype (runs inside the reference actor)."""
-    from stages.models.device import resolve_device, resolve_dtype
-    from stages.models.reference import ReferenceSampler
-
-    device = resolve_device(models.device)
-    return ReferenceSampler(models.reference, resolve_dtype(models.dtype, device), device, seed=models.seed)
-
-
-def build_ip_guidance(models: ModelsConfig, method: OptimizeConfig) -> Guidance:
-    """``IPGuidance`` (renders resized to 512 for SD1.5, 64 for ``tiny``) with the method's
-    ``isd.sd_branch`` and negative prompt (runs inside the IP guidance actor)."""
-    from stages.guidance.ip_guidance import IPGuidance
-
-    return IPGuidance.from_config(models, sd_branch=method.isd.sd_branch, negative_prompt=method.isd.negative_prompt)
-
-
-def build_mvd_guidance(models: ModelsConfig) -> Guidance:
-    """``MVDreamGuidance`` (CFG, recon loss come with each request from ``method.mvd``)."""
-    from stages.guidance.mvdream_guidance import MVDreamGuidance
-
-    return MVDreamGuidance.from_config(models)
-
-
 def default_components(method: OptimizeConfig, models: ModelsConfig) -> Components:
     """The real library for ``method``: only the models it uses get a factory."""
     from stages.export import export_asset
@@ -75,6 +55,6 @@ def default_components(method: OptimizeConfig, models: ModelsConfig) -> Componen
         optimize=optimize_asset,
         export=export_asset,
         ip_guidance=functools.partial(build_ip_guidance, models, method) if "ip" in needed else None,
-        mvd_guidance=functools.partial(build_mvd_guidance, models) if "mvd" in needed else None,
+        mvd_guidance=functools.partial(build_mvd_guidance, models, method) if "mvd" in needed else None,
         reference_sampler=functools.partial(build_reference_sampler, models) if "reference" in needed else None,
     )

@@ -183,6 +183,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConf
     config: PipelineConfig = OmegaConf.to_object(merged)
     for source in config.prompts.sources:
         source.path = _resolve_prompt_path(source.path, path.parent)
+    from pipeline.toyworld import resolve_world_path
+
+    config.models.toyworld = resolve_world_path(config.models.toyworld, path.parent)
     validate_config(config)
     return config
 
@@ -208,6 +211,7 @@ def validate_config(config: PipelineConfig) -> None:
     """Checks that need no cluster; reads the prompt files (so their errors surface now)."""
     from pipeline.components import models_needed
     from pipeline.prompts import read_prompts  # local: prompts imports this module
+    from pipeline.toyworld import check_toyworld
 
     _require(config.variants >= 1, "variants", f"must be >= 1, got {config.variants}")
     _require(config.progress_every_s > 0, "progress_every_s", "must be > 0")
@@ -238,6 +242,7 @@ def validate_config(config: PipelineConfig) -> None:
         _require(source.limit is None or source.limit >= 1, f"{key}.limit", "must be >= 1 or null")
     check_gpu_visibility(config, models_needed(config.method))
     read_prompts(config.prompts)
+    check_toyworld(config)
 
 
 def actor_reservations(config: PipelineConfig, models_needed: Sequence[str]) -> tuple[float, float]:

@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass
 
 from pipeline.config import PipelineConfig, to_container
+from pipeline.toyworld import toyworld_groups
+from stages.toyworld.world import load_world
 
 
 @dataclass(frozen=True)
@@ -24,13 +26,16 @@ class Job:
 
 
 def config_digest(config: PipelineConfig) -> str:
-    """12 hex digits over everything that changes an asset's content: method, models, seed.
-    Prompts, resources, output and tracking do not change an asset and are left out."""
+    """12 hex digits over everything that changes an asset's content: method, models (and the toy
+    world's content when a model is the toy world), seed. Prompts, resources, output and tracking
+    do not change an asset and are left out."""
     payload = {
         "method": to_container(config.method),
         "models": to_container(config.models),
         "seed": config.seed,
     }
+    if toyworld_groups(config):  # the world file's content, not just its path, makes the assets
+        payload["toyworld"] = load_world(config.models.toyworld).digest()
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

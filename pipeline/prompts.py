@@ -58,8 +58,13 @@ def _from_record(record: object, column: str, where: str) -> str:
 
 def read_source(source: PromptSource) -> list[str]:
     """The prompts of one file, in file order, stripped; raises ConfigError naming file:line."""
+    return [prompt for prompt, _ in read_source_with_origin(source)]
+
+
+def read_source_with_origin(source: PromptSource) -> list[tuple[str, str]]:
+    """(prompt, where) of one file: ``where`` names the file and line (row, item) it came from."""
     kind = _format_of(source)
-    prompts: list[str] = []
+    prompts: list[tuple[str, str]] = []
     if kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -69,13 +74,14 @@ def read_source(source: PromptSource) -> list[str]:
         if source.column not in table.column_names:
             raise ConfigError(f"{source.path}: no '{source.column}' column (has {table.column_names})")
         for row, value in enumerate(table.column(source.column).to_pylist()):
-            prompts.append(_checked(value, f"{source.path} row {row}"))
+            where = f"{source.path} row {row}"
+            prompts.append((_checked(value, where), where))
     else:
         text = _open_text(source.path)
         if kind == "txt":
             for line_no, line in enumerate(text.splitlines(), start=1):
                 if line.strip() and not line.lstrip().startswith("#"):
-                    prompts.append(line.strip())
+                    prompts.append((line.strip(), f"{source.path}:{line_no}"))
         elif kind == "jsonl":
             for line_no, line in enumerate(text.splitlines(), start=1):
                 if not line.strip():
@@ -85,7 +91,7 @@ def read_source(source: PromptSource) -> list[str]:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise ConfigError(f"{where}: invalid JSON ({error.msg})") from None
-                prompts.append(_from_record(record, source.column, where))
+                prompts.append((_from_record(record, source.column, where), where))
         elif kind == "json":
             try:
                 data = json.loads(text)
@@ -95,13 +101,14 @@ def read_source(source: PromptSource) -> list[str]:
                 raise ConfigError(f"{source.path}: expected a JSON list of prompts")
             for index, item in enumerate(data):
                 where = f"{source.path} item {index}"
-                prompts.append(_checked(item, where) if isinstance(item, str) else _from_record(item, source.column, where))
+                prompts.append((_checked(item, where) if isinstance(item, str) else _from_record(item, source.column, where), where))
         elif kind == "csv":
             reader = csv.DictReader(io.StringIO(text))
             if reader.fieldnames is None or source.column not in reader.fieldnames:
                 raise ConfigError(f"{source.path}: no '{source.column}' column (header {reader.fieldnames})")
             for record in reader:
-                prompts.append(_checked(record[source.column], f"{source.path}:{reader.line_num}"))
+                where = f"{source.path}:{reader.line_num}"
+                prompts.append((_checked(record[source.column], where), where))
         else:  # validate_config already rejected other names
             raise ConfigError(f"prompt file {source.path}: unknown format '{kind}'")
     if not prompts:
@@ -111,11 +118,20 @@ def read_source(source: PromptSource) -> list[str]:
 
 def read_prompts(config: PromptsConfig) -> list[str]:
     """All prompts: every source in order, then the inline list. Duplicates are kept once."""
-    prompts: list[str] = []
+    return [prompt for prompt, _ in read_prompts_with_origin(config)]
+
+
+def read_prompts_with_origin(config: PromptsConfig) -> list[tuple[str, str]]:
+    """(prompt, where it first appeared) for every prompt of :func:`read_prompts`, in its order."""
+    prompts: list[tuple[str, str]] = []
     for source in config.sources:
-        prompts.extend(read_source(source))
+        prompts.extend(read_source_with_origin(source))
     for index, prompt in enumerate(config.inline):
-        prompts.append(_checked(prompt, f"config key 'prompts.inline[{index}]'"))
+        where = f"config key 'prompts.inline[{index}]'"
+        prompts.append((_checked(prompt, where), where))
     if not prompts:
         raise ConfigError("config key 'prompts': no prompts (give prompts.sources or prompts.inline)")
-    return list(dict.fromkeys(prompts))
+    first: dict[str, str] = {}
+    for prompt, where in prompts:
+        first.setdefault(prompt, where)
+    return list(first.items())

@@ -16,8 +16,11 @@ SMALL = [
 
 
 def test_split_overrides():
-    method, models, tiny = split_overrides(["models=tiny", "models.device=cpu", "method.iterations=3", "loss=sds"])
-    assert (method, models, tiny) == (["iterations=3", "loss=sds"], ["device=cpu"], True)
+    method, models, shortcut = split_overrides(["models=tiny", "models.device=cpu", "method.iterations=3", "loss=sds"])
+    assert (method, models, shortcut) == (["iterations=3", "loss=sds"], ["device=cpu"], "tiny")
+    assert split_overrides(["models=toyworld"])[2] == "toyworld"
+    with pytest.raises(ValueError, match="models=toyworld"):
+        split_overrides(["models=huge"])
     with pytest.raises(ValueError, match="key=value"):
         split_overrides(["iterations"])
 

@@ -31,7 +31,7 @@ output: {out}
 
 
 def test_shipped_configs_load_and_overrides_apply(tmp_path):
-    for name in ("quickstart.yaml", "dataset.yaml", "t3bench_single.yaml", "t3bench_multi.yaml", "t3bench_surr.yaml", "gpteval3d.yaml"):
+    for name in ("quickstart.yaml", "quickstart_tiny.yaml", "dataset.yaml", "t3bench_single.yaml", "t3bench_multi.yaml", "t3bench_surr.yaml", "gpteval3d.yaml"):
         config = load_config(REPO / "configs" / name, [f"output={tmp_path}"])
         assert isinstance(config, PipelineConfig)
     config = load_config(REPO / "configs" / "dataset.yaml", ["variants=4", "method.iterations=3000", f"output={tmp_path}"])
@@ -223,7 +223,7 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys):
     assert main([QUICKSTART, f"output={out}", "--dry-run"]) == 0
     err = capsys.readouterr().err
     assert "dry run: 4 prompts x 2 variants = 8 assets" in err
-    assert err.count("would run ") == 8 and "'a small cactus in a pot'" in err
+    assert err.count("would run ") == 8 and "'a spinning top'" in err
     assert not out.exists() and ray.is_initialized() == ray_was_up
 
     # an asset recorded as failed is kept unless --retry-failed

@@ -2,7 +2,8 @@
 
 One head serves every test of this module: the in-process tests join it as a driver, the
 operations tests submit jobs to it and kill drivers, workers and actors on it. Models and
-optimiser are the fakes of ``pipeline_fakes`` except in the ``ray job submit`` quickstart test.
+optimiser are the fakes of ``pipeline_fakes`` except in the ``ray job submit`` quickstart test
+(tiny diffusers models) and the toy-world fidelity test (the quickstart's toy world).
 """
 
 from __future__ import annotations
@@ -349,7 +350,7 @@ def test_killed_driver_loses_nothing_and_rerun_completes(head, tmp_path):
 @pytest.mark.slow
 def test_quickstart_through_ray_job_submit(head, tmp_path):
     """The path users run: ``ray job submit --working-dir . -- python -m pipeline.run
-    configs/quickstart.yaml`` (real tiny models, shortened), then check the dataset."""
+    configs/quickstart_tiny.yaml`` (real tiny models, shortened), then check the dataset."""
     out = tmp_path / "qs"
     overrides = [
         f"output={out}", "variants=1", "method.iterations=4", "method.checkpoint_every=2",
@@ -357,7 +358,7 @@ def test_quickstart_through_ray_job_submit(head, tmp_path):
     ]
     cmd = [
         sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", head["dashboard"],
-        "--working-dir", str(REPO), "--", "python", "-m", "pipeline.run", "configs/quickstart.yaml", *overrides,
+        "--working-dir", str(REPO), "--", "python", "-m", "pipeline.run", "configs/quickstart_tiny.yaml", *overrides,
     ]
     result = subprocess.run(cmd, env=head["env"], cwd=REPO, capture_output=True, text=True, timeout=400)
     log = result.stdout[-4000:] + result.stderr[-4000:]
