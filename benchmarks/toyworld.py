@@ -172,15 +172,28 @@ def plan(representations: Sequence[str], references: Sequence[int], seeds: int, 
         prompts = prompts[:1]
     jobs = []
     for representation in representations:
-        for rank, row in enumerate(rows_for(representation, quick)):
+        for row in rows_for(representation, quick):
             for prompt in prompts:
                 if row.seeds_only:
                     runs = [Job(representation, row, prompt, references[0], 1000 + s, iterations, world) for s in range(seeds)]
                 else:
                     runs = [Job(representation, row, prompt, ref, 0, iterations, world) for ref in references]
-                jobs += [(rank, job) for job in runs]
-    # the most important rows of every representation first, so a cut-short run still answers them
-    return [job for _, job in sorted(jobs, key=lambda item: item[0])]
+                jobs += runs
+    # the most important rows first, so a run cut short still answers them
+    return sorted(jobs, key=lambda job: _priority(job.representation, job.row.name))
+
+
+PRIORITY = [
+    *((rep, row) for row in ("isd", "sds", "ip_sds", "isd_no_mvd") for rep in ("nerf", "splats")),
+    *(("nerf", row) for row in ("isd_recon", "oracle", "cv_random_cfg100", "cv_t_delta_sd", "ip_scale_0.2", "ip_scale_1.0")),
+    ("splats", "isd_recon"), ("splats", "oracle"),
+    *(("nerf", row) for row in (*EXTRA_ABLATIONS, "ip_scale_0.7")),
+]
+"""Order of the runs (representation, row)."""
+
+
+def _priority(representation: str, row: str) -> int:
+    return PRIORITY.index((representation, row)) if (representation, row) in PRIORITY else len(PRIORITY)
 
 
 def read_runs(path: Path) -> dict[str, dict[str, Any]]:

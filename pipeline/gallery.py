@@ -1,7 +1,9 @@
 """Static HTML gallery of a dataset: an index of every asset and one page per asset with a 3D view.
 
-Reads only the dataset layout (``<output>/manifest/part-*.parquet`` + ``<output>/assets/<asset_id>/``)
-and writes ``<output>/gallery/index.html`` and ``<output>/gallery/assets/<asset_id>.html``.
+Reads only the dataset layout (``<output>/manifest/part-*.parquet`` + ``<output>/assets/<asset_id>/``,
+and the evaluation's ``<output>/scores/part-*.parquet`` when present) and writes
+``<output>/gallery/index.html`` and ``<output>/gallery/assets/<asset_id>.html``. A toy-world
+dataset's scores put a verdict on every card: did the asset become its reference's object.
 
 Every page is self-contained: CSS, scripts, images, videos and the GLB are inlined (data: URIs,
 inline classic scripts). That is what makes the same files work from ``file://`` (where Chromium
@@ -26,13 +28,15 @@ import re
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
+
+from stages.toyworld.fidelity import FAITHFUL_PSNR  # the verdict's threshold lives with the scores
 
 STATIC_DIR = Path(__file__).with_name("gallery_static")
 VIEWER_SCRIPT = "model-viewer-umd.min.js"
@@ -79,6 +83,7 @@ class AssetRecord:
     files: dict[str, str] = field(default_factory=dict)  # name -> relative path
     metrics: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)  # other manifest columns, shown as-is
+    scores: dict[str, Any] = field(default_factory=dict)  # latest evaluation scores (scores/ shards)
 
 
 class _Dataset:
@@ -172,6 +177,54 @@ def read_manifest(output_dir: str | os.PathLike) -> list[AssetRecord]:
         latest.pop(record.asset_id, None)
         latest[record.asset_id] = record
     return list(latest.values())
+
+
+SCORE_FIELDS = ("alignment", "quality", "toy_identity", "toy_reference", "toy_identity_correct",
+                "toy_psnr_reference", "toy_consistency", "toy_iou")
+"""Evaluation scores the gallery shows (``pipeline.evaluate`` writes them)."""
+
+
+def read_scores(output_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """asset_id → its latest succeeded score row (the fields of :data:`SCORE_FIELDS` that are set)."""
+    dataset = _Dataset(output_dir)
+    selector = pafs.FileSelector(dataset.path("scores"), allow_not_found=True)
+    rows = []
+    for entry in dataset.fs.get_file_info(selector):
+        name = PurePosixPath(entry.path).name
+        if entry.type == pafs.FileType.File and name.startswith("part-") and name.endswith(".parquet"):
+            with dataset.fs.open_input_file(entry.path) as handle:
+                table = pq.read_table(handle, columns=None)
+            columns = [c for c in ("asset_id", "status", "evaluated_at", *SCORE_FIELDS) if c in table.column_names]
+            rows += table.select(columns).to_pylist()
+    latest: dict[str, dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: r.get("evaluated_at") or ""):
+        if row.get("status") == "succeeded":
+            values = {k: row[k] for k in SCORE_FIELDS if isinstance(row.get(k), (int, float)) and math.isfinite(row[k])}
+            latest[str(row["asset_id"])] = values
+    return latest
+
+
+def _verdict_html(scores: dict[str, Any]) -> str:
+    """One line a newcomer reads at a glance: did the toy-world asset become its reference's object."""
+    if "toy_identity" not in scores:
+        return ""
+    identity = int(scores["toy_identity"])
+    details = []
+    if "toy_psnr_reference" in scores:
+        details.append(f"{scores['toy_psnr_reference']:.1f} dB from new views")
+    if "toy_consistency" in scores:
+        details.append(f"views agree {scores['toy_consistency']:.0%}")
+    if "toy_iou" in scores:
+        details.append(f"mesh IoU {scores['toy_iou']:.2f}")
+    if "toy_reference" not in scores:
+        head, kind = f"became object {identity}", "neutral"
+    elif not scores.get("toy_identity_correct"):
+        head, kind = f"&#10007; became object {identity}; the reference shows object {int(scores['toy_reference'])}", "bad"
+    elif scores.get("toy_psnr_reference", 0.0) >= FAITHFUL_PSNR:
+        head, kind = f"&#10003; became its reference's object ({identity})", "ok"
+    else:
+        head, kind = f"&#8776; nearest to its reference's object ({identity}) but below {FAITHFUL_PSNR:.0f} dB", "weak"
+    return f'<p class="verdict {kind}">{head} &middot; {html.escape(" · ".join(details))}</p>'
 
 
 def _find_role_files(dataset: _Dataset, record: AssetRecord) -> dict[str, str]:
@@ -328,8 +381,8 @@ def _asset_card(dataset: _Dataset, record: AssetRecord, roles: dict[str, str]) -
         f'<div class="asset-head"><strong>{html.escape(_variant_label(record))}</strong> {_status_badge(record.status)}'
         f' <a class="asset-link" href="assets/{html.escape(record.asset_id)}.html">3D view &amp; details</a>'
         f' <code class="muted">{html.escape(record.asset_id)}</code></div>'
-        f"{_media_html(dataset, roles, thumbnails=True)}{_missing_note(record, roles)}{_error_html(record)}"
-        f"{_metrics_table(record.metrics)}</article>"
+        f"{_verdict_html(record.scores)}{_media_html(dataset, roles, thumbnails=True)}{_missing_note(record, roles)}"
+        f"{_error_html(record)}{_metrics_table(record.metrics)}</article>"
     )
 
 
@@ -350,6 +403,17 @@ def _group_by_prompt(records: list[AssetRecord]) -> list[list[AssetRecord]]:
 def render_index(dataset: _Dataset, records: list[AssetRecord], roles: dict[str, dict[str, str]]) -> str:
     """HTML of ``gallery/index.html``."""
     failed = sum(r.status != "succeeded" for r in records)
+    toy = [r.scores for r in records if "toy_identity_correct" in r.scores]
+    toy_line = ""
+    if toy:
+        recovered = sum(bool(s["toy_identity_correct"]) for s in toy)
+        faithful = sum(bool(s["toy_identity_correct"]) and s.get("toy_psnr_reference", 0.0) >= FAITHFUL_PSNR for s in toy)
+        psnrs = [s["toy_psnr_reference"] for s in toy if "toy_psnr_reference" in s]
+        mean_psnr = f"; mean {sum(psnrs) / len(psnrs):.1f} dB to it from new views" if psnrs else ""
+        toy_line = (
+            f'<p class="summary verdict {"ok" if faithful == len(toy) else "weak"}">Toy world: {recovered} of {len(toy)} scored '
+            f"assets became their reference's object, {faithful} faithfully (&ge; {FAITHFUL_PSNR:.0f} dB){mean_psnr}.</p>"
+        )
     sections = []
     for items in _group_by_prompt(records):
         cards = "".join(_asset_card(dataset, r, roles[r.asset_id]) for r in items)
@@ -362,14 +426,14 @@ def render_index(dataset: _Dataset, records: list[AssetRecord], roles: dict[str,
     summary = json_for_script(
         [
             {"asset_id": r.asset_id, "prompt": r.prompt, "variant": r.variant, "status": r.status,
-             "error": r.error, "metrics": r.metrics}
+             "error": r.error, "metrics": r.metrics, "scores": r.scores}
             for r in records
         ]
     )
     body = (
         '<header class="page"><h1>Dataset gallery</h1>'
         f'<p class="summary">{len(records)} assets: {len(records) - failed} succeeded, {failed} not succeeded;'
-        f" {len({r.prompt for r in records})} prompts. Open an asset for its 3D view.</p>"
+        f" {len({r.prompt for r in records})} prompts. Open an asset for its 3D view.</p>{toy_line}"
         '<div class="filters"><label>Prompt <input id="filter-text" type="search" placeholder="filter by prompt text">'
         f'</label><label>Status <select id="filter-status"><option value="">all</option>{options}</select></label>'
         '<span id="shown-count" class="muted"></span></div></header>'
@@ -414,8 +478,9 @@ def render_asset_page(dataset: _Dataset, record: AssetRecord, roles: dict[str, s
         f'<header class="page"><p><a href="../index.html">&larr; all assets</a></p>'
         f'<h1 class="prompt">{html.escape(record.prompt)}</h1>'
         f"<p>{html.escape(_variant_label(record))} {_status_badge(record.status)}</p></header>"
-        f"<main>{_error_html(record)}{viewer}{_media_html(dataset, roles, thumbnails=False)}"
+        f"<main>{_verdict_html(record.scores)}{_error_html(record)}{viewer}{_media_html(dataset, roles, thumbnails=False)}"
         f"{_missing_note(record, roles)}<h2>Metrics</h2>{_metrics_table(record.metrics) or '<p class=missing>none</p>'}"
+        f"{'<h2>Evaluation scores</h2>' + _metrics_table(record.scores) if record.scores else ''}"
         f"<h2>Details</h2>{_metrics_table(details)}</main>"
     )
     return _page(f"{record.prompt[:80]} ({record.asset_id})", body, "asset-page", scripts)
@@ -438,7 +503,8 @@ def build_gallery(output_dir: str | os.PathLike, gallery_dir: str | os.PathLike 
     ``<output_dir>/gallery``. Returns the local gallery directory (what to log to MLflow).
     """
     dataset = _Dataset(output_dir)
-    records = read_manifest(output_dir)
+    scores = read_scores(output_dir)
+    records = [replace(r, scores=scores.get(r.asset_id, {})) for r in read_manifest(output_dir)]
     unsafe = [r.asset_id for r in records if not SAFE_ASSET_ID.match(r.asset_id)]
     if unsafe:
         raise ValueError(f"manifest asset_id(s) {unsafe[:5]} are not safe file names ([A-Za-z0-9._-]+)")

@@ -492,3 +492,43 @@ def test_browser_gallery_of_a_generated_dataset(tmp_path, browser):
     assert browser.execute_script("return document.getElementById('viewer').loaded") is True
     _screenshot(browser, "generated-asset.png")
     assert _console_errors(browser) == []
+
+
+def test_toy_world_scores_put_a_verdict_on_each_card(tmp_path):
+    """Evaluation shards with toy-world scores: recovered and faithful (✓), recovered but below
+    the faithful PSNR (≈), another object (✗); the latest succeeded score row wins."""
+    from pipeline.evaluate import SCORES_SCHEMA, TOY_COLUMNS
+    from stages.toyworld.fidelity import FAITHFUL_PSNR
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    make_dataset(root)
+    rows = [
+        {"asset_id": "boxa0", "status": "succeeded", "evaluated_at": "2", "toy_identity": 3.0, "toy_reference": 3.0,
+         "toy_identity_correct": 1.0, "toy_psnr_reference": FAITHFUL_PSNR + 5, "toy_consistency": 1.0, "toy_iou": 0.8},
+        {"asset_id": "boxa0", "status": "succeeded", "evaluated_at": "1", "toy_identity": 4.0, "toy_reference": 3.0,
+         "toy_identity_correct": 0.0, "toy_psnr_reference": 11.0, "toy_consistency": 0.5, "toy_iou": 0.1},
+        {"asset_id": "retry0", "status": "succeeded", "evaluated_at": "1", "toy_identity": 5.0, "toy_reference": 5.0,
+         "toy_identity_correct": 1.0, "toy_psnr_reference": FAITHFUL_PSNR - 2, "toy_consistency": 1.0, "toy_iou": 0.3},
+        {"asset_id": "late0", "status": "succeeded", "evaluated_at": "1", "toy_identity": 0.0, "toy_reference": 7.0,
+         "toy_identity_correct": 0.0, "toy_psnr_reference": 12.0, "toy_consistency": 0.25, "toy_iou": 0.0},
+    ]
+    (root / "scores").mkdir()
+    columns = {name: [row.get(name) for row in rows] for name in ("asset_id", "status", "evaluated_at", *TOY_COLUMNS)}
+    schema = pa.schema([SCORES_SCHEMA.field(name) for name in columns])
+    pq.write_table(pa.table(columns, schema=schema), root / "scores" / "part-1.parquet")
+    gallery = build_gallery(root)
+    index = (gallery / "index.html").read_text()
+    assert "Toy world: 2 of 3 scored assets became their reference's object, 1 faithfully" in index
+    cards = {e["attrs"]["data-asset-id"]: e for e in _parse(gallery / "index.html").find("article")}
+    assert set(cards) >= {"boxa0", "retry0", "late0"}
+    text = {asset_id: _card_text(index, asset_id) for asset_id in ("boxa0", "retry0", "late0")}
+    assert "became its reference's object (3)" in text["boxa0"] and "mesh IoU 0.80" in text["boxa0"]
+    assert "nearest to its reference's object (5) but below" in text["retry0"]
+    assert "became object 0; the reference shows object 7" in text["late0"]
+    assert "toy_psnr_reference" in (gallery / "assets" / "boxa0.html").read_text()
+
+
+def _card_text(index: str, asset_id: str) -> str:
+    start = index.index(f'data-asset-id="{asset_id}"')
+    return index[start : index.index("</article>", start)]

@@ -43,6 +43,20 @@ def test_tiny_run_writes_an_asset(tmp_path, capsys):
     assert method.iterations == 2 and method.nerf.renderer.num_samples_per_ray == 8
 
 
+def test_toy_world_run_uses_the_toy_models_and_its_reference(tmp_path):
+    out = tmp_path / "ring"
+    args = ["--prompt", "a ring", "--out", str(out), "--no-progress", "--seed", "3", "models=toyworld", *SMALL]
+    assert main(args) == 0
+    asset = json.loads((out / "asset.json").read_text())
+    assert asset["models"]["sd"] == "toyworld" and asset["models"]["toyworld"] == "default"
+    from stages.toyworld import ToyWorldReferenceSampler, load_world, nearest_object
+
+    sampler = ToyWorldReferenceSampler()
+    with Image.open(out / "reference.png") as ref:  # the seed's draw from the prompt's prior
+        assert nearest_object(load_world(), "a ring", ref)[0] == sampler.object_index("a ring", 3)
+    assert main(["--prompt", "a chair", "--out", str(tmp_path / "x"), "models=toyworld", *SMALL]) != 0
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

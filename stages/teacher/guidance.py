@@ -172,11 +172,18 @@ class AnalyticGuidance:
         )
         weight = losses.sds_weight(asset.teacher.alphas_cumprod, timesteps).float()
         residual_norm = float((grad_latent / weight.clamp_min(1e-12).view(-1, 1, 1, 1)).norm())
-        return GuidanceResponse(
-            asset_id=request.asset_id,
-            grad_rgb=(2.0 * grad_latent).to(request.rgb.dtype),
-            loss=float(losses.surrogate_loss(grad_latent)),
-            grad_norm=float(grad_latent.norm()),
-            timesteps=timesteps,
-            info={"residual_norm": residual_norm},
-        )
+        return identity_vae_response(request, grad_latent, timesteps, {"residual_norm": residual_norm})
+
+
+def identity_vae_response(
+    request: GuidanceRequest, grad_latent: Tensor, timesteps: Tensor, info: dict[str, float]
+) -> GuidanceResponse:
+    """The response of a guidance whose "VAE" is latent = 2·rgb − 1: grad_rgb = 2·grad_latent."""
+    return GuidanceResponse(
+        asset_id=request.asset_id,
+        grad_rgb=(2.0 * grad_latent).to(request.rgb.dtype),
+        loss=float(losses.surrogate_loss(grad_latent)),
+        grad_norm=float(grad_latent.norm()),
+        timesteps=timesteps,
+        info=info,
+    )

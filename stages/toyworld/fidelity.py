@@ -31,6 +31,10 @@ from stages.toyworld.guidance import nearest_object
 from stages.toyworld.render import inside, render_objects
 from stages.toyworld.world import World
 
+FAITHFUL_PSNR = 17.0
+"""dB to the reference's object above which a recovered asset counts as faithful: a generated
+world's objects are drawn at least this far apart (``generate.distinct_psnr``), so an asset this
+close to its reference is closer to it than any other object of the prompt is."""
 HELDOUT_ELEVATIONS = (-10.0, 45.0)
 HELDOUT_AZIMUTHS = 8
 """Views per held-out elevation, starting at azimuth 22.5° (between the four trained-looking

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from stages.guidance import losses
 from stages.guidance.protocol import NUM_TRAIN_TIMESTEPS, GuidanceRequest, GuidanceResponse, UnknownAssetError, request_noise
+from stages.teacher.guidance import identity_vae_response
 from stages.teacher.mixture import alphas_cumprod
 from stages.teacher.model import branch_log_weights
 from stages.toyworld.mixture import posterior_eps
@@ -239,14 +240,7 @@ class ToyWorldGuidance:
             info["top_object"] = float(torch.mode(resp.argmax(1)).values)
             if asset.reference_index is not None:
                 info["resp_reference"] = float(resp[:, asset.reference_index].mean())
-        return GuidanceResponse(
-            asset_id=request.asset_id,
-            grad_rgb=(2.0 * grad_latent).to(request.rgb.dtype),
-            loss=float(losses.surrogate_loss(grad_latent)),
-            grad_norm=float(grad_latent.norm()),
-            timesteps=timesteps,
-            info=info,
-        )
+        return identity_vae_response(request, grad_latent, timesteps, info)
 
 
 def _check_groups(request: GuidanceRequest, group: int) -> None:
