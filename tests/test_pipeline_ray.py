@@ -435,38 +435,41 @@ def test_pipeline_benchmark_full_size_on_cuda(head, tmp_path):
     assert results["size"] == "full" and results["concurrent"][0]["iterations"] == 4
 
 
-QUICKSTART_MEAN_PSNR_DB = 20.5
-"""The toy-world quickstart's mean held-out PSNR to the references' objects, measured 22.6 dB
-(README "Quickstart"; benchmarks/RESULTS.md "Toy world"), minus a 2 dB margin."""
+TOY_PROMPTS = ("a toy block", "a spinning top")
+"""The quickstart's first two prompts (2 variants each: references show objects 9, 0 and 1, 10)."""
+TOY_MEAN_PSNR_FLOOR_DB = 19.5
+"""Their measured mean held-out PSNR to the references' objects is 21.9 dB (19.1, 30.2, 23.8,
+14.4 dB in the quickstart run of docs/TOYWORLD.md; seeds depend only on seed, prompt and
+variant), minus a 2.4 dB margin."""
 
 
 @pytest.mark.slow
 def test_toyworld_quickstart_through_ray_recovers_every_reference(head, tmp_path):
-    """configs/quickstart.yaml as shipped (toy world, the paper's loss, 150 iterations), through the
-    Ray pipeline, scored by ``pipeline.evaluate`` against the known objects: ≥ 90 % of the assets
-    became their reference's object, mean novel-view PSNR above the measured floor, and every
-    prompt recovered as many distinct objects as it had distinct references."""
+    """configs/quickstart.yaml (toy world, the paper's loss, 150 iterations) on two of its prompts,
+    through the Ray pipeline, scored by ``pipeline.evaluate`` against the known objects: ≥ 90 %
+    of the assets became their reference's object, mean novel-view PSNR above the measured floor,
+    and every prompt recovered as many distinct objects as it had distinct references."""
     from pipeline.config import load_config
-    from pipeline.evaluate import load_evaluation_config, evaluate_dataset
+    from pipeline.evaluate import evaluate_dataset, load_evaluation_config
 
     out = tmp_path / "toy"
-    config = load_config(REPO / "configs" / "quickstart.yaml", [f"output={out}", "tracking.enabled=false", "gallery=false"])
+    inline = "[" + ",".join(TOY_PROMPTS) + "]"
+    overrides = [f"output={out}", f"prompts.inline={inline}", "tracking.enabled=false", "gallery=false"]
+    config = load_config(REPO / "configs" / "quickstart.yaml", overrides)
     summary = run_dataset(config)
-    assert summary.succeeded == 8 and summary.failed == 0
+    assert summary.succeeded == 4 and summary.failed == 0
     assert all(stats and stats[0]["requests"] > 0 for stats in summary.actor_stats.values())
     evaluation = load_evaluation_config(None, ["evaluate.clip=none", "tracking.enabled=false"])
     evaluation.dataset_config = str(REPO / "configs" / "quickstart.yaml")
-    result = evaluate_dataset(str(out), evaluation, stream=io.StringIO())
-    rows = result.scores
-    assert len(rows) == 8 and all(r["toy_reference"] is not None for r in rows)
-    recovered = sum(r["toy_identity_correct"] == 1.0 for r in rows) / len(rows)
-    assert recovered >= 0.9, [(r["prompt"], r["toy_reference"], r["toy_identity"]) for r in rows]
-    mean_psnr = sum(r["toy_psnr_reference"] for r in rows) / len(rows)
-    assert mean_psnr >= QUICKSTART_MEAN_PSNR_DB, mean_psnr
+    evaluation.dataset_overrides = [f"prompts.inline={inline}"]
+    rows = evaluate_dataset(str(out), evaluation, stream=io.StringIO()).scores
+    assert len(rows) == 4 and all(r["toy_reference"] is not None for r in rows)
+    found = [(r["prompt"], r["toy_reference"], r["toy_identity"], round(r["toy_psnr_reference"], 1)) for r in rows]
+    assert sum(r["toy_identity_correct"] == 1.0 for r in rows) / len(rows) >= 0.9, found
+    assert sum(r["toy_psnr_reference"] for r in rows) / len(rows) >= TOY_MEAN_PSNR_FLOOR_DB, found
     by_prompt: dict[str, tuple[set, set]] = {}
     for r in rows:
         identities, references = by_prompt.setdefault(r["prompt"], (set(), set()))
         identities.add(r["toy_identity"])
         references.add(r["toy_reference"])
-    assert all(len(ids) == len(refs) for ids, refs in by_prompt.values()), by_prompt
-    assert sum(len(refs) for _, refs in by_prompt.values()) == 8  # the quickstart's references all differ
+    assert all(len(ids) == len(refs) == 2 for ids, refs in by_prompt.values()), found
