@@ -290,6 +290,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "representation": representation, "row": row, "assets": len(rs),
             "recovered": sum(bool(r["identity_correct"]) for r in rs) / len(rs),
             "psnr_reference": statistics.fmean(r["psnr_reference"] for r in rs),
+            "psnr_identity": statistics.fmean(r["psnr_identity"] for r in rs),
             "consistency": statistics.fmean(r["consistency"] for r in rs),
             "iou": _mean([r["iou"] for r in rs]),
             "distinct_per_prompt": statistics.fmean(len(v) for v in by_prompt.values()),
@@ -325,14 +326,14 @@ def markdown(summary: list[dict[str, Any]], variance: list[dict[str, Any]], star
         f"Machine: {meta['machine']}; load average {meta['load_before']} before, {meta['load_after']} after; "
         f"{meta['workers']} worker processes, 1 torch thread each; wall {meta['wall_s']:.0f} s.",
         "",
-        "| repr | row | assets | recovered | PSNR to ref (dB) | consistency | IoU | distinct / prompt | → dominant | ≥ "
+        "| repr | row | assets | recovered | PSNR to ref (dB) | PSNR to identity | consistency | IoU | distinct / prompt | → object 0 | ≥ "
         f"{PSNR_THRESHOLD:.0f} dB | median its to {PSNR_THRESHOLD:.0f} dB | s / asset |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
         lines.append(
             f"| {r['representation']} | {r['row']} | {r['assets']} | {r['recovered']:.0%} | {f(r['psnr_reference'])} | "
-            f"{f(r['consistency'])} | {f(r['iou'])} | {f(r['distinct_per_prompt'])} | {r['dominant_share']:.0%} | "
+            f"{f(r['psnr_identity'])} | {f(r['consistency'])} | {f(r['iou'])} | {f(r['distinct_per_prompt'])} | {r['dominant_share']:.0%} | "
             f"{r['reached_threshold']:.0%} | {f(r['median_iterations_to_threshold'], 0)} | {f(r['seconds'], 1)} |"
         )
     if variance:
