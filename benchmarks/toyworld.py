@@ -19,7 +19,9 @@ held-out views against the prompt's known objects (:mod:`stages.toyworld.fidelit
 Plus the gradient variance of ISD against IP-SDS per t on fixed renders (the variance identity
 Var ISD = Var A + Var B − 2 Cov(A, B) of the analytic teacher) and the distances of the initial
 scene to the prompts' objects. Runs append to ``--runs`` (JSON lines; a rerun skips finished
-runs), the summary goes to ``--out`` (JSON) and ``--markdown``.
+runs), the summary goes to ``--out`` (JSON, tracked: ``benchmarks/results/toyworld.json``) and
+``--markdown``. The wall time and load of the runs themselves are kept per runs file
+(``<runs>.meta.json``), so a rerun that only re-summarises reports when and how they were measured.
 """
 
 from __future__ import annotations
@@ -321,10 +323,13 @@ def markdown(summary: list[dict[str, Any]], variance: list[dict[str, Any]], star
             return "–"
         return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
+    runs = meta["runs"]
     lines = [
         f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; load average {meta['load_before']} before, {meta['load_after']} after; "
-        f"{meta['workers']} worker processes, 1 torch thread each; wall {meta['wall_s']:.0f} s.",
+        f"Machine: {meta['machine']}; the invocation that finished the optimisation runs ({runs['new_runs']} of them) "
+        f"took {runs['wall_s']:.0f} s wall (finished {runs['finished']}), load average {runs['load_before']} before, {runs['load_after']} after, "
+        f"{runs['workers']} worker processes, 1 torch thread each; this summary: {meta['wall_s']:.0f} s, "
+        f"load {meta['load_before']} before, {meta['load_after']} after.",
         "",
         "| repr | row | assets | recovered | PSNR to ref (dB) | PSNR to identity | consistency | IoU | distinct / prompt | → object 0 | ≥ "
         f"{PSNR_THRESHOLD:.0f} dB | median its to {PSNR_THRESHOLD:.0f} dB | s / asset |",
@@ -361,6 +366,19 @@ def markdown(summary: list[dict[str, Any]], variance: list[dict[str, Any]], star
     return "\n".join(lines) + "\n"
 
 
+def _runs_meta(runs_path: Path, todo: list[Job], load_before: float, seconds: float, workers: int) -> dict[str, Any]:
+    """Wall time and load of the optimisation runs: this invocation's when it ran any, else the
+    record left by the invocation that did (``<runs>.meta.json``)."""
+    meta_path = runs_path.with_suffix(".meta.json")
+    if not todo and meta_path.is_file():
+        return json.loads(meta_path.read_text())
+    meta = {"new_runs": len(todo), "wall_s": seconds, "workers": workers, "load_before": f"{load_before:.1f}",
+            "load_after": f"{os.getloadavg()[0]:.1f}", "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if todo:
+        meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.toyworld", description=__doc__.splitlines()[0])
     parser.add_argument("--representations", nargs="+", default=["nerf", "splats"], choices=["nerf", "splats"])
@@ -372,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--draws", type=int, default=32, help="noise draws per t of the variance table (0: skip)")
     parser.add_argument("--quick", action="store_true", help="one prompt, the main rows only (tests)")
     parser.add_argument("--runs", default=str(REPO / "benchmarks" / "out" / "toyworld_runs.jsonl"))
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "toyworld.json"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "toyworld.json"))
     parser.add_argument("--markdown", default=str(REPO / "benchmarks" / "out" / "toyworld.md"))
     args = parser.parse_args(argv)
     from benchmarks.common import environment, write_json
@@ -399,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 file=sys.stderr, flush=True,
             )
     runs = [done[job.key] for job in jobs]
+    runs_meta = _runs_meta(runs_path, todo, load_before, time.perf_counter() - began, args.workers)
     timesteps = (100, 300, 500, 700, 900)
     variance = gradient_variance(args.world, timesteps, args.draws) if args.draws else []
     starts = start_distances(args.world, args.representations)
@@ -409,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "machine": f"{os.cpu_count()} CPU cores (shared)", "workers": args.workers, "wall_s": wall,
         "load_before": f"{load_before:.1f}", "load_after": f"{os.getloadavg()[0]:.1f}",
         "environment": environment("cpu"), "psnr_threshold": PSNR_THRESHOLD, "references": references,
+        "runs": runs_meta,
     }
     result = {"meta": meta, "summary": summary, "variance": variance, "start_distances": starts, "runs": runs}
     write_json(result, args.out)
