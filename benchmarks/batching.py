@@ -188,7 +188,11 @@ def measure(backend: str, handler: str, callers: int, requests: int, max_wait_ms
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.batching", description=__doc__.splitlines()[0],
+        epilog="examples:\n  python -m benchmarks.batching\n  python -m benchmarks.batching --callers 1 4 --requests 10 --handler sleep\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--callers", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--handler", nargs="+", default=list(HANDLERS), choices=HANDLERS)

@@ -14,7 +14,9 @@ at 64² then 4 views at 256² from half-way):
 - dtype (fp32 / fp16 / bf16), SDPA backend and ``torch.compile`` effects on the ISD UNet forward;
 - FLOPs per iteration (``torch.utils.flop_counter.FlopCounterMode``: both guidance calls, UNets +
   VAE encoder forward/backward + text/image encoders not included since they run once per
-  asset) and the fraction of the card's peak dense bf16/fp16 throughput that this reaches.
+  asset) and the fraction of the card's peak dense bf16/fp16 throughput that this reaches;
+- FLOPs per asset for each ``isd.sd_branch`` (``vanilla``: 4 UNet rows per view, ``ip_null``: 2)
+  and representation, the real ``grad`` calls of the full-size models counted on ``meta``.
 
 On CPU everything runs at tiny size (``"size": "tiny-cpu"``) and says so; the FLOPs of the
 full-size guidance are still counted there on the ``meta`` device (no memory, no compute).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import tempfile
 import time
@@ -31,70 +34,22 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
-from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from benchmarks.common import environment, format_table, synchronize, time_call, write_json
 from stages.guidance.ip_guidance import IPComponents, IPGuidance
 from stages.guidance.mvdream_guidance import MVDreamGuidance
 from stages.guidance.protocol import GuidanceRequest
+from stages.guidance.runtime import GuidanceRuntime
+from stages.models.architecture import MVDREAM_SD21_4VIEW, SD15_IP_BASE, TINY_IP, TINY_MVDREAM, build_ip, build_mvdream
 from stages.models.device import resolve_device
-from stages.models.ip_adapter import VIT_H_14_CONFIG, IPAdapter, install_ip_adapter_state, load_ip_adapter, tiny_ip_adapter_state_dict
-from stages.models.mvdream import (
-    MVDreamComponents,
-    build_mvdream_unet,
-    build_tiny_mvdream,
-    mvdream_alphas_cumprod,
-    mvdream_unet_config,
-)
-from stages.models.sd import SD15_SCHEDULER_CONFIG, SD15_UNET_CONFIG, SDComponents, build_tiny_sd, place, seeded
-from stages.models.tiny import TINY_RENDER_RESOLUTION, tiny_tokenizer
+from stages.models.tiny import TINY_RENDER_RESOLUTION
+from stages.optimize.config import OptimizeConfig
 from stages.scene.cameras import CameraConfig, sample_cameras
 
 DEFAULT_OUT = Path("benchmarks/out/full.json")
 ITERATIONS_PER_ASSET = 6000
-
-SD_VAE_CONFIG = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-}
-"""The SD1.5 / SD2.1 VAE (``vae/config.json``)."""
-
-CLIP_L_TEXT_CONFIG = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-)
-"""SD1.5's text encoder, CLIP ViT-L/14 text tower."""
-
-OPENCLIP_H_TEXT_CONFIG = dict(
-    vocab_size=49408,
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=23,
-    num_attention_heads=16,
-    max_position_embeddings=77,
-    hidden_act="gelu",
-    projection_dim=1024,
-)
-"""SD2.1's (MVDream's) OpenCLIP ViT-H text tower in diffusers layout: 23 of 24 layers (penultimate)."""
-
-IP_ADAPTER_TOKENS = 4
-"""``ip-adapter_sd15``: 4 image tokens projected from 1024-d ViT-H image embeds to 768."""
 
 PEAK_TFLOPS = (
     ("H100 PCIe", 756.0),
@@ -121,49 +76,25 @@ def peak_tflops(device_name: str | None) -> float | None:
 
 
 # ----------------------------------------------------------------------------- models
-def build_ip_guidance(full: bool, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> IPGuidance:
-    """SD1.5 + IP-Adapter guidance: real-size random weights (``full``) or the tiny preset."""
-    if not full:
-        sd = build_tiny_sd(seed)
-        for module in (sd.unet, sd.vae, sd.text_encoder):
-            place(module, device, dtype)
-        ip = load_ip_adapter(sd.unet, "tiny", "tiny", dtype=dtype, device=device, seed=seed)
-        return IPGuidance(IPComponents(sd, ip), render_resolution=TINY_RENDER_RESOLUTION)
-    with torch.device(device):
-        unet = seeded(seed, lambda: UNet2DConditionModel.from_config(SD15_UNET_CONFIG))
-        vae = seeded(seed + 1, lambda: AutoencoderKL.from_config(SD_VAE_CONFIG))
-        text = seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG)))
-        encoder = seeded(seed + 4, lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H_14_CONFIG)))
-    for module in (unet, vae, text, encoder):
-        place(module, device, dtype)
-    state = tiny_ip_adapter_state_dict(unet, encoder.config, "base", seed + 3)  # real ip-adapter_sd15 shapes
-    on_meta = torch.device(device).type == "meta"
-    if on_meta:  # FLOP counting: the adapter's modules are created and loaded on meta too
-        state = {group: {k: v.to("meta") for k, v in values.items()} for group, values in state.items()}
-    with torch.device("meta") if on_meta else contextlib.nullcontext():
-        install_ip_adapter_state(unet, state)
-    place(unet, device, dtype)
-    sd = SDComponents(unet, vae, text, tiny_tokenizer(), DDPMScheduler(**SD15_SCHEDULER_CONFIG))
-    size = encoder.config.image_size
-    ip = IPAdapter(encoder, CLIPImageProcessor(size=size, crop_size=size), "base", IP_ADAPTER_TOKENS, "random")
-    return IPGuidance(IPComponents(sd, ip), render_resolution=512)
+def build_ip_guidance(
+    full: bool,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    seed: int = 0,
+    runtime: GuidanceRuntime | None = None,
+    sd_branch: str = "vanilla",
+) -> IPGuidance:
+    """SD1.5 + ``ip-adapter_sd15`` + ViT-H/14 at real size with random weights (``full``), or the tiny preset."""
+    sd, ip = build_ip(SD15_IP_BASE if full else TINY_IP, device, dtype, seed)
+    resolution = 512 if full else TINY_RENDER_RESOLUTION
+    return IPGuidance(IPComponents(sd, ip), render_resolution=resolution, sd_branch=sd_branch, runtime=runtime)
 
 
-def build_mvd_guidance(full: bool, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> MVDreamGuidance:
+def build_mvd_guidance(full: bool, device: torch.device | str, dtype: torch.dtype, seed: int = 0, runtime: GuidanceRuntime | None = None) -> MVDreamGuidance:
     """MVDream (SD2.1-base 4-view UNet with camera embedding) guidance, real size or tiny."""
-    if not full:
-        parts = build_tiny_mvdream(seed)
-        resolution = TINY_RENDER_RESOLUTION
-    else:
-        with torch.device(device):
-            unet = seeded(seed, lambda: build_mvdream_unet(mvdream_unet_config()))
-            vae = seeded(seed + 1, lambda: AutoencoderKL.from_config(SD_VAE_CONFIG))
-            text = seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**OPENCLIP_H_TEXT_CONFIG)))
-        parts = MVDreamComponents(unet, vae, text, tiny_tokenizer(), mvdream_alphas_cumprod())
-        resolution = 256
-    for module in (parts.unet, parts.vae, parts.text_encoder):
-        place(module, device, dtype)
-    return MVDreamGuidance(parts, render_resolution=resolution, guidance_scale=None)
+    parts = build_mvdream(MVDREAM_SD21_4VIEW if full else TINY_MVDREAM, device, dtype, seed)
+    resolution = 256 if full else TINY_RENDER_RESOLUTION
+    return MVDreamGuidance(parts, render_resolution=resolution, guidance_scale=None, runtime=runtime)
 
 
 # ----------------------------------------------------------------------------- requests
@@ -214,19 +145,43 @@ def iteration_seconds(
         config.schedule = ScheduleConfig(milestones=[0.5], resolutions=[resolution, resolution], batch_sizes=[batch, batch])
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        with tempfile.TemporaryDirectory() as work:
-            result = optimize_asset(config, GuidanceSet(ip=ip, mvd=mvd), reference, 0, Path(work), "a ceramic teapot", f"iter-{resolution}")
+        row: dict[str, Any] = {"views": batch, "render": resolution, "scene": f"{config.representation} ({'paper' if full else 'tiny'} config)"}
+        try:
+            with tempfile.TemporaryDirectory() as work:
+                result = optimize_asset(config, GuidanceSet(ip=ip, mvd=mvd), reference, 0, Path(work), "a ceramic teapot", f"iter-{resolution}")
+        except torch.OutOfMemoryError as error:  # reported; the next phase and sections still run
+            row.update(seconds_per_iteration=None, peak_memory_gb=None, error=f"OutOfMemoryError: {str(error).splitlines()[0][:200]}")
+            torch.cuda.empty_cache()
+            rows.append(row)
+            continue
         seconds = [h["seconds"] for h in result.history[1:]] or [result.history[0]["seconds"]]
-        rows.append(
-            {
-                "views": batch,
-                "render": resolution,
-                "seconds_per_iteration": statistics.median(seconds),
-                "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-                "scene": f"{config.representation} ({'paper' if full else 'tiny'} config)",
-            }
-        )
+        row["seconds_per_iteration"] = statistics.median(seconds)
+        row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        if full:
+            row["memory_model_gb"] = in_process_memory_model(config, ip, mvd, batch, resolution)
+        rows.append(row)
     return rows
+
+
+def in_process_memory_model(config: OptimizeConfig, ip: IPGuidance, mvd: MVDreamGuidance, views: int, render: int) -> dict[str, Any]:
+    """What the memory plan predicts for this process (both guidance models and one optimiser task
+    in one process, one request at a time): every weight, the larger guidance call's activations
+    (the calls run one after the other), the task's peak when ``task_memory`` is present."""
+    from pipeline.memory_plan import default_task_memory
+    from stages.guidance.memory import ActorSpec, actor_memory
+
+    dtype = str(ip.sd.dtype).replace("torch.", "")
+    common = dict(dtype=dtype, requests=1, views=views, render=render)
+    ip_memory, _ = actor_memory(ActorSpec("ip", SD15_IP_BASE, model_resolution=512, vae_chunk=ip.runtime.vae_chunk, unet_rows=ip.runtime.unet_rows, **common))
+    mvd_memory, _ = actor_memory(ActorSpec("mvd", MVDREAM_SD21_4VIEW, model_resolution=256, vae_chunk=mvd.runtime.vae_chunk, unet_rows=mvd.runtime.unet_rows, **common))
+    task_fn = default_task_memory()
+    task = max(int(p.peak_bytes) for p in task_fn(config)) if task_fn is not None else None
+    guidance = ip_memory.weights + mvd_memory.weights + max(ip_memory.activations, mvd_memory.activations)
+    return {
+        "guidance_gb": guidance / 2**30,
+        "task_gb": None if task is None else task / 2**30,
+        "total_gb": None if task is None else (guidance + task) / 2**30,
+    }
 
 
 def batching_gain(guidance: Any, kind: str, counts: Sequence[int], views: int, resolution: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:
@@ -409,8 +364,103 @@ def full_size_flops_on_meta() -> dict[str, Any]:
     }
 
 
+def phase_iterations(config: OptimizeConfig) -> list[tuple[int, int, int]]:
+    """(views, render resolution, iterations) of each phase of ``config``'s schedule."""
+    total, schedule = config.iterations, config.schedule
+    bounds = [0, *schedule.milestone_steps(total), total]
+    return [
+        (int(views), int(res), max(0, end - start))
+        for views, res, start, end in zip(schedule.batch_sizes, schedule.resolutions, bounds[:-1], bounds[1:])
+    ]
+
+
+def guidance_call_flops(guidance: Any, kind: str, views: int, render: int) -> float:
+    """FLOPs of one real ``grad`` call (one asset, ``views`` renders at ``render``²), counted by
+    ``FlopCounterMode``; on meta, host reads are answered by the memory tracker's shim."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stages.models.memory import LiveBytes
+
+    request = make_request("bench-0", kind, views, render, seed=7)
+    counter = FlopCounterMode(display=False)
+    with LiveBytes("meta"), counter:
+        guidance.grad([request])
+    return float(counter.get_total_flops())
+
+
+def nerf_field_flops_per_sample(config: Any, samples: int = 4096) -> dict[str, float]:
+    """Counted FLOPs per sample of the NeRF field (hash-grid features → density and albedo MLPs):
+    forward, and forward + backward to the parameters. Only matmuls count (FlopCounterMode); the
+    hash-grid lookups and interpolation are memory work, not FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stages.scene.nerf.field import NeRFField
+
+    cfg = copy.deepcopy(config)
+    cfg.backend = "torch"
+    field = NeRFField(cfg, torch.Generator().manual_seed(0))
+    points = torch.rand(samples, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with FlopCounterMode(display=False) as forward:
+        with torch.no_grad():
+            field(points)
+    with FlopCounterMode(display=False) as both:
+        out = field(points)
+        (out["density"].sum() + out["albedo"].sum()).backward()
+    return {"forward": forward.get_total_flops() / samples, "forward_backward": both.get_total_flops() / samples}
+
+
+def flops_per_asset(full: bool = True) -> dict[str, Any]:
+    """FLOPs of one asset at the paper's method (``OptimizeConfig()``), for each ``isd.sd_branch``
+    and representation: both guidance calls of every iteration counted on the real ``grad`` code
+    (full-size models on meta; ``full=False``: the tiny models, for tests) phase by phase, plus the
+    scene's render: NeRF field FLOPs per sample × every sample of every ray (the renderer's
+    ``num_samples_per_ray``, before occupancy pruning: an upper bound), forward + backward, and one
+    more forward where the render is deferred (``method.backprop``); splats: gsplat's CUDA
+    rasteriser is not counted (elementwise and sort work, no matmuls)."""
+    from stages.guidance.losses import SD_BRANCHES
+    from stages.optimize.config import REPRESENTATIONS
+
+    device = torch.device("meta") if full else torch.device("cpu")
+    method = OptimizeConfig()
+    phases = phase_iterations(method)
+    mvd = build_mvd_guidance(full, device, torch.float32)
+    register_assets(None, mvd, 1)
+    mvd_calls = [guidance_call_flops(mvd, "mvd", views, render) for views, render, _ in phases]
+    per_sample = nerf_field_flops_per_sample(method.nerf) if full else None
+    samples = sum(its * views * render * render * method.nerf.renderer.num_samples_per_ray for views, render, its in phases)
+    rows = []
+    for branch in SD_BRANCHES:
+        ip = build_ip_guidance(full, device, torch.float32, sd_branch=branch)
+        register_assets(ip, None, 1)
+        ip_calls = [guidance_call_flops(ip, "ip", views, render) for views, render, _ in phases]
+        guidance = sum(its * (a + b) for (_, _, its), a, b in zip(phases, ip_calls, mvd_calls))
+        for representation in REPRESENTATIONS:
+            scene = None
+            if representation == "nerf" and per_sample is not None:
+                scene = samples * (per_sample["forward_backward"] + per_sample["forward"])
+            rows.append({
+                "sd_branch": branch,
+                "representation": representation,
+                "unet_rows_per_view": 4 if branch == "vanilla" else 2,
+                "guidance_tflop_per_iteration": [(a + b) / 1e12 for a, b in zip(ip_calls, mvd_calls)],
+                "guidance_pflop_per_asset": guidance / 1e15,
+                "scene_pflop_per_asset_bound": None if scene is None else scene / 1e15,
+                "total_pflop_per_asset": (guidance + (scene or 0.0)) / 1e15,
+            })
+    return {
+        "phases": [{"views": v, "render": r, "iterations": i} for v, r, i in phases],
+        "mvd_tflop_per_iteration": [b / 1e12 for b in mvd_calls],
+        "nerf_field_flops_per_sample": per_sample,
+        "rows": rows,
+        "note": "guidance: VAE encode + input-gradient backward and the UNet forwards of both guidance calls per "
+        "iteration (text/image encoders run once per asset: not counted); scene: NeRF upper bound (every sample "
+        "of every ray, deferred render's extra forward included), splats not counted; Adam not counted",
+    }
+
+
 # ----------------------------------------------------------------------------- driver
-def run(device: torch.device, quick: bool, compile_unet: bool) -> dict[str, Any]:
+def run(device: torch.device, quick: bool, compile_unet: bool, out: Path | None = None) -> dict[str, Any]:
+    """Every section in order of importance, the JSON rewritten to ``out`` after each."""
     full = device.type == "cuda" and not quick
     size = "full" if full else ("tiny-cpu" if device.type == "cpu" else "tiny")
     iterations = 2 if quick else (8 if full else 3)
@@ -428,26 +478,37 @@ def run(device: torch.device, quick: bool, compile_unet: bool) -> dict[str, Any]
     results["card"] = card
     results["peak_tflops"] = peak_tflops(card)
 
+    def save() -> None:  # after every section: a step killed by its timeout keeps what it measured
+        if out is not None:
+            write_json(results, out)
+
     ip = build_ip_guidance(full, device, dtype)
     mvd = build_mvd_guidance(full, device, dtype)
     register_assets(ip, mvd, max(counts))
     results["iteration"] = iteration_seconds(ip, mvd, full, device, iterations)
     half = ITERATIONS_PER_ASSET // 2
-    seconds_per_asset = sum(half * row["seconds_per_iteration"] for row in results["iteration"])
+    timed = [row["seconds_per_iteration"] for row in results["iteration"]]
+    seconds_per_asset = sum(half * s for s in timed) if None not in timed else None
     results["seconds_per_asset"] = seconds_per_asset
-    results["assets_per_gpu_hour"] = 3600.0 / seconds_per_asset
+    results["assets_per_gpu_hour"] = 3600.0 / seconds_per_asset if seconds_per_asset else None
     memories = [row["peak_memory_gb"] for row in results["iteration"] if row["peak_memory_gb"] is not None]
     results["peak_memory_gb"] = max(memories) if memories else None
+    save()
+    if not quick:
+        results["flops_per_asset"] = flops_per_asset(full=True)
+        save()
 
     ip_res, mvd_res = (256, 256) if full else (32, 32)
     results["batching"] = batching_gain(ip, "ip", counts, 4, ip_res, device, repeats) + batching_gain(mvd, "mvd", counts, 4, mvd_res, device, repeats)
+    save()
 
     flops = count_flops(ip, mvd, 4, ip_res, mvd_res)
     phase2 = results["iteration"][-1]["seconds_per_iteration"]
-    achieved = flops["total_flops"] / phase2 / 1e12
+    achieved = flops["total_flops"] / phase2 / 1e12 if phase2 else None
     flops.update(views=4, render=mvd_res, achieved_tflops=achieved)
-    flops["fraction_of_peak"] = achieved / results["peak_tflops"] if results["peak_tflops"] else None
+    flops["fraction_of_peak"] = achieved / results["peak_tflops"] if results["peak_tflops"] and achieved else None
     results["flops"] = flops
+    save()
     del ip, mvd
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -456,20 +517,48 @@ def run(device: torch.device, quick: bool, compile_unet: bool) -> dict[str, Any]
     if quick:
         dtypes = dtypes[-1:]
     results["unet"] = unet_variants(full, device, dtypes, compile_unet, repeats)
+    save()
     if not full and not quick:
         results["full_size_flops_meta"] = full_size_flops_on_meta()
+        save()
     return results
+
+
+def print_flops_per_asset(flops: dict[str, Any]) -> None:
+    phases = ", ".join(f"{p['iterations']} its of {p['views']} views at {p['render']}²" for p in flops["phases"])
+    print(f"\nFLOPs per asset, full size, counted on meta (paper schedule: {phases})")
+    rows = [
+        {
+            "sd_branch": r["sd_branch"],
+            "representation": r["representation"],
+            "UNet rows/view": r["unet_rows_per_view"],
+            "guidance TFLOP/it": " / ".join(f"{v:.2f}" for v in r["guidance_tflop_per_iteration"]),
+            "guidance PFLOP": r["guidance_pflop_per_asset"],
+            "scene PFLOP (bound)": "not counted" if r["scene_pflop_per_asset_bound"] is None else r["scene_pflop_per_asset_bound"],
+            "total PFLOP": r["total_pflop_per_asset"],
+        }
+        for r in flops["rows"]
+    ]
+    print(format_table(rows))
+    print(f"({flops['note']})")
 
 
 def print_report(results: dict[str, Any]) -> None:
     print(f"benchmarks.full — size: {results['size']} ({results['note']}); card: {results['card'] or 'none'}; dtype {results['dtype']}")
-    print(format_table(results["iteration"], ["views", "render", "seconds_per_iteration", "peak_memory_gb", "scene"]))
-    print(f"assets per GPU-hour at {ITERATIONS_PER_ASSET} iterations: {results['assets_per_gpu_hour']:.4g}")
+    rows = [{**row, "model_gb": (row.get("memory_model_gb") or {}).get("total_gb") or (row.get("memory_model_gb") or {}).get("guidance_gb")} for row in results["iteration"]]
+    print(format_table(rows, ["views", "render", "seconds_per_iteration", "peak_memory_gb", "model_gb", "scene"]))
+    print("(model_gb: the memory plan's figure for this process; without task_memory, its guidance part only)")
+    for row in results["iteration"]:
+        if row.get("error"):
+            print(f"  {row['views']} views at {row['render']}²: {row['error']}")
+    rate = results["assets_per_gpu_hour"]
+    print(f"assets per GPU-hour at {ITERATIONS_PER_ASSET} iterations: {rate:.4g}" if rate else "assets per GPU-hour: not measured")
     print("\nbatching (k assets in one grad call)")
     print(format_table(results["batching"], ["guidance", "assets", "batched_s", "separate_s", "gain"]))
     f = results["flops"]
     peak = results["peak_tflops"]
-    print(f"\nFLOPs per iteration (guidance, 4 views): {f['total_flops']:.4g}; achieved {f['achieved_tflops']:.4g} TFLOP/s; peak {peak if peak else 'unknown'}")
+    achieved = f"{f['achieved_tflops']:.4g}" if f["achieved_tflops"] else "-"
+    print(f"\nFLOPs per iteration (guidance, 4 views): {f['total_flops']:.4g}; achieved {achieved} TFLOP/s; peak {peak if peak else 'unknown'}")
     print("\nISD UNet forward by dtype")
     print(format_table(results["unet"]["dtype"], ["dtype", "seconds"]))
     print(format_table(results["unet"]["sdpa"], ["backend", "dtype", "seconds", "note"]))
@@ -484,10 +573,16 @@ def print_report(results: dict[str, Any]) -> None:
                 f"\nfull-size FLOPs per iteration (meta device): phase 1 (8 views) {meta['phase1_8_views']['total_flops']:.4g}, "
                 f"phase 2 (4 views) {meta['phase2_4_views']['total_flops']:.4g}; per asset {meta['per_asset_flops']:.4g}"
             )
+    if "flops_per_asset" in results:
+        print_flops_per_asset(results["flops_per_asset"])
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.full", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.full", description=__doc__.splitlines()[0],
+        epilog="examples:\n  python -m benchmarks.full                  # full-size models on CUDA\n  python -m benchmarks.full --quick --device cpu\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--quick", action="store_true", help="tiny models, fewest points (for tests)")
@@ -496,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     compile_unet = args.compile_unet if args.compile_unet is not None else (device.type == "cuda" and not args.quick)
-    results = run(device, args.quick, compile_unet)
+    results = run(device, args.quick, compile_unet, args.out)
     print_report(results)
     path = write_json(results, args.out)
     print(f"\nwrote {path}")

@@ -107,7 +107,11 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.optimize", description=__doc__.splitlines()[0],
+        epilog="examples:\n  python -m benchmarks.optimize\n  python -m benchmarks.optimize --quick --representations nerf\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--quick", action="store_true", help="16² renders, 2 timed iterations (smoke test)")

@@ -129,7 +129,11 @@ def concurrent(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.pipeline", description=__doc__.splitlines()[0],
+        epilog="examples:\n  python -m benchmarks.pipeline\n  python -m benchmarks.pipeline --concurrency 1 4 --iterations 10 --size tiny\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--sequential-assets", type=int, default=2)

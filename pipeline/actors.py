@@ -1,8 +1,8 @@
 """Ray actors that hold the models: guidance (IP-Adapter/SD, MVDream) and the reference sampler.
 
 Each actor is async: every concurrent call (from many optimiser tasks) is queued into a
-:class:`~pipeline.batching.MicroBatcher`, which answers up to ``max_batch`` requests with ONE
-model call on a single worker thread. The model itself is built in ``__init__`` from a
+:class:`~pipeline.batching.MicroBatcher`, which answers up to ``max_batch`` requests (and, for
+guidance, up to ``max_views`` renders) with ONE model call on a single worker thread. The model itself is built in ``__init__`` from a
 factory (e.g. ``functools.partial(IPGuidance, models_config)``), so an actor restarted by Ray
 rebuilds it; its registrations are lost, which is why :meth:`GuidanceServer.grad` answers an
 unknown asset with :class:`UnknownAssetError` and clients re-register.
@@ -23,13 +23,21 @@ from stages.guidance.protocol import Guidance, GuidanceRequest, GuidanceResponse
 class GuidanceServer:
     """Serves one :class:`Guidance` to many assets with dynamic batching (Ray actor body)."""
 
-    def __init__(self, factory: Callable[[], Guidance], max_batch: int = 8, max_wait_ms: float = 10.0) -> None:
+    def __init__(
+        self, factory: Callable[[], Guidance], max_batch: int = 8, max_wait_ms: float = 10.0, max_views: int = 0
+    ) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         # Build the model on the model thread: torch state stays on the thread that uses it.
         self.guidance = self._executor.submit(factory).result()
         self.registered: set[str] = set()
         self.batcher: MicroBatcher[GuidanceRequest, GuidanceResponse] = MicroBatcher(
-            self.guidance.grad, self._executor, max_batch, max_wait_ms, callers=lambda: len(self.registered)
+            self.guidance.grad,
+            self._executor,
+            max_batch,
+            max_wait_ms,
+            callers=lambda: len(self.registered),
+            max_size=max_views,
+            size=request_views,
         )
 
     async def register(self, asset_id: str, prompt: str, reference: Any | None = None, negative_prompt: str = "") -> None:
@@ -81,6 +89,11 @@ class ReferenceServer:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def request_views(request: GuidanceRequest) -> int:
+    """A request's share of a batch bounded by views (``resources.<ip|mvd>.max_batch_views``)."""
+    return int(request.rgb.shape[0])
 
 
 async def _run(executor: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

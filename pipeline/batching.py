@@ -5,10 +5,12 @@ on creation (``ray/serve/batching.py``), which raises outside a Serve deployment
 deployment with ``@serve.batch`` around the same guidance measured worse (``python -m
 benchmarks.batching``, benchmarks/RESULTS.md §5: about half the requests/s and a quarter of
 the batch size at 16 callers); and Serve's request routing would send an asset's requests to
-replicas that never saw its ``register``. This is the same policy (DESIGN.md): up to
+replicas that never saw its ``register``. This is the policy of docs/ARCHITECTURE.md "Guidance actor protocol": up to
 ``max_batch`` items or ``max_wait_ms`` after the first, whichever comes first; nothing padded;
 the model call runs on one worker thread so the event loop keeps accepting requests while a
-batch computes.
+batch computes. With ``max_size``, a batch also stops before the sum of its items' ``size``
+(a guidance request's number of views) would pass it: the item that does not fit opens the
+next batch, and an item larger than the bound is answered alone.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class MicroBatcher(Generic[Item, Result]):
     ``handler(items) -> results`` must return one result per item, in order. If a batched
     call raises, each item of that batch is retried alone, so one bad request fails only its
     own caller. ``callers()`` (optional) returns how many distinct callers exist; once a batch
-    holds that many items nobody else can join it, so it runs without waiting.
+    holds that many items nobody else can join it, so it runs without waiting. ``max_size``
+    (0: none) bounds the sum of ``size(item)`` over a batch; items keep their arrival order.
     """
 
     def __init__(
@@ -37,16 +40,23 @@ class MicroBatcher(Generic[Item, Result]):
         max_batch: int = 8,
         max_wait_ms: float = 10.0,
         callers: Callable[[], int] | None = None,
+        max_size: int = 0,
+        size: Callable[[Item], int] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_size < 0:
+            raise ValueError(f"max_size must be >= 0 (0: no bound), got {max_size}")
         self.handler = handler
         self.executor = executor
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.callers = callers
+        self.max_size = max_size
+        self.size = size or (lambda item: 1)
         self.batch_sizes: list[int] = []
         self._queue: asyncio.Queue[tuple[Item, asyncio.Future]] | None = None
+        self._carry: tuple[Item, asyncio.Future] | None = None
         self._worker: asyncio.Task | None = None
 
     async def submit(self, item: Item) -> Result:
@@ -63,28 +73,34 @@ class MicroBatcher(Generic[Item, Result]):
         """Queue several items at once (they land in the same batch when it has room)."""
         return list(await asyncio.gather(*(self.submit(item) for item in items)))
 
-    def _full(self, size: int) -> bool:
-        if size >= self.max_batch:
+    def _full(self, count: int, size: int) -> bool:
+        if count >= self.max_batch or (self.max_size and size >= self.max_size):
             return True
-        return self.callers is not None and size >= max(1, self.callers())
+        return self.callers is not None and count >= max(1, self.callers())
 
     async def _run(self) -> None:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
+            first, self._carry = self._carry or await self._queue.get(), None
+            batch, size = [first], self.size(first[0])
             deadline = loop.time() + self.max_wait_s
-            while not self._full(len(batch)):
+            while not self._full(len(batch), size):
                 if not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                    continue
-                remaining = deadline - loop.time()
-                if remaining <= 0:
+                    pair = self._queue.get_nowait()
+                else:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        pair = await asyncio.wait_for(self._queue.get(), remaining)
+                    except asyncio.TimeoutError:
+                        break
+                if self.max_size and size + self.size(pair[0]) > self.max_size:
+                    self._carry = pair  # opens the next batch
                     break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
+                batch.append(pair)
+                size += self.size(pair[0])
             await self._answer(batch)
 
     async def _answer(self, batch: list[tuple[Item, asyncio.Future]]) -> None:

@@ -3,7 +3,8 @@
 An optimiser task holds one :class:`ActorGuidance` per model. It remembers what it registered,
 so when the actor was restarted by Ray (``max_restarts``) and lost its registry, the client
 registers the asset again and repeats the request; when the actor is down while restarting
-it waits and retries. The optimiser sees an ordinary in-process guidance.
+it waits and retries; when it is dead for good it raises :class:`~pipeline.faults.ModelGoneError`
+at once (the driver stops the run). The optimiser sees an ordinary in-process guidance.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import time
 from typing import Any, Sequence
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from pipeline.faults import ModelGoneError, actor_is_dead
 from stages.guidance.protocol import GuidanceRequest, GuidanceResponse, UnknownAssetError
 
 _ACTOR_DOWN = (RayActorError, ActorUnavailableError)
@@ -73,9 +75,11 @@ class ActorGuidance:
                     self._reregister(asset_ids)
                 except _ACTOR_DOWN:
                     pass  # it went down again: the next attempt waits below
-            except _ACTOR_DOWN:
-                # In-flight calls fail when the actor dies even if Ray restarts it; a
-                # permanently dead actor keeps failing until the retries run out.
+            except _ACTOR_DOWN as error:
+                # In-flight calls fail when the actor dies even if Ray restarts it
+                # (ActorUnavailableError); one dead for good fails every call at once.
+                if isinstance(error, ActorDiedError) and actor_is_dead(self.handle):
+                    raise ModelGoneError(f"model actor dead for good: {str(error).splitlines()[0]}") from None
                 if last:
                     raise
                 time.sleep(wait)

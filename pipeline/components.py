@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from stages.guidance.losses import loss_spec
 from stages.guidance.protocol import Guidance
+from stages.guidance.runtime import GuidanceRuntime
 from stages.models.config import ModelsConfig
 from stages.models.factory import build_ip_guidance, build_mvd_guidance, build_reference_sampler
 from stages.optimize.config import OptimizeConfig
@@ -45,16 +46,24 @@ def models_needed(method: OptimizeConfig) -> tuple[str, ...]:
     return tuple(needed)
 
 
-def default_components(method: OptimizeConfig, models: ModelsConfig) -> Components:
-    """The real library for ``method``: only the models it uses get a factory."""
+def guidance_runtime(actor: Any) -> GuidanceRuntime:
+    """The :class:`GuidanceRuntime` of a guidance actor's ``resources.<ip|mvd>`` keys."""
+    return GuidanceRuntime(vae_chunk=actor.vae_chunk, unet_rows=actor.unet_rows, compile=actor.compile)
+
+
+def default_components(method: OptimizeConfig, models: ModelsConfig, resources: Any | None = None) -> Components:
+    """The real library for ``method``: only the models it uses get a factory. ``resources``
+    (a ``ResourcesConfig``) gives the guidance actors their memory bounds and compile switch."""
     from stages.export import export_asset
     from stages.optimize.loop import optimize_asset
 
     needed = models_needed(method)
+    ip_runtime = guidance_runtime(resources.ip) if resources is not None else None
+    mvd_runtime = guidance_runtime(resources.mvd) if resources is not None else None
     return Components(
         optimize=optimize_asset,
         export=export_asset,
-        ip_guidance=functools.partial(build_ip_guidance, models, method) if "ip" in needed else None,
-        mvd_guidance=functools.partial(build_mvd_guidance, models, method) if "mvd" in needed else None,
+        ip_guidance=functools.partial(build_ip_guidance, models, method, ip_runtime) if "ip" in needed else None,
+        mvd_guidance=functools.partial(build_mvd_guidance, models, method, mvd_runtime) if "mvd" in needed else None,
         reference_sampler=functools.partial(build_reference_sampler, models) if "reference" in needed else None,
     )

@@ -16,6 +16,8 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.config_input import apply_overrides, check_top_level, name_the_keys
+from stages.guidance.runtime import GuidanceRuntime
 from stages.models.config import ModelsConfig
 from stages.optimize.config import OptimizeConfig
 
@@ -60,11 +62,25 @@ class ActorResources:
     num_gpus: float = 0.0
     """GPUs per replica; a fraction (< 1) packs several replicas/actors on one GPU."""
     max_batch: int = 8
-    """Largest number of requests answered by one model forward."""
+    """Largest number of requests answered by one model call."""
+    max_batch_views: int = 0
+    """Guidance actors: largest number of renders (views, summed over the requests) in one batch;
+    0: bounded by ``max_batch`` alone. A request larger than the bound is answered alone."""
     max_wait_ms: float = 10.0
     """How long the first request of a batch waits for more before the forward runs."""
     max_restarts: int = 3
     """Ray restarts a dead replica this many times (its clients re-register their assets)."""
+    vae_chunk: int = GuidanceRuntime.vae_chunk
+    """Guidance actors: images whose VAE-encoder graph is held at once (~1.5 GiB each at 512² in
+    fp16): requests are sliced into whole views (MVDream: whole 4-view groups) and answered in
+    passes of at most this many images, with no extra FLOPs; only an MVDream group larger than
+    this is re-encoded chunk by chunk for its input gradient."""
+    unet_rows: int = GuidanceRuntime.unet_rows
+    """Guidance actors: largest UNet batch of one forward (ISD rows are 4 per view, ``ip_null`` 2,
+    MVDream 2); a pass with more rows runs several forwards."""
+    compile: bool = False
+    """Guidance actors: ``torch.compile`` the UNet and the VAE encoder (batch sizes are padded to
+    power-of-two buckets, so each compiles a bounded number of times; the first calls are slow)."""
 
 
 @dataclass
@@ -77,6 +93,13 @@ class ResourcesConfig:
     """GPU fraction per optimiser task (renders and Adam run there)."""
     task_max_retries: int = 3
     """Ray re-runs an optimiser task whose worker died; it resumes from its checkpoint."""
+    gpu_memory_gib: Optional[float] = None
+    """Memory of one GPU to plan against (GiB); null: detected (NVML on the driver, or on each GPU
+    node of the cluster). The run is refused before any model loads when the memory plan
+    (``python -m benchmarks.memory CONFIG``) does not fit."""
+    gpu_memory_headroom: float = 0.1
+    """Fraction of each GPU's memory the plan keeps free (allocator fragmentation, kernel
+    workspaces, anything the plan does not measure)."""
     reference: ActorResources = field(default_factory=lambda: ActorResources(max_batch=4))
     ip: ActorResources = field(default_factory=ActorResources)
     mvd: ActorResources = field(default_factory=ActorResources)
@@ -87,11 +110,10 @@ class TrackingConfig:
     enabled: bool = True
     """Log the run to MLflow: a parent run per dataset run, a nested child run per asset."""
     tracking_uri: Optional[str] = None
-    """MLflow tracking URI; default ``sqlite:///<output>/mlflow.db`` (local outputs only)."""
+    """MLflow tracking URI; default ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<output>/mlflow.db``
+    (local outputs; its artifacts in ``<output>/mlartifacts``). Only the driver talks to MLflow."""
     experiment: str = "modedreamer-ray"
     """MLflow experiment name (created when missing)."""
-    log_models: bool = True
-    """Upload each asset's files (mesh, PLY, checkpoint) as child-run artifacts."""
 
 
 @dataclass
@@ -101,7 +123,11 @@ class LocalRayConfig:
     num_cpus: Optional[int] = None
     """CPUs of the local Ray (default: all)."""
     include_dashboard: bool = True
-    """Start the dashboard (bound to 127.0.0.1)."""
+    """Start the dashboard. Only its web UI listens on 127.0.0.1; Ray's other ports (GCS, raylet,
+    object manager, workers, dashboard agent) listen on all interfaces whether or not the
+    dashboard runs, protected by Ray's token authentication, which Ray 2.60 turns on for the
+    local Ray that ``ray.init`` starts unless ``RAY_AUTH_MODE`` is set (``RAY_AUTH_MODE=disabled``
+    leaves those ports open to anyone who can reach the machine)."""
 
 
 @dataclass
@@ -122,8 +148,15 @@ class PipelineConfig:
     work_dir: Optional[str] = None
     """Checkpoints of unfinished assets (must be reachable from every node); default
     ``<output>/.work`` for local outputs."""
+    job_output_root: str = "~/modedreamer-ray"
+    """Where a relative ``output`` / ``work_dir`` goes when the driver runs in a Ray job's temporary
+    working-dir copy (``ray job submit --working-dir``), which is deleted with the cluster:
+    ``<job_output_root>/<output>`` on the driver's node. Outside a Ray job, relative paths are
+    relative to the current directory."""
     ray_address: Optional[str] = None
     """Ray cluster to join; ``RAY_ADDRESS`` wins when set; neither: start a local Ray."""
+    ray_connect_timeout_s: float = 30.0
+    """How long to wait for ``RAY_ADDRESS`` / ``ray_address`` to answer before giving up."""
     local_ray: LocalRayConfig = field(default_factory=LocalRayConfig)
     retry_failed: bool = False
     """Redo assets recorded as failed (also ``--retry-failed``)."""
@@ -156,21 +189,20 @@ def build_config(
         merged = OmegaConf.merge(schema, base)
     except OmegaConfBaseException as error:
         raise ConfigError(f"{source}: {_describe(error)}") from None
-    try:
-        merged = OmegaConf.merge(merged, dotlist)
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"command-line override: {_describe(error)}") from None
+    merged = apply_overrides(merged, overrides, _describe, ConfigError)
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(f"{source}: config key '{missing[0]}' is required")
     return merged
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = (), check_models: bool = True) -> PipelineConfig:
     """Read a YAML config, apply dotlist overrides, validate, and return the typed config.
 
     Relative prompt paths become absolute (against the YAML's directory); the prompt files
     are read once here so a missing or empty one fails before any work starts.
+    ``check_models=False`` leaves the model checks to the caller (``--dry-run`` names a missing
+    model beside the plan).
     """
     path = Path(path)
     if not path.is_file():
@@ -179,14 +211,18 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConf
         raw = OmegaConf.load(path)
     except Exception as error:  # yaml.YAMLError and friends
         raise ConfigError(f"{path}: cannot parse YAML: {error}") from None
+    check_top_level(raw, str(path), ConfigError)
     merged = build_config(raw, overrides, source=str(path))
-    config: PipelineConfig = OmegaConf.to_object(merged)
+    try:
+        config: PipelineConfig = OmegaConf.to_object(merged)
+    except (ValueError, OmegaConfBaseException) as error:  # a schema class refusing a value
+        raise ConfigError(f"{path}: config key {name_the_keys(str(error), PipelineConfig)}") from None
     for source in config.prompts.sources:
         source.path = _resolve_prompt_path(source.path, path.parent)
     from pipeline.toyworld import resolve_world_path
 
     config.models.toyworld = resolve_world_path(config.models.toyworld, path.parent)
-    validate_config(config)
+    validate_config(config, None if check_models else ())
     return config
 
 
@@ -207,10 +243,13 @@ def _check_fraction(value: float, key: str) -> None:
     _require(value < 1 or float(value).is_integer(), key, f"must be < 1 or a whole number, got {value}")
 
 
-def validate_config(config: PipelineConfig) -> None:
-    """Checks that need no cluster; reads the prompt files (so their errors surface now)."""
+def validate_config(config: PipelineConfig, actors: Sequence[str] | None = None) -> None:
+    """Checks that need no cluster; reads the prompt files (so their errors surface now).
+    ``actors``: the model actors whose models are checked (default: those the method uses;
+    ``()`` for tools that load no model, such as ``pipeline.export``)."""
     from pipeline.components import models_needed
-    from pipeline.prompts import read_prompts  # local: prompts imports this module
+    from pipeline.preflight import preflight  # local: these import this module
+    from pipeline.prompts import read_prompts
     from pipeline.toyworld import check_toyworld
 
     _require(config.variants >= 1, "variants", f"must be >= 1, got {config.variants}")
@@ -227,6 +266,8 @@ def validate_config(config: PipelineConfig) -> None:
     _require(res.task_max_retries >= -1, "resources.task_max_retries", "must be >= -1 (-1: forever)")
     _check_fraction(res.task_num_cpus, "resources.task_num_cpus")
     _check_fraction(res.task_num_gpus, "resources.task_num_gpus")
+    _require(res.gpu_memory_gib is None or res.gpu_memory_gib > 0, "resources.gpu_memory_gib", f"must be > 0 or null, got {res.gpu_memory_gib}")
+    _require(0 <= res.gpu_memory_headroom < 1, "resources.gpu_memory_headroom", f"must be in [0, 1), got {res.gpu_memory_headroom}")
     for name in ("reference", "ip", "mvd"):
         actor: ActorResources = getattr(res, name)
         key = f"resources.{name}"
@@ -234,15 +275,21 @@ def validate_config(config: PipelineConfig) -> None:
         _require(actor.max_batch >= 1, f"{key}.max_batch", f"must be >= 1, got {actor.max_batch}")
         _require(actor.max_wait_ms >= 0, f"{key}.max_wait_ms", f"must be >= 0, got {actor.max_wait_ms}")
         _require(actor.max_restarts >= -1, f"{key}.max_restarts", "must be >= -1 (-1: forever)")
+        _require(actor.max_batch_views >= 0, f"{key}.max_batch_views", f"must be >= 0 (0: no bound), got {actor.max_batch_views}")
+        _require(actor.vae_chunk >= 1, f"{key}.vae_chunk", f"must be >= 1, got {actor.vae_chunk}")
+        _require(actor.unet_rows >= 1, f"{key}.unet_rows", f"must be >= 1, got {actor.unet_rows}")
         _check_fraction(actor.num_cpus, f"{key}.num_cpus")
         _check_fraction(actor.num_gpus, f"{key}.num_gpus")
     for index, source in enumerate(config.prompts.sources):
         key = f"prompts.sources[{index}]"
         _require(source.format in PROMPT_FORMATS, f"{key}.format", f"must be one of {PROMPT_FORMATS}, got '{source.format}'")
         _require(source.limit is None or source.limit >= 1, f"{key}.limit", "must be >= 1 or null")
-    check_gpu_visibility(config, models_needed(config.method))
+    _require(config.ray_connect_timeout_s > 0, "ray_connect_timeout_s", "must be > 0")
+    needed = models_needed(config.method) if actors is None else tuple(actors)
+    check_gpu_visibility(config, needed)
     read_prompts(config.prompts)
-    check_toyworld(config)
+    check_toyworld(config, needed)
+    preflight(config, needed)
 
 
 def actor_reservations(config: PipelineConfig, models_needed: Sequence[str]) -> tuple[float, float]:

@@ -83,7 +83,17 @@ def render_reference() -> str:
     return HEADER + "\n" + "\n".join(rows) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.config_reference",
+        description="Print the config reference (every key, type, default, meaning) as Markdown.",
+        epilog="examples:\n  python -m pipeline.config_reference > docs/CONFIG.md      # regenerate the docs\n"
+        "  python -m pipeline.config_reference | grep tracking       # the keys of one section\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.parse_args(argv)
     sys.stdout.write(render_reference())
 
 

@@ -587,14 +587,12 @@ def json_safe(value: Any) -> Any:
 def mlflow_client(output: str, config: EvaluationRunConfig, create: bool) -> Any | None:
     """The tracking client of ``config.tracking`` (default: the dataset's own store); None
     when ``create`` is False and the dataset has no store of its own."""
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.tracking import default_tracking_uri
+    from pipeline.tracking import default_tracking_uri, open_client
 
     uri = config.tracking.tracking_uri or default_tracking_uri(output)
     if not create and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return None
-    return MlflowClient(tracking_uri=uri)
+    return open_client(uri)  # reads and writes the dataset store's relative (mlflow-artifacts:) artifacts
 
 
 def parent_runs(client: Any, manifest: Sequence[dict[str, Any]]) -> dict[str, str]:
@@ -687,8 +685,18 @@ def log_to_mlflow(
 
 
 # ------------------------------------------------------------------ CLI
+EXAMPLES = """examples:
+  python -m pipeline.evaluate outputs/t3bench_single --config configs/evaluate.yaml
+  python -m pipeline.evaluate outputs/quickstart --config configs/evaluate.yaml evaluate.clip=tiny evaluate.aesthetic_head=tiny
+  python -m pipeline.evaluate outputs/t3bench --config configs/evaluate.yaml --dataset-config configs/eval_t3bench.yaml
+"""
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.evaluate", description="Score a dataset: text alignment and quality per asset, diversity per prompt.", epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("dataset", help="dataset root (the pipeline's output)")
     parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. evaluate.clip=tiny views=preview")
     parser.add_argument("--config", default=None, help="evaluation YAML (configs/evaluate.yaml)")

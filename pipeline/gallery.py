@@ -1,18 +1,33 @@
-"""Static HTML gallery of a dataset: an index of every asset and one page per asset with a 3D view.
+"""Static gallery of a dataset: one page that lists every asset and opens each one in place.
 
-Reads only the dataset layout (``<output>/manifest/part-*.parquet`` + ``<output>/assets/<asset_id>/``,
-and the evaluation's ``<output>/scores/part-*.parquet`` when present) and writes
-``<output>/gallery/index.html`` and ``<output>/gallery/assets/<asset_id>.html``. A toy-world
-dataset's scores put a verdict on every card: did the asset become its reference's object.
+``python -m pipeline.gallery OUTPUT`` (also run at the end of every dataset run) reads the dataset
+layout (``manifest/part-*.parquet`` + ``assets/<asset_id>/``, and the evaluation's
+``scores/part-*.parquet`` when present) and writes ``OUTPUT/gallery/``:
 
-Every page is self-contained: CSS, scripts, images, videos and the GLB are inlined (data: URIs,
-inline classic scripts). That is what makes the same files work from ``file://`` (where Chromium
-blocks ES modules and cross-file fetches) and from MLflow's artifact view (which shows one HTML
-artifact as a sandboxed ``blob:`` iframe, where relative URLs resolve to nothing). The 3D view is
-Google's ``<model-viewer>`` web component (Apache-2.0), shipped in ``pipeline/gallery_static/``.
+- ``index.html``: the whole gallery in one file: its own CSS and script and the table of every
+  asset (prompt, variant, status, metrics, error, its files); the script shows one page of cards
+  at a time (variants of a prompt side by side, filters over all assets) and an asset's detail
+  (turntable, 3D view, downloads) at ``index.html#asset=<asset_id>``. Nothing is inlined per asset.
+- ``thumbs/``: small JPEGs of each asset's reference and preview grid (the cards' images);
+- ``models/``: each asset's GLB, or its splats in a 32-byte-per-Gaussian layout, wrapped in a
+  classic script, because browsers refuse ``fetch`` on ``file://``;
+- ``static/``: the 3D viewers, shared by every asset and loaded only when a 3D view opens:
+  Google's ``<model-viewer>`` (Apache-2.0) for meshes and the project's own WebGL splat viewer.
 
-All dataset text (prompts, errors, metrics) goes through :func:`html.escape`, and JSON embedded
-in a ``<script>`` block is escaped so that it cannot close the block.
+A toy-world dataset's scores put a verdict on every card (did the asset become its reference's
+object, how close from views it never trained on) and one line over the page.
+
+Media load lazily: only the visible page's thumbnails, turntables when a card is hovered or
+clicked. Everything is reached with relative URLs, so the gallery works from ``file://``, from any
+static web server, and after the dataset directory moves. Inside MLflow's artifact view (a
+sandboxed ``blob:`` iframe, where relative URLs resolve to nothing) the same ``index.html``,
+logged under the dataset's parent run, shows each card with the thumbnail its asset's MLflow run
+holds and opens details in place; turntables, 3D views and downloads stay with the dataset.
+
+All dataset text is data, never markup: Python escapes what it writes, the script only sets
+``textContent`` and attributes, and the JSON inside ``<script>`` cannot close the block.
+
+Prompts are shown through :func:`visible_controls` (a NUL or ESC byte shows as ␀ / ␛, never raw).
 """
 
 from __future__ import annotations
@@ -20,37 +35,44 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import io
 import json
 import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from PIL import Image
 
+from pipeline.thumbnails import thumbnail_jpeg
 from stages.toyworld.fidelity import FAITHFUL_PSNR  # the verdict's threshold lives with the scores
 
 STATIC_DIR = Path(__file__).with_name("gallery_static")
 VIEWER_SCRIPT = "model-viewer-umd.min.js"
+SPLAT_VIEWER_SCRIPT = "splat-viewer.js"
 MODEL_VIEWER_VERSION = "4.4.0"
 LICENSE_FILES = ("model-viewer.LICENSE.txt", "THIRD_PARTY_NOTICES.md")
+STATIC_FILES = (VIEWER_SCRIPT, SPLAT_VIEWER_SCRIPT, *LICENSE_FILES)
 REQUIRED_COLUMNS = ("asset_id", "prompt", "status")
 # Manifest columns with a field of their own in AssetRecord; the rest go to AssetRecord.details.
 RECORD_COLUMNS = frozenset({"asset_id", "prompt", "status", "prompt_index", "variant", "error", "asset_dir", "files", "metrics"})
 SAFE_ASSET_ID = re.compile(r"^[A-Za-z0-9._-]+$")  # asset ids become file names
 # MLflow's artifact view refuses to preview files larger than this.
 MLFLOW_PREVIEW_LIMIT_BYTES = 50 * 2**20
-THUMBNAIL_MAX_SIDE = 256
-# Turntables larger than this are not inlined into the index (the asset page always has them).
-INDEX_VIDEO_MAX_BYTES = 512 * 1024
+PAGE_CARDS = 48
+"""Cards per index page (prompt groups are not split across pages unless one alone is larger)."""
+MODEL_VIEW_MAX_BYTES = 64 * 2**20
+"""Largest GLB / splat data wrapped into ``models/`` for the 3D view (larger: download link only)."""
+SPLAT_RECORD = struct.Struct("<3f3f4B4B")
+"""One Gaussian in ``models/<id>.splat.js``: position, scale (linear), RGBA, rotation w x y z (uint8)."""
+SH_C0 = 0.28209479177387814
 
 # Roles of the files in an asset directory (names from the dataset layout contract).
 ROLE_FILENAMES = {
@@ -58,15 +80,11 @@ ROLE_FILENAMES = {
     "preview": ("preview.png",),
     "turntable": ("turntable.mp4", "turntable.gif"),
     "mesh": ("mesh.glb",),
+    "mesh_obj": ("mesh.obj",),
+    "mesh_mtl": ("mesh.mtl",),
     "splats": ("splats.ply",),
 }
-MIME_TYPES = {
-    ".png": "image/png",
-    ".jpg": "image/jpeg",
-    ".gif": "image/gif",
-    ".mp4": "video/mp4",
-    ".glb": "model/gltf-binary",
-}
+DOWNLOADS = (("mesh", "GLB mesh"), ("mesh_obj", "OBJ mesh"), ("mesh_mtl", "OBJ material"), ("splats", "PLY splats (3DGS)"))
 
 
 @dataclass(frozen=True)
@@ -152,8 +170,12 @@ def read_manifest(output_dir: str | os.PathLike) -> list[AssetRecord]:
     dataset = _Dataset(output_dir)
     ordered: list[tuple[str, AssetRecord]] = []
     for shard in dataset.manifest_shards():
-        with dataset.fs.open_input_file(dataset.path(shard)) as handle:
-            table = pq.read_table(handle)
+        try:
+            with dataset.fs.open_input_file(dataset.path(shard)) as handle:
+                table = pq.read_table(handle)
+        except pa.ArrowInvalid as exc:
+            raise ValueError(f"{dataset.uri}/{shard}: manifest shard does not read ({exc}); "
+                             "build_gallery and pipeline.run set such shards aside") from None
         missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
         if missing:
             raise ValueError(f"{dataset.uri}/{shard}: manifest is missing column(s) {missing}")
@@ -204,10 +226,11 @@ def read_scores(output_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
     return latest
 
 
-def _verdict_html(scores: dict[str, Any]) -> str:
-    """One line a newcomer reads at a glance: did the toy-world asset become its reference's object."""
+def verdict(scores: dict[str, Any]) -> dict[str, str] | None:
+    """One line a newcomer reads at a glance: did the toy-world asset become its reference's
+    object. ``{"kind": ok|weak|bad|neutral, "text": ...}``, or None without toy-world scores."""
     if "toy_identity" not in scores:
-        return ""
+        return None
     identity = int(scores["toy_identity"])
     details = []
     if "toy_psnr_reference" in scores:
@@ -219,12 +242,27 @@ def _verdict_html(scores: dict[str, Any]) -> str:
     if "toy_reference" not in scores:
         head, kind = f"became object {identity}", "neutral"
     elif not scores.get("toy_identity_correct"):
-        head, kind = f"&#10007; became object {identity}; the reference shows object {int(scores['toy_reference'])}", "bad"
+        head, kind = f"\u2717 became object {identity}; the reference shows object {int(scores['toy_reference'])}", "bad"
     elif scores.get("toy_psnr_reference", 0.0) >= FAITHFUL_PSNR:
-        head, kind = f"&#10003; became its reference's object ({identity})", "ok"
+        head, kind = f"\u2713 became its reference's object ({identity})", "ok"
     else:
-        head, kind = f"&#8776; nearest to its reference's object ({identity}) but below {FAITHFUL_PSNR:.0f} dB", "weak"
-    return f'<p class="verdict {kind}">{head} &middot; {html.escape(" · ".join(details))}</p>'
+        head, kind = f"\u2248 nearest to its reference's object ({identity}) but below {FAITHFUL_PSNR:.0f} dB", "weak"
+    return {"kind": kind, "text": " \u00b7 ".join([head, *details])}
+
+
+def toy_summary(records: list[AssetRecord]) -> str:
+    """The page's one line over the toy-world verdicts (HTML, escaped), or ''."""
+    toy = [r.scores for r in records if "toy_identity_correct" in r.scores]
+    if not toy:
+        return ""
+    recovered = sum(bool(s["toy_identity_correct"]) for s in toy)
+    faithful = sum(bool(s["toy_identity_correct"]) and s.get("toy_psnr_reference", 0.0) >= FAITHFUL_PSNR for s in toy)
+    psnrs = [s["toy_psnr_reference"] for s in toy if "toy_psnr_reference" in s]
+    mean_psnr = f"; mean {sum(psnrs) / len(psnrs):.1f} dB to it from new views" if psnrs else ""
+    return (
+        f'<p class="summary verdict {"ok" if faithful == len(toy) else "weak"}">Toy world: {recovered} of {len(toy)} scored '
+        f"assets became their reference's object, {faithful} faithfully (&ge; {FAITHFUL_PSNR:.0f} dB){mean_psnr}.</p>"
+    )
 
 
 def _find_role_files(dataset: _Dataset, record: AssetRecord) -> dict[str, str]:
@@ -246,18 +284,22 @@ def _find_role_files(dataset: _Dataset, record: AssetRecord) -> dict[str, str]:
     return found
 
 
-def _data_uri(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def _thumbnail_uri(data: bytes, max_side: int = THUMBNAIL_MAX_SIDE) -> str:
-    """Downscaled JPEG of an image as a data: URI (keeps the index small)."""
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB")
-        image.thumbnail((max_side * 2, max_side))  # grids are wide: bound the height
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=85)
-    return _data_uri(buffer.getvalue(), "image/jpeg")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def visible_controls(text: str) -> str:
+    """Control characters as visible symbols: C0 and DEL as their Unicode control pictures
+    (NUL → ␀, ESC → ␛, DEL → ␡), C1 as ``\\x85``; tab and newlines stay."""
+
+    def picture(match: re.Match[str]) -> str:
+        code = ord(match.group(0))
+        if code < 0x20:
+            return chr(0x2400 + code)
+        return "\u2421" if code == 0x7F else f"\\x{code:02x}"
+
+    return _CONTROL.sub(picture, text)
 
 
 def _json_safe(value: Any) -> Any:
@@ -272,19 +314,12 @@ def _json_safe(value: Any) -> Any:
 
 
 def json_for_script(value: Any) -> str:
-    """Strict JSON that is safe inside ``<script type="application/json">``: no ``<``, ``>``, ``&``, U+2028/9."""
+    """Strict JSON that is safe inside ``<script type="application/json">``: no ``<``, ``>``, ``&``, U+2028/9, no raw control character."""
     text = json.dumps(_json_safe(value), ensure_ascii=False, sort_keys=True, default=str, allow_nan=False)
     for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
         text = text.replace(char, escape)
-    return text
-
-
-def _inline_script(source: str, name: str) -> str:
-    """An inline classic ``<script>`` with ``source``; refuses code that could end the block early."""
-    if re.search(r"(?i)<(/?)script", source):
-        raise ValueError(f"{name} contains '<script' or '</script' and cannot be inlined safely")
-    source = re.sub(r"\n//# sourceMappingURL=\S*\s*$", "\n", source)  # the .map is not shipped
-    return f"<script>{source}</script>"
+    # JSON escapes C0 controls itself; DEL and C1 controls would stay raw in the page
+    return re.sub(r"[\x7f-\x9f]", lambda m: f"\\u{ord(m.group(0)):04x}", text)
 
 
 def _static_text(name: str) -> str:
@@ -294,99 +329,118 @@ def _static_text(name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def _format_metric(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    if isinstance(value, (int, str)):
-        return str(value)
-    return json.dumps(value, default=str)
+def _inline_script(source: str, name: str) -> str:
+    """An inline classic ``<script>`` with ``source``; refuses code that could end the block early."""
+    if re.search(r"(?i)<(/?)script", source):
+        raise ValueError(f"{name} contains '<script' or '</script' and cannot be inlined safely")
+    return f"<script>{source}</script>"
 
 
-def _metrics_table(values: dict[str, Any]) -> str:
-    if not values:
-        return ""
-    rows = "".join(
-        f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(_format_metric(value))}</td></tr>"
-        for key, value in sorted(values.items())
-    )
-    return f'<table class="metrics">{rows}</table>'
+# ------------------------------------------------------------------ derived files (thumbs, models)
+class _Outputs:
+    """The gallery directory's derived files: written when missing or older than their source,
+    and the ones no asset uses any more removed at the end."""
+
+    def __init__(self, dataset: _Dataset, target: Path) -> None:
+        self.dataset, self.target = dataset, target
+        self.used: set[Path] = set()
+
+    def fresh(self, relative: str, source: str) -> tuple[Path, bool]:
+        """(target path, whether it is up to date with the dataset file ``source``)."""
+        path = self.target / relative
+        self.used.add(path)
+        if not path.is_file():
+            return path, False
+        mtime = self.dataset.fs.get_file_info(self.dataset.path(source)).mtime
+        return path, mtime is not None and mtime.timestamp() <= path.stat().st_mtime
+
+    def write(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def remove_unused(self, folders: tuple[str, ...]) -> None:
+        for folder in folders:
+            for path in (self.target / folder).glob("*"):
+                if path.is_file() and path not in self.used:
+                    path.unlink()
 
 
-def _page(title: str, body: str, body_class: str, scripts: str = "") -> str:
-    return (
-        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{html.escape(title)}</title>\n<style>{_static_text('gallery.css')}</style>\n</head>\n"
-        f'<body class="{body_class}">\n{body}\n{scripts}\n</body>\n</html>\n'
-    )
+def _thumbnail(outputs: _Outputs, asset_id: str, role: str, source: str) -> str | None:
+    relative = f"thumbs/{asset_id}-{role}.jpg"
+    path, fresh = outputs.fresh(relative, source)
+    if not fresh:
+        try:
+            outputs.write(path, thumbnail_jpeg(outputs.dataset.read_bytes(source)))
+        except (OSError, ValueError) as error:  # a damaged image: the card says so, the gallery goes on
+            warnings.warn(f"{source}: no thumbnail ({type(error).__name__}: {error})")
+            return None
+    return relative
 
 
-def _status_badge(status: str) -> str:
-    return f'<span class="badge {html.escape(status)}">{html.escape(status)}</span>'
+def splat_bytes(ply: Path) -> bytes:
+    """A 3DGS PLY as :data:`SPLAT_RECORD` records (view order: largest opacity × volume first)."""
+    import numpy as np
+
+    from stages.export.ply import load_splats_ply
+
+    data = load_splats_ply(ply)
+    means = data["means"].numpy().astype("<f4")
+    scales = np.exp(data["scales"].numpy()).astype("<f4")
+    alpha = 1.0 / (1.0 + np.exp(-data["opacities"].numpy()))
+    rgb = np.clip(0.5 + SH_C0 * data["f_dc"].numpy(), 0.0, 1.0)
+    quats = data["quats"].numpy()
+    quats = quats / np.maximum(np.linalg.norm(quats, axis=1, keepdims=True), 1e-12)
+    order = np.argsort(-(alpha * scales.prod(axis=1)), kind="stable")
+    records = np.empty(len(means), dtype=[("pos", "<f4", 3), ("scale", "<f4", 3), ("rgba", "u1", 4), ("rot", "u1", 4)])
+    records["pos"], records["scale"] = means, scales
+    records["rgba"] = np.round(np.concatenate([rgb, alpha[:, None]], axis=1) * 255).astype("u1")
+    records["rot"] = np.clip(np.round(quats * 128 + 128), 0, 255).astype("u1")
+    return records[order].tobytes()
 
 
-def _figure(caption: str, inner: str) -> str:
-    return f"<figure>{inner}<figcaption>{html.escape(caption)}</figcaption></figure>"
-
-
-def _media_html(dataset: _Dataset, roles: dict[str, str], *, thumbnails: bool) -> str:
-    """Reference image beside the preview grid and the turntable, all inlined."""
-    parts = []
-    for role in ("reference", "preview"):
-        if role not in roles:
-            continue
-        data = dataset.read_bytes(roles[role])
-        src = _thumbnail_uri(data) if thumbnails else _data_uri(data, MIME_TYPES[".png"])
-        parts.append(_figure(role, f'<img class="{role}" alt="{role}" src="{src}">'))
-    if "turntable" in roles:
-        path = roles["turntable"]
-        suffix = PurePosixPath(path).suffix.lower()
-        data = dataset.read_bytes(path)
-        if thumbnails and len(data) > INDEX_VIDEO_MAX_BYTES:
-            parts.append(_figure("turntable", '<span class="missing">on the asset page (large)</span>'))
-        elif suffix == ".gif":
-            parts.append(_figure("turntable", f'<img class="turntable" alt="turntable" src="{_data_uri(data, MIME_TYPES[suffix])}">'))
+def _model_script(outputs: _Outputs, asset_id: str, kind: str, source: str) -> tuple[str | None, str]:
+    """``models/<id>.<kind>.js`` (``kind`` glb | splat) or None with the reason."""
+    relative = f"models/{asset_id}.{kind}.js"
+    path, fresh = outputs.fresh(relative, source)
+    if fresh:
+        return relative, ""
+    size = outputs.dataset.fs.get_file_info(outputs.dataset.path(source)).size or 0
+    if size > MODEL_VIEW_MAX_BYTES:
+        outputs.used.discard(path)
+        return None, f"{PurePosixPath(source).name} is {size / 2**20:.0f} MiB, above the gallery's {MODEL_VIEW_MAX_BYTES // 2**20} MiB 3D-view limit: download it"
+    try:
+        if kind == "glb":
+            payload = outputs.dataset.read_bytes(source)
         else:
-            src = _data_uri(data, MIME_TYPES.get(suffix, "video/mp4"))
-            parts.append(_figure("turntable", f'<video class="turntable" src="{src}" autoplay loop muted playsinline controls></video>'))
-    return f'<div class="media">{"".join(parts)}</div>' if parts else ""
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(tmp) / "splats.ply"
+                local.write_bytes(outputs.dataset.read_bytes(source))
+                payload = splat_bytes(local)
+    except (OSError, ValueError) as error:
+        outputs.used.discard(path)
+        return None, f"{PurePosixPath(source).name} cannot be read ({type(error).__name__})"
+    script = f"window.galleryModel({json.dumps(asset_id)},{json.dumps(kind)},\"{base64.b64encode(payload).decode('ascii')}\");\n"
+    outputs.write(path, script.encode("ascii"))
+    return relative, ""
 
 
-def _missing_note(record: AssetRecord, roles: dict[str, str]) -> str:
-    if record.status != "succeeded":
-        return ""
-    missing = [role for role in ("reference", "preview", "turntable") if role not in roles]
-    if "mesh" not in roles and "splats" not in roles:
-        missing.append("mesh.glb or splats.ply")
-    return f'<p class="missing">missing: {html.escape(", ".join(missing))}</p>' if missing else ""
+def _camera(dataset: _Dataset, asset_dir: str) -> dict[str, float]:
+    """The asset's evaluation camera (elevation, distance, fovy) from its ``method.yaml``."""
+    camera = {"elevation": 15.0, "distance": 3.0, "fovy": 40.0}
+    try:
+        from omegaconf import OmegaConf
+
+        cameras = OmegaConf.create(dataset.read_bytes(f"{asset_dir}/method.yaml").decode("utf-8")).get("cameras", {})
+        camera.update(elevation=float(cameras.get("eval_elevation", 15.0)), distance=float(cameras.get("eval_distance", 3.0)), fovy=float(cameras.get("eval_fovy", 40.0)))
+    except Exception:  # noqa: BLE001 - no or unreadable method.yaml: the defaults of CameraConfig
+        pass
+    return camera
 
 
-def _error_html(record: AssetRecord) -> str:
-    if not record.error and record.status == "succeeded":
-        return ""
-    return f'<pre class="error">{html.escape(record.error or "failed without an error message")}</pre>'
-
-
-def _variant_label(record: AssetRecord) -> str:
-    return "variant ?" if record.variant is None else f"variant {record.variant}"
-
-
-def _asset_card(dataset: _Dataset, record: AssetRecord, roles: dict[str, str]) -> str:
-    return (
-        f'<article class="asset status-{html.escape(record.status)}" id="asset-{html.escape(record.asset_id)}"'
-        f' data-asset-id="{html.escape(record.asset_id)}" data-status="{html.escape(record.status)}"'
-        f' data-prompt="{html.escape(record.prompt)}">'
-        f'<div class="asset-head"><strong>{html.escape(_variant_label(record))}</strong> {_status_badge(record.status)}'
-        f' <a class="asset-link" href="assets/{html.escape(record.asset_id)}.html">3D view &amp; details</a>'
-        f' <code class="muted">{html.escape(record.asset_id)}</code></div>'
-        f"{_verdict_html(record.scores)}{_media_html(dataset, roles, thumbnails=True)}{_missing_note(record, roles)}"
-        f"{_error_html(record)}{_metrics_table(record.metrics)}</article>"
-    )
-
-
-def _group_by_prompt(records: list[AssetRecord]) -> list[list[AssetRecord]]:
+# ------------------------------------------------------------------ the page
+def _group_order(records: list[AssetRecord]) -> list[AssetRecord]:
     """Variants of one prompt together; groups in prompt order, variants in variant order."""
     groups: dict[str, list[AssetRecord]] = {}
     for record in records:
@@ -397,93 +451,73 @@ def _group_by_prompt(records: list[AssetRecord]) -> list[list[AssetRecord]]:
         return (min(indices) if indices else 2**62, items[0].prompt)
 
     ordered = sorted(groups.values(), key=group_key)
-    return [sorted(items, key=lambda r: (r.variant if r.variant is not None else 2**62, r.asset_id)) for items in ordered]
+    return [r for items in ordered for r in sorted(items, key=lambda r: (r.variant if r.variant is not None else 2**62, r.asset_id))]
 
 
-def render_index(dataset: _Dataset, records: list[AssetRecord], roles: dict[str, dict[str, str]]) -> str:
-    """HTML of ``gallery/index.html``."""
-    failed = sum(r.status != "succeeded" for r in records)
-    toy = [r.scores for r in records if "toy_identity_correct" in r.scores]
-    toy_line = ""
-    if toy:
-        recovered = sum(bool(s["toy_identity_correct"]) for s in toy)
-        faithful = sum(bool(s["toy_identity_correct"]) and s.get("toy_psnr_reference", 0.0) >= FAITHFUL_PSNR for s in toy)
-        psnrs = [s["toy_psnr_reference"] for s in toy if "toy_psnr_reference" in s]
-        mean_psnr = f"; mean {sum(psnrs) / len(psnrs):.1f} dB to it from new views" if psnrs else ""
-        toy_line = (
-            f'<p class="summary verdict {"ok" if faithful == len(toy) else "weak"}">Toy world: {recovered} of {len(toy)} scored '
-            f"assets became their reference's object, {faithful} faithfully (&ge; {FAITHFUL_PSNR:.0f} dB){mean_psnr}.</p>"
-        )
-    sections = []
-    for items in _group_by_prompt(records):
-        cards = "".join(_asset_card(dataset, r, roles[r.asset_id]) for r in items)
-        sections.append(
-            f'<section class="prompt-group" data-prompt="{html.escape(items[0].prompt)}">'
-            f'<h2 class="prompt">{html.escape(items[0].prompt)}</h2><div class="variants">{cards}</div></section>'
-        )
-    statuses = sorted({r.status for r in records} | {"succeeded", "failed"})
+def _asset_item(dataset: _Dataset, outputs: _Outputs, record: AssetRecord) -> dict[str, Any]:
+    """What the page's script knows about one asset (paths relative to the dataset root)."""
+    roles = _find_role_files(dataset, record)
+    thumbs = {role: _thumbnail(outputs, record.asset_id, role, roles[role]) for role in ("reference", "preview") if role in roles}
+    item: dict[str, Any] = {
+        "id": record.asset_id,
+        "prompt": visible_controls(record.prompt),
+        "variant": record.variant,
+        "status": record.status,
+        "error": record.error,
+        "metrics": record.metrics,
+        "run": record.details.get("mlflow_run_id"),
+        "files": roles,
+        "thumbs": {role: path for role, path in thumbs.items() if path},
+        "details": {k: v for k, v in record.details.items() if v is not None},
+        "scores": record.scores,
+        "verdict": verdict(record.scores),
+    }
+    kind, source = ("splat", roles["splats"]) if "splats" in roles else (("glb", roles["mesh"]) if "mesh" in roles else (None, None))
+    if kind is not None:
+        script, why = _model_script(outputs, record.asset_id, kind, source)
+        item["model"] = {"kind": kind, "script": script, "note": why}
+        if kind == "splat":
+            item["model"]["camera"] = _camera(dataset, (record.asset_dir or f"assets/{record.asset_id}").rstrip("/"))
+            if "mesh" in roles:  # the extracted mesh of a splat asset: its own 3D view too
+                mesh_script, mesh_why = _model_script(outputs, record.asset_id, "glb", roles["mesh"])
+                item["model"]["mesh_script"], item["model"]["mesh_note"] = mesh_script, mesh_why
+    return item
+
+
+def render_index(items: list[dict[str, Any]], dataset_base: str, *, page_cards: int = PAGE_CARDS, summary: str = "") -> str:
+    """HTML of ``gallery/index.html`` for the asset ``items`` (:func:`_asset_item`, in page order);
+    ``summary``: extra HTML under the header's counts (:func:`toy_summary`)."""
+    failed = sum(item["status"] != "succeeded" for item in items)
+    data = json_for_script({
+        "dataset": dataset_base,
+        "pageCards": page_cards,
+        "viewers": {"mesh": f"static/{VIEWER_SCRIPT}", "splat": f"static/{SPLAT_VIEWER_SCRIPT}"},
+        "downloads": [list(pair) for pair in DOWNLOADS],
+        "assets": items,
+    })
+    statuses = sorted({item["status"] for item in items} | {"succeeded", "failed"})
     options = "".join(f'<option value="{html.escape(s)}">{html.escape(s)}</option>' for s in statuses)
-    summary = json_for_script(
-        [
-            {"asset_id": r.asset_id, "prompt": r.prompt, "variant": r.variant, "status": r.status,
-             "error": r.error, "metrics": r.metrics, "scores": r.scores}
-            for r in records
-        ]
-    )
-    body = (
+    title = f"Gallery ({len(items)} assets)"
+    return (
+        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{_static_text('gallery.css')}</style>\n</head>\n"
+        '<body class="index-page">\n'
         '<header class="page"><h1>Dataset gallery</h1>'
-        f'<p class="summary">{len(records)} assets: {len(records) - failed} succeeded, {failed} not succeeded;'
-        f" {len({r.prompt for r in records})} prompts. Open an asset for its 3D view.</p>{toy_line}"
-        '<div class="filters"><label>Prompt <input id="filter-text" type="search" placeholder="filter by prompt text">'
-        f'</label><label>Status <select id="filter-status"><option value="">all</option>{options}</select></label>'
-        '<span id="shown-count" class="muted"></span></div></header>'
-        f'<main>{"".join(sections) or "<p>No assets in the manifest yet.</p>"}</main>'
-        f'<script type="application/json" id="gallery-data">{summary}</script>'
+        f'<p class="summary">{len(items)} assets: {len(items) - failed} succeeded, {failed} not succeeded; '
+        f'{len({item["prompt"] for item in items})} prompts. Hover or tap a card to play its turntable; open it for the 3D view and downloads.</p>'
+        f"{summary}"
+        '<div class="filters"><label>Prompt <input id="filter-text" type="search" placeholder="filter by prompt text"></label>'
+        f'<label>Status <select id="filter-status"><option value="">all</option>{options}</select></label>'
+        '<span id="shown-count" class="muted"></span><span id="mlflow-note" class="muted hidden"></span></div>'
+        '<nav class="pager" id="pager-top"></nav></header>\n'
+        '<main id="cards"><noscript><p>The gallery needs JavaScript.</p></noscript></main>\n'
+        '<nav class="pager" id="pager-bottom"></nav>\n'
+        '<div id="detail" class="detail hidden" role="dialog" aria-modal="true"></div>\n'
+        f'<script type="application/json" id="gallery-data">{data}</script>\n'
+        f"{_inline_script(_static_text('gallery.js'), 'gallery.js')}\n"
+        "</body>\n</html>\n"
     )
-    return _page(f"Gallery ({len(records)} assets)", body, "index-page", _inline_script(_static_text("gallery.js"), "gallery.js"))
-
-
-def render_asset_page(dataset: _Dataset, record: AssetRecord, roles: dict[str, str]) -> str:
-    """HTML of ``gallery/assets/<asset_id>.html``: 3D view (if a GLB exists), media, metadata."""
-    scripts = ""
-    if "mesh" in roles:
-        glb = _data_uri(dataset.read_bytes(roles["mesh"]), MIME_TYPES[".glb"])
-        viewer = (
-            f'<model-viewer id="viewer" src="{glb}" alt="3D model: {html.escape(record.prompt)}" camera-controls'
-            ' touch-action="pan-y" loading="eager" reveal="auto" shadow-intensity="1" exposure="1"'
-            ' interaction-prompt="none"></model-viewer>'
-        )
-        if "splats" in roles:  # the mesh of a splat asset is derived; the splats themselves are the asset
-            viewer += (
-                f'<p class="note">Mesh extracted from the Gaussian splats; the splats are in '
-                f'<a href="../../{html.escape(roles["splats"])}">{html.escape(roles["splats"])}</a> (3DGS PLY).</p>'
-            )
-        # viewer.js registers the load listener before the component is defined, so no event is missed.
-        scripts = (
-            _inline_script(_static_text("viewer.js"), "viewer.js")
-            + f"\n<!-- @google/model-viewer {MODEL_VIEWER_VERSION}, Apache-2.0: see ../LICENSES/ -->\n"
-            + _inline_script(_static_text(VIEWER_SCRIPT), VIEWER_SCRIPT)
-        )
-    elif "splats" in roles:
-        viewer = (
-            '<p class="missing">Gaussian-splat asset without a mesh: see the preview and turntable; '
-            f'the splats are in <a href="../../{html.escape(roles["splats"])}">{html.escape(roles["splats"])}</a>'
-            " (relative to the dataset; open from the dataset directory).</p>"
-        )
-    else:
-        viewer = '<p class="missing">No 3D file for this asset.</p>'
-    details = {"asset_id": record.asset_id, "status": record.status, "variant": record.variant,
-               "prompt_index": record.prompt_index, **record.details}
-    body = (
-        f'<header class="page"><p><a href="../index.html">&larr; all assets</a></p>'
-        f'<h1 class="prompt">{html.escape(record.prompt)}</h1>'
-        f"<p>{html.escape(_variant_label(record))} {_status_badge(record.status)}</p></header>"
-        f"<main>{_verdict_html(record.scores)}{_error_html(record)}{viewer}{_media_html(dataset, roles, thumbnails=False)}"
-        f"{_missing_note(record, roles)}<h2>Metrics</h2>{_metrics_table(record.metrics) or '<p class=missing>none</p>'}"
-        f"{'<h2>Evaluation scores</h2>' + _metrics_table(record.scores) if record.scores else ''}"
-        f"<h2>Details</h2>{_metrics_table(details)}</main>"
-    )
-    return _page(f"{record.prompt[:80]} ({record.asset_id})", body, "asset-page", scripts)
 
 
 def _write_page(path: Path, text: str) -> None:
@@ -498,11 +532,13 @@ def _write_page(path: Path, text: str) -> None:
 def build_gallery(output_dir: str | os.PathLike, gallery_dir: str | os.PathLike | None = None) -> Path:
     """Write the gallery of the dataset at ``output_dir`` (local path or pyarrow URI such as s3://).
 
-    Local dataset: pages go to ``<output_dir>/gallery`` (or ``gallery_dir``). Dataset on a URI:
-    pages are built in ``gallery_dir`` (a new temporary directory if None) and then copied to
-    ``<output_dir>/gallery``. Returns the local gallery directory (what to log to MLflow).
+    Local dataset: written to ``<output_dir>/gallery`` (or ``gallery_dir``). Dataset on a URI:
+    built in ``gallery_dir`` (a new temporary directory if None), then copied to
+    ``<output_dir>/gallery``. Thumbnails and model files are rewritten only when their source
+    changed. Returns the local gallery directory.
     """
     dataset = _Dataset(output_dir)
+    _repair(output_dir)
     scores = read_scores(output_dir)
     records = [replace(r, scores=scores.get(r.asset_id, {})) for r in read_manifest(output_dir)]
     unsafe = [r.asset_id for r in records if not SAFE_ASSET_ID.match(r.asset_id)]
@@ -515,47 +551,81 @@ def build_gallery(output_dir: str | os.PathLike, gallery_dir: str | os.PathLike 
         target = Path(tempfile.mkdtemp(prefix="gallery-"))
     else:
         target = Path(dataset.root) / "gallery"
-    (target / "assets").mkdir(parents=True, exist_ok=True)
-    licenses = target / "LICENSES"
-    licenses.mkdir(exist_ok=True)
-    for name in LICENSE_FILES:
-        shutil.copyfile(STATIC_DIR / name, licenses / name)
+    target.mkdir(parents=True, exist_ok=True)
+    static = target / "static"
+    static.mkdir(exist_ok=True)
+    for name in STATIC_FILES:
+        shutil.copyfile(STATIC_DIR / name, static / name)
+    for old in ("assets", "LICENSES"):  # the per-asset pages of earlier galleries
+        shutil.rmtree(target / old, ignore_errors=True)
 
-    current = {f"{r.asset_id}.html" for r in records}
-    for stale in (target / "assets").glob("*.html"):  # pages of assets no longer in the manifest
-        if stale.name not in current:
-            stale.unlink()
-    roles: dict[str, dict[str, str]] = {}
-    for record in records:
-        roles[record.asset_id] = _find_role_files(dataset, record)
-        _write_page(target / "assets" / f"{record.asset_id}.html", render_asset_page(dataset, record, roles[record.asset_id]))
-    _write_page(target / "index.html", render_index(dataset, records, roles))
-
+    outputs = _Outputs(dataset, target)
+    items = [_asset_item(dataset, outputs, record) for record in _group_order(records)]
+    outputs.remove_unused(("thumbs", "models"))
+    if remote or gallery_dir is None:
+        base = ".."
+    else:
+        base = Path(os.path.relpath(dataset.root, target.resolve())).as_posix()
+    _write_page(target / "index.html", render_index(items, base, summary=toy_summary(records)))
     if remote:
         pafs.copy_files(str(target), dataset.path("gallery"), destination_filesystem=dataset.fs)
     return target
 
 
+def _repair(output_dir: str | os.PathLike) -> None:
+    """Set aside manifest shards that do not read and rebuild their committed rows (one line each)."""
+    import sys
+
+    from pipeline.integrity import repair_manifest
+    from pipeline.writer import DatasetWriter
+
+    writer = DatasetWriter(os.fspath(output_dir))
+    writer.manifest_rows()
+    if not writer.damaged_parts:
+        return
+    for line in repair_manifest(writer, compact=False).lines():
+        print(f"[gallery] {line}", file=sys.stderr, flush=True)
+
+
 def log_gallery_to_mlflow(
     gallery_dir: str | os.PathLike, run_id: str, artifact_path: str = "gallery", tracking_uri: str | None = None
 ) -> None:
-    """Log the gallery directory as artifacts ``<artifact_path>/...`` of the MLflow run ``run_id``.
+    """Log the gallery's ``index.html`` as ``<artifact_path>/index.html`` of the MLflow run ``run_id``
+    (the thumbnails come from each asset's own run; the dataset keeps the media and models).
 
     ``tracking_uri`` None: MLflow's current one (``mlflow.set_tracking_uri`` / ``MLFLOW_TRACKING_URI``).
     """
-    from mlflow import MlflowClient  # imported here: building a gallery does not need MLflow
+    from pipeline.tracking import open_client  # imported here: building a gallery does not need MLflow
 
-    gallery_dir = Path(gallery_dir)
-    if not (gallery_dir / "index.html").is_file():
+    index = Path(gallery_dir) / "index.html"
+    if not index.is_file():
         raise FileNotFoundError(f"{gallery_dir} has no index.html: build the gallery first")
-    MlflowClient(tracking_uri=tracking_uri).log_artifacts(run_id, str(gallery_dir), artifact_path=artifact_path)
+    if tracking_uri is None:
+        import mlflow
+
+        tracking_uri = mlflow.get_tracking_uri()
+    open_client(tracking_uri).log_artifact(run_id, str(index), artifact_path=artifact_path)
+
+
+EXAMPLES = """examples:
+  python -m pipeline.gallery outputs/quickstart                 # writes outputs/quickstart/gallery/index.html
+  python -m pipeline.gallery s3://bucket/dataset --gallery-dir /tmp/g
+  python -m pipeline.gallery outputs/quickstart --mlflow-run-id <parent run id> \\
+      --tracking-uri sqlite:///outputs/quickstart/mlflow.db     # also log it under that MLflow run
+
+Open the printed index.html in a browser (file:// works), or serve the dataset directory:
+  python -m http.server --directory outputs/quickstart 8000      # then http://127.0.0.1:8000/gallery/
+"""
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.gallery", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.gallery", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("output_dir", help="dataset output directory or URI (contains manifest/ and assets/)")
-    parser.add_argument("--gallery-dir", default=None, help="where to write the pages (default <output_dir>/gallery)")
-    parser.add_argument("--mlflow-run-id", default=None, help="also log the gallery as artifacts of this MLflow run")
+    parser.add_argument("--gallery-dir", default=None, help="where to write the gallery (default <output_dir>/gallery)")
+    parser.add_argument("--mlflow-run-id", default=None, help="also log the gallery's index under this MLflow run")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
     args = parser.parse_args(argv)
     gallery = build_gallery(args.output_dir, args.gallery_dir)

@@ -11,8 +11,10 @@
                        ▼ committed asset + manifest row
 
 The model actors are long-lived and shared by every asset, so they are created once
-(``.remote()``) and the per-asset DAG binds their *handles*: ``graph.submit(job)`` runs the
-DAG for one job and returns the ObjectRef of its result. Optimiser tasks talk to the
+(``.remote()``) and the per-asset DAG binds their *handles*: ``graph.submit(job)`` binds and
+runs the DAG of one job and returns the ObjectRef of its result. Its two Ray tasks carry the
+asset's id in their names (``reference[<asset_id>]``, ``optimise[<asset_id>]``), so the
+dashboard's task list says which asset each one is. Optimiser tasks talk to the
 guidance actors through handles passed as arguments (``GuidanceHandles``) because each task
 calls them thousands of times, which a static DAG edge cannot express.
 """
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.dag import DAGNode, InputNode
+from ray.dag import DAGNode
 
 from pipeline.actors import IPGuidanceActor, MVDreamGuidanceActor, ReferenceActor
 from pipeline.components import Components
@@ -49,30 +51,50 @@ def _actor_options(resources: ActorResources, retry_calls: bool) -> dict[str, An
     }
 
 
+def task_name(stage: str, job: Job) -> str:
+    """The Ray task name of one stage of one asset (what the dashboard lists)."""
+    return f"{stage}[{job.asset_id}]"
+
+
 @dataclass
 class Graph:
-    """The model actors of one run and the per-asset DAGs over them (one per reference replica)."""
+    """The model actors of one run and the per-asset DAG over them."""
 
-    dags: list[DAGNode]
+    task_options: dict[str, Any]
+    """The optimiser task's resources and retries in this run."""
+    handles: GuidanceHandles
+    spec: TaskSpec
     reference: list[Any] = field(default_factory=list)
     ip: list[Any] = field(default_factory=list)
     mvd: list[Any] = field(default_factory=list)
     progress: Any = None
     _submitted: int = 0
 
+    def dag(self, job: Job) -> DAGNode:
+        """reference sample → optimise task, named after the asset; reference replicas take turns."""
+        image = None
+        if self.reference:
+            sampler = self.reference[self._submitted % len(self.reference)]
+            image = sampler.sample.options(name=task_name("reference", job)).bind(job.prompt, job.reference_seed)
+        task = optimise_asset.options(**self.task_options, name=task_name("optimise", job))
+        return task.bind(job, image, self.handles, self.spec)
+
     def submit(self, job: Job) -> ray.ObjectRef:
-        """Start one asset; reference replicas take turns."""
-        dag = self.dags[self._submitted % len(self.dags)]
+        """Start one asset."""
+        dag = self.dag(job)
         self._submitted += 1
         with warnings.catch_warnings():
             # Ray 2.60 marks DAGNode.execute() deprecated (no replacement for task+actor DAGs yet).
             warnings.simplefilter("ignore", DeprecationWarning)
-            return dag.execute(job)
+            return dag.execute()
+
+    def model_actors(self) -> dict[str, list[Any]]:
+        """The model actors by kind (``reference``, ``ip``, ``mvd``)."""
+        return {kind: actors for kind, actors in (("reference", self.reference), ("ip", self.ip), ("mvd", self.mvd)) if actors}
 
     def actor_stats(self) -> dict[str, list[dict[str, float]]]:
-        """Batching statistics of every model actor, by kind."""
-        kinds = {"reference": self.reference, "ip": self.ip, "mvd": self.mvd}
-        return {kind: ray.get([actor.stats.remote() for actor in actors]) for kind, actors in kinds.items() if actors}
+        """Batching statistics of every model actor, by kind ({} for an actor that is gone)."""
+        return {kind: [_stats(actor) for actor in actors] for kind, actors in self.model_actors().items()}
 
     def shutdown(self) -> None:
         for actor in [*self.reference, *self.ip, *self.mvd, self.progress]:
@@ -80,22 +102,29 @@ class Graph:
                 ray.kill(actor)
 
 
+def _stats(actor: Any) -> dict[str, float]:
+    try:
+        return ray.get(actor.stats.remote(), timeout=30)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return {}
+
+
 def build_graph(config: PipelineConfig, components: Components, work_dir: str) -> Graph:
     """Create the model actors and the per-asset DAG for ``config``."""
     res = config.resources
 
-    def replicas(actor_class: Any, factory: Any, resources: ActorResources, retry_calls: bool) -> list[Any]:
+    def replicas(actor_class: Any, factory: Any, resources: ActorResources, retry_calls: bool, *extra: Any) -> list[Any]:
         if factory is None:
             return []
         options = _actor_options(resources, retry_calls)
         return [
-            actor_class.options(**options).remote(factory, resources.max_batch, resources.max_wait_ms)
+            actor_class.options(**options).remote(factory, resources.max_batch, resources.max_wait_ms, *extra)
             for _ in range(resources.replicas)
         ]
 
-    reference = replicas(ReferenceActor, components.reference_sampler, res.reference, retry_calls=True)
-    ip = replicas(IPGuidanceActor, components.ip_guidance, res.ip, retry_calls=False)
-    mvd = replicas(MVDreamGuidanceActor, components.mvd_guidance, res.mvd, retry_calls=False)
+    reference = replicas(ReferenceActor, components.reference_sampler, res.reference, True)
+    ip = replicas(IPGuidanceActor, components.ip_guidance, res.ip, False, res.ip.max_batch_views)
+    mvd = replicas(MVDreamGuidanceActor, components.mvd_guidance, res.mvd, False, res.mvd.max_batch_views)
     progress = ProgressActor.remote()
 
     handles = GuidanceHandles(ip=ip, mvd=mvd)
@@ -105,15 +134,7 @@ def build_graph(config: PipelineConfig, components: Components, work_dir: str) -
         work_dir=work_dir,
         components=components,
         progress=progress,
+        track=config.tracking.enabled,
     )
-    task = optimise_asset.options(
-        num_cpus=res.task_num_cpus,
-        num_gpus=res.task_num_gpus,
-        max_retries=res.task_max_retries,
-    )
-    dags = []
-    for sampler in reference or [None]:
-        with InputNode() as job:
-            image = sampler.sample.bind(job.prompt, job.reference_seed) if sampler is not None else None
-            dags.append(task.bind(job, image, handles, spec))
-    return Graph(dags=dags, reference=reference, ip=ip, mvd=mvd, progress=progress)
+    task_options = {"num_cpus": res.task_num_cpus, "num_gpus": res.task_num_gpus, "max_retries": res.task_max_retries}
+    return Graph(task_options=task_options, handles=handles, spec=spec, reference=reference, ip=ip, mvd=mvd, progress=progress)

@@ -1,15 +1,12 @@
-"""Jobs: one (prompt, variant) of a dataset run, with its deterministic asset_id and seeds."""
+"""Jobs: one (prompt, variant) of a dataset run, with its deterministic asset_id and seeds
+(the rule lives in :mod:`stages.optimize.identity`, shared with the one-asset CLI)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 from dataclasses import dataclass
 
-from pipeline.config import PipelineConfig, to_container
-from pipeline.toyworld import toyworld_groups
-from stages.toyworld.world import load_world
+from pipeline.config import PipelineConfig
+from stages.optimize.identity import asset_id_for, derived_seed, identity_digest
 
 
 @dataclass(frozen=True)
@@ -23,39 +20,15 @@ class Job:
     reference_seed: int
     seed: int
     config_digest: str
+    mlflow_run_id: str | None = None
+    """The asset's MLflow child run (set by the driver when tracking is on)."""
 
 
 def config_digest(config: PipelineConfig) -> str:
-    """12 hex digits over everything that changes an asset's content: method, models (and the toy
-    world's content when a model is the toy world), seed. Prompts, resources, output and tracking
-    do not change an asset and are left out."""
-    payload = {
-        "method": to_container(config.method),
-        "models": to_container(config.models),
-        "seed": config.seed,
-    }
-    if toyworld_groups(config):  # the world file's content, not just its path, makes the assets
-        payload["toyworld"] = load_world(config.models.toyworld).digest()
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def slugify(prompt: str, max_len: int = 40) -> str:
-    """A file-name-safe lower-case slug of a prompt: ``[a-z0-9_]``, at most ``max_len`` chars."""
-    slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")
-    return slug[:max_len].rstrip("_") or "prompt"
-
-
-def _hash_int(*parts: object) -> int:
-    blob = "\x1f".join(str(part) for part in parts)
-    return int(hashlib.sha256(blob.encode()).hexdigest()[:8], 16)
-
-
-def asset_id_for(prompt: str, variant: int, digest: str) -> str:
-    """``<slug>-v<variant>-<10 hex>``: readable, safe as a directory name, unique per
-    (prompt, variant, config digest)."""
-    key = hashlib.sha256(f"{prompt}\x1f{variant}\x1f{digest}".encode()).hexdigest()[:10]
-    return f"{slugify(prompt)}-v{variant}-{key}"
+    """The identity digest of ``config``'s assets (:func:`stages.optimize.identity.identity_digest`):
+    method (without runtime and export keys), models (and the toy world's content), seed. Prompts, resources, output,
+    tracking and export settings do not change an asset and are left out."""
+    return identity_digest(config.method, config.models, config.seed)
 
 
 def make_jobs(config: PipelineConfig, prompts: list[str]) -> list[Job]:
@@ -70,9 +43,12 @@ def make_jobs(config: PipelineConfig, prompts: list[str]) -> list[Job]:
                     prompt=prompt,
                     prompt_index=index,
                     variant=variant,
-                    reference_seed=_hash_int(config.seed, prompt, variant, "reference"),
-                    seed=_hash_int(config.seed, prompt, variant, "optimize"),
+                    reference_seed=derived_seed(config.seed, prompt, variant, "reference"),
+                    seed=derived_seed(config.seed, prompt, variant, "optimize"),
                     config_digest=digest,
                 )
             )
     return jobs
+
+
+__all__ = ["Job", "asset_id_for", "config_digest", "make_jobs"]

@@ -160,8 +160,17 @@ def run_sweep(
     return rows
 
 
+EXAMPLES = """examples:
+  python -m pipeline.sweep configs/sweep_ip_scale.yaml                        # IP scale 0 / 0.2 / 0.5 / 0.7 / 1.0
+  python -m pipeline.sweep configs/sweep_ip_scale.yaml 'values=[0.0,0.5]' output=outputs/ip_sweep_small
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.sweep", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("config", help="sweep YAML (configs/sweep_ip_scale.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotlist overrides of the sweep config, e.g. 'values=[0,1]'")
     args = parser.parse_intermixed_args(argv)

@@ -22,7 +22,10 @@ from typing import Any
 
 from pipeline.clients import ActorGuidance
 from pipeline.components import Components
+from pipeline.faults import ModelGoneError, RunFaultError, disk_full_cause, disk_full_message
+from pipeline.integrity import file_checksums
 from pipeline.jobs import Job
+from pipeline.tracking import curve_point
 from pipeline.writer import ASSET_RECORD, DatasetWriter, utc_now
 from stages.guidance.set import GuidanceSet
 from stages.optimize.config import OptimizeConfig
@@ -63,6 +66,8 @@ class TaskSpec:
     progress: Any | None = None
     """``ProgressActor`` handle (or None)."""
     report_every_s: float = 1.0
+    track: bool = False
+    """Send curve points and preview images for MLflow along with the progress."""
 
 
 def manifest_row(job: Job, method: OptimizeConfig, **values: Any) -> dict[str, Any]:
@@ -82,7 +87,7 @@ def manifest_row(job: Job, method: OptimizeConfig, **values: Any) -> dict[str, A
         "files": "{}",
         "metrics": "{}",
         "iterations": 0,
-        "mlflow_run_id": None,
+        "mlflow_run_id": job.mlflow_run_id,
         **values,
     }
 
@@ -106,19 +111,45 @@ def _stable_reference(work: Path, sampled: Any | None) -> Any | None:
 
 
 def _progress_callback(job: Job, spec: TaskSpec) -> Any:
+    """The optimiser's per-iteration callback: stops on a non-finite loss; batches the curve
+    points and preview images to track and sends them with the iteration count to the progress
+    actor at most once per ``report_every_s`` (one fire-and-forget call)."""
     total = spec.method.iterations
     last = [0.0]
+    points: list[Any] = []
+    previews: list[Any] = []
 
-    def callback(step: int, metrics: dict[str, float], previews: Any) -> None:
+    def callback(step: int, metrics: dict[str, float], views: Any) -> None:
         loss = metrics.get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             raise NonFiniteLossError(f"non-finite loss {loss} at iteration {step}")
+        if spec.progress is None:
+            return
+        if spec.track:
+            point = curve_point(step, total, metrics)
+            if point is not None:
+                points.append(point)
+            if views is not None:
+                previews.append((step, int(time.time() * 1000), preview_png(views)))
         now = time.monotonic()
-        if spec.progress is not None and (now - last[0] >= spec.report_every_s or step + 1 == total):
+        if now - last[0] >= spec.report_every_s or step + 1 == total or previews:
             last[0] = now
-            spec.progress.report.remote(job.asset_id, step + 1, total)
+            spec.progress.report.remote(job.asset_id, step + 1, total, points[:], previews[:])
+            points.clear()
+            previews.clear()
 
     return callback
+
+
+def preview_png(views: Any) -> bytes:
+    """(V, 3, H, W) preview renders in [0, 1] → one PNG grid (4 views a row)."""
+    import io
+
+    from stages.export.preview import image_grid
+
+    buffer = io.BytesIO()
+    image_grid(views, columns=4).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def run_asset(job: Job, reference: Any | None, handles: GuidanceHandles, spec: TaskSpec) -> dict[str, Any]:
@@ -152,8 +183,12 @@ def run_asset(job: Job, reference: Any | None, handles: GuidanceHandles, spec: T
         if bad:
             raise NonFiniteLossError(f"non-finite final metrics {sorted(bad)}")
         staged = writer.staging_dir(job.asset_id)
+        if spec.progress is not None:
+            spec.progress.export_started.remote(job.asset_id)
         try:
             files = dict(spec.components.export(result.scene, staged, spec.method, reference=reference))
+            if spec.progress is not None:
+                spec.progress.export_finished.remote(job.asset_id)
             if reference is not None and not (staged / REFERENCE_FILE).exists():
                 reference.save(staged / REFERENCE_FILE, format="PNG")
                 files.setdefault("reference", REFERENCE_FILE)
@@ -172,7 +207,8 @@ def run_asset(job: Job, reference: Any | None, handles: GuidanceHandles, spec: T
                 started_at=started,
                 finished_at=utc_now(),
             )
-            (staged / ASSET_RECORD).write_text(json.dumps(row, indent=2))
+            record = {**row, "checksums": file_checksums(staged)}  # what --verify checks
+            (staged / ASSET_RECORD).write_text(json.dumps(record, indent=2))
             committed = writer.commit(job.asset_id, staged)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
@@ -180,7 +216,12 @@ def run_asset(job: Job, reference: Any | None, handles: GuidanceHandles, spec: T
             row = writer.read_record(job.asset_id)
         shutil.rmtree(work, ignore_errors=True)  # checkpoints are no longer needed
         return {"row": row, "history": result.history, "committed": committed}
+    except ModelGoneError:
+        raise  # the run's fault, not this asset's: no failed row; the driver stops the run
     except Exception as error:  # recorded, not raised: one bad asset must not stop the dataset
+        cause = disk_full_cause(error, (spec.work_dir, writer.local_root() or spec.work_dir))
+        if cause is not None:
+            raise RunFaultError(disk_full_message(cause)) from None
         message = f"{type(error).__name__}: {error}{failure_hint(error)}"
         row = manifest_row(
             job,

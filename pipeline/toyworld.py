@@ -8,17 +8,20 @@ the prompt and where it came from: file and line, or ``prompts.inline[i]``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from pipeline.config import ConfigError, PipelineConfig
 from stages.models.factory import check_toyworld_keys, uses_toyworld
-from stages.toyworld.world import World, WorldError, load_world
+from stages.toyworld.world import WORLD_KEY, World, WorldError, load_world
 
 
-def toyworld_groups(config: PipelineConfig) -> list[str]:
-    """The models of this run's method (``reference`` / ``ip`` / ``mvd``) that are the toy world."""
+def toyworld_groups(config: PipelineConfig, actors: Sequence[str] | None = None) -> list[str]:
+    """The models of this run's method (``reference`` / ``ip`` / ``mvd``; or of ``actors``) that
+    are the toy world."""
     from pipeline.components import models_needed
 
-    return [group for group in models_needed(config.method) if uses_toyworld(config.models, group)]
+    needed = models_needed(config.method) if actors is None else actors
+    return [group for group in needed if uses_toyworld(config.models, group)]
 
 
 def resolve_world_path(value: str, base: Path) -> str:
@@ -28,19 +31,21 @@ def resolve_world_path(value: str, base: Path) -> str:
     return str((base / value).resolve())
 
 
-def check_toyworld(config: PipelineConfig) -> World | None:
-    """Raise :class:`ConfigError` for a bad toy-world setup; the world when the run uses it."""
+def check_toyworld(config: PipelineConfig, actors: Sequence[str] | None = None) -> World | None:
+    """Raise :class:`ConfigError` for a bad toy-world setup; the world when the run's models
+    (those of ``actors`` when given: ``()`` for tools that load no model) use it."""
     try:
         check_toyworld_keys(config.models)
     except ValueError as error:
         raise ConfigError(f"config key {error}") from None
-    if not toyworld_groups(config):
+    if not toyworld_groups(config, actors):
         return None
     try:
         world = load_world(config.models.toyworld)
     except WorldError as error:
-        raise ConfigError(f"config key 'models.toyworld': {error}") from None
-    from pipeline.prompts import read_prompts_with_origin
+        message = str(error).removeprefix(f"{WORLD_KEY}: ")
+        raise ConfigError(f"config key '{WORLD_KEY}': {message}") from None
+    from pipeline.prompts import read_prompts_with_origin  # local: prompts imports pipeline.config
 
     for prompt, where in read_prompts_with_origin(config.prompts):
         if prompt not in world.prompts:

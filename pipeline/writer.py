@@ -1,8 +1,9 @@
 """The dataset on disk: atomic asset commits and Parquet manifest shards.
 
-Layout (CONTRACTS.md): ``<output>/assets/<asset_id>/`` holds one finished asset;
+Layout (docs/ARCHITECTURE.md "Dataset layout"): ``<output>/assets/<asset_id>/`` holds one finished asset;
 ``<output>/manifest/part-<timestamp>-<uuid>.parquet`` one row per finished asset (later rows
-for an asset_id supersede earlier ones). An asset is staged in ``<output>/.tmp/`` and renamed
+for an asset_id supersede earlier ones; :meth:`DatasetWriter.compact_manifest` drops the
+superseded ones). Shards that do not read are set aside in ``<output>/damaged/manifest/``. An asset is staged in ``<output>/.tmp/`` and renamed
 into place, so it is either complete or absent. Its ``asset.json`` (written last) repeats its
 manifest row, so a committed asset whose row was never written (driver died between the two)
 gets its row back on the next run (:meth:`DatasetWriter.reconcile`).
@@ -68,12 +69,25 @@ def _filesystem(output: str) -> tuple[pafs.FileSystem, str, bool]:
     return pafs.LocalFileSystem(), root, True
 
 
+class DamagedPartError(ValueError):
+    """A manifest shard that does not read (truncated, not Parquet)."""
+
+    def __init__(self, part: str, reason: str) -> None:
+        super().__init__(f"manifest shard {part} is damaged ({reason})")
+        self.part = part
+        self.reason = reason
+
+
 class DatasetWriter:
     """Reads and writes one dataset. Safe to construct on any worker that can reach ``output``."""
 
     def __init__(self, output: str) -> None:
         self.output = output
         self.fs, self.root, self.is_local = _filesystem(output)
+        self.damaged_parts: dict[str, str] = {}
+        """Shards the last :meth:`manifest_rows` could not read: path -> why."""
+        self.unreadable_records: list[str] = []
+        """Committed assets whose ``asset.json`` the last :meth:`reconcile` could not read."""
 
     # ---------------------------------------------------------------- paths
     def path(self, *parts: str) -> str:
@@ -150,6 +164,19 @@ class DatasetWriter:
         with self.fs.open_input_stream(self.path("assets", asset_id, ASSET_RECORD)) as stream:
             return json.loads(stream.read().decode("utf-8"))
 
+    def rewrite_record(self, asset_id: str, record: dict[str, Any]) -> None:
+        """Replace a committed asset's ``asset.json`` (temp file + rename where the store has one):
+        its MLflow run re-created, its files re-exported."""
+        data = json.dumps(record, indent=2).encode()
+        path = self.path("assets", asset_id, ASSET_RECORD)
+        if self.is_local:
+            tmp = Path(path).with_name(f".{ASSET_RECORD}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        else:
+            with self.fs.open_output_stream(path) as stream:
+                stream.write(data)
+
     def clean_staging(self) -> None:
         """Delete leftovers of staged assets whose writer died before the rename."""
         if self.is_local:
@@ -169,21 +196,84 @@ class DatasetWriter:
         final = f"{directory}/{name}"
         if self.is_local:
             tmp = f"{directory}/.{name}.tmp"
-            pq.write_table(table, tmp, filesystem=self.fs)
+            try:
+                pq.write_table(table, tmp, filesystem=self.fs)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
             self.fs.move(tmp, final)  # os.rename: readers never see a half-written footer
         else:
             pq.write_table(table, final, filesystem=self.fs)  # object stores publish on close
         return final
 
-    def manifest_rows(self) -> list[dict[str, Any]]:
-        """Every row of every shard (temp files ignored), oldest first by finished_at."""
+    def manifest_parts(self) -> list[str]:
+        """Paths of the manifest shards (temp files ignored), in name (= time) order."""
         selector = pafs.FileSelector(self.path("manifest"), allow_not_found=True)
+        parts = [
+            info.path
+            for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.File and info.base_name.startswith("part-") and info.base_name.endswith(".parquet")
+        ]
+        return sorted(parts)
+
+    def read_part(self, part: str) -> list[dict[str, Any]]:
+        """The rows of one shard; raises :class:`DamagedPartError` naming it when it does not read."""
+        try:
+            return pq.read_table(part, filesystem=self.fs).to_pylist()
+        except (pa.ArrowException, OSError) as error:
+            if isinstance(error, OSError) and not isinstance(error, pa.ArrowException) and error.errno is not None:
+                raise  # an I/O error of the file system, not a damaged file
+            raise DamagedPartError(part, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+
+    def manifest_rows(self) -> list[dict[str, Any]]:
+        """Every row of every readable shard, oldest first by finished_at. Shards that do not
+        read are skipped and listed in :attr:`damaged_parts` (:meth:`set_aside_damaged_parts`)."""
         rows: list[dict[str, Any]] = []
-        for info in self.fs.get_file_info(selector):
-            if info.type == pafs.FileType.File and info.base_name.startswith("part-") and info.base_name.endswith(".parquet"):
-                rows.extend(pq.read_table(info.path, filesystem=self.fs).to_pylist())
-        rows.sort(key=lambda row: row["finished_at"] or "")
+        self.damaged_parts: dict[str, str] = {}
+        for part in self.manifest_parts():
+            try:
+                rows.extend(self.read_part(part))
+            except DamagedPartError as error:
+                self.damaged_parts[part] = error.reason
+        rows.sort(key=lambda row: row.get("finished_at") or "")
         return rows
+
+    def set_aside_damaged_parts(self) -> list[tuple[str, str, str]]:
+        """Move every shard that does not read to ``<output>/damaged/manifest/`` (never deleted);
+        returns (shard, where it went, why). :meth:`reconcile` then rebuilds the rows of committed
+        assets from their ``asset.json``; a failed row lost this way only means a rerun retries it."""
+        self.manifest_rows()
+        moved = []
+        for part, reason in self.damaged_parts.items():
+            directory = self.path("damaged", "manifest")
+            self.fs.create_dir(directory, recursive=True)
+            target = f"{directory}/{part.rsplit('/', 1)[-1]}"
+            self.fs.move(part, target)
+            moved.append((part, target, reason))
+        self.damaged_parts = {}
+        return moved
+
+    def compact_manifest(self) -> int:
+        """One row per asset_id: rewrite the shards holding superseded rows (an asset redone after
+        its directory was deleted, a failed asset retried) as one shard of the rows that still
+        count, then delete them. Returns how many superseded rows went. The new shard is written
+        before the old ones go, so a crash in between leaves duplicates, never a lost row."""
+        by_part = {part: self.read_part(part) for part in self.manifest_parts()}
+        order = sorted(
+            ((row["finished_at"] or "", part, index) for part, rows in by_part.items() for index, row in enumerate(rows)),
+        )
+        latest: dict[str, tuple[str, int]] = {}
+        for _, part, index in order:
+            latest[by_part[part][index]["asset_id"]] = (part, index)
+        kept = set(latest.values())
+        dirty = [part for part, rows in by_part.items() if any((part, i) not in kept for i in range(len(rows)))]
+        if not dirty:
+            return 0
+        survivors = [by_part[part][i] for part in dirty for i in range(len(by_part[part])) if (part, i) in kept]
+        self.write_manifest(survivors)
+        for part in dirty:
+            self.fs.delete_file(part)
+        return sum(len(by_part[part]) for part in dirty) - len(survivors)
 
     def latest_rows(self) -> dict[str, dict[str, Any]]:
         """asset_id → its latest row (later rows supersede earlier ones)."""
@@ -193,17 +283,22 @@ class DatasetWriter:
         return latest
 
     def reconcile(self) -> list[dict[str, Any]]:
-        """Give every committed asset a succeeded manifest row; returns the rows written."""
+        """Give every committed asset a succeeded manifest row; returns the rows written. Assets
+        whose ``asset.json`` does not read are skipped and listed in :attr:`unreadable_records`."""
         latest = self.latest_rows()
         missing = []
+        self.unreadable_records: list[str] = []
         for asset_id in sorted(self.committed_ids()):
             row = latest.get(asset_id)
             if row is None or row["status"] != "succeeded":
-                record = self.read_record(asset_id)
+                try:
+                    record = self.read_record(asset_id)
+                except (OSError, ValueError):
+                    self.unreadable_records.append(asset_id)
+                    continue
                 missing.append({**record, "mlflow_run_id": record.get("mlflow_run_id")})
         self.write_manifest(missing)
         return missing
-
 
 def normalise_row(row: dict[str, Any]) -> dict[str, Any]:
     """Keep exactly the manifest columns (extra keys are dropped); JSON-encode ``files`` / ``metrics`` if given as dicts."""

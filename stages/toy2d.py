@@ -349,7 +349,11 @@ def plot(result: dict, finals: dict, cond: GaussianMixture, path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.toy2d", description=__doc__.split("\n\n")[0],
+        epilog="examples:\n  python -m stages.toy2d\n  python -m stages.toy2d --out outputs/toy2d_quick --draws 64 --seeds 8\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/toy2d"), help="output directory")
     parser.add_argument("--draws", type=int, default=ToyConfig.draws, help="noise draws per point and t")
     parser.add_argument("--seeds", type=int, default=ToyConfig.seeds, help="points per reference and method")

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from pipeline.integrity import file_checksums
 from pipeline.jobs import Job
 from pipeline.task import manifest_row
 from pipeline.writer import ASSET_RECORD, DatasetWriter, utc_now
@@ -84,7 +85,7 @@ def commit_asset(writer: DatasetWriter, method: OptimizeConfig, job: Job, scene,
         started_at=started,
         finished_at=utc_now(),
     )
-    (staged / ASSET_RECORD).write_text(json.dumps(row))
+    (staged / ASSET_RECORD).write_text(json.dumps({**row, "checksums": file_checksums(staged)}))  # as run_asset writes it
     assert writer.commit(job.asset_id, staged)
     return row
 

@@ -88,3 +88,26 @@ def test_quick_run_on_cuda_reports_the_card_and_memory(tmp_path):
     assert results["size"] == "tiny" and results["card"] == torch.cuda.get_device_name(0)
     assert results["peak_memory_gb"] > 0
     assert results["peak_tflops"] == full.peak_tflops(results["card"])
+
+
+@pytest.mark.slow
+def test_flops_per_asset_add_up_and_ip_null_saves_half_the_isd_unet_rows():
+    """Tiny models (the same code as the full-size count on meta): per asset = Σ phase iterations ×
+    (IP + MVDream call); ``ip_null`` runs 2 UNet rows per view instead of 4, so per iteration it
+    saves exactly the UNet FLOPs of 2·views rows, counted independently on the module."""
+    result = full.flops_per_asset(full=False)
+    phases = result["phases"]
+    assert [(p["views"], p["render"], p["iterations"]) for p in phases] == [(8, 64, 3000), (4, 256, 3000)]
+    rows = {(r["sd_branch"], r["representation"]): r for r in result["rows"]}
+    assert set(rows) == {(b, r) for b in ("vanilla", "ip_null") for r in ("nerf", "splats")}
+    for row in rows.values():
+        per_asset = sum(p["iterations"] * t for p, t in zip(phases, row["guidance_tflop_per_iteration"])) / 1e3
+        assert row["guidance_pflop_per_asset"] == pytest.approx(per_asset)
+        assert row["scene_pflop_per_asset_bound"] is None  # the NeRF bound is computed at full size only
+    cpu = torch.device("cpu")
+    ip, mvd = full.build_ip_guidance(False, cpu, torch.float32), full.build_mvd_guidance(False, cpu, torch.float32)
+    for index, phase in enumerate(phases):
+        modules = full.guidance_flops_by_module(ip, mvd, views=phase["views"], ip_resolution=32, mvd_resolution=32)
+        saved = rows[("vanilla", "nerf")]["guidance_tflop_per_iteration"][index] - rows[("ip_null", "nerf")]["guidance_tflop_per_iteration"][index]
+        assert saved * 1e12 == pytest.approx(modules["isd_unet"] / 2, rel=1e-6)
+        assert result["mvd_tflop_per_iteration"][index] * 1e12 == pytest.approx(modules["mvd_vae_encode_backward"] + modules["mvd_unet"], rel=1e-6)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from stages.guidance.ip_guidance import IPComponents, IPGuidance
 from stages.guidance.protocol import GuidanceRequest, UnknownAssetError
+from stages.guidance.runtime import GuidanceRuntime
 from stages.models.ip_adapter import load_ip_adapter, per_sample_ip_scale, set_global_ip_scale
 from stages.models.sd import build_tiny_sd
 
@@ -27,13 +28,17 @@ def _ref(seed: int) -> np.ndarray:
     return np.random.RandomState(seed).rand(32, 32, 3)
 
 
-@pytest.fixture()
-def guidance(components) -> IPGuidance:
-    g = IPGuidance(components, render_resolution=RES)
+def _registered(components, runtime: GuidanceRuntime | None = None) -> IPGuidance:
+    g = IPGuidance(components, render_resolution=RES, runtime=runtime)
     g.register("car", "a red car", _ref(0))
     g.register("boat", "a blue boat", _ref(1))
     g.register("plain", "a tree")
     return g
+
+
+@pytest.fixture()
+def guidance(components) -> IPGuidance:
+    return _registered(components)
 
 
 def _request(asset, batch=2, size=RES, seed=0, t=(100, 700), **kw) -> GuidanceRequest:
@@ -201,10 +206,20 @@ def test_other_losses_match_independent_formulas(guidance, components):
         torch.testing.assert_close(resp.grad_rgb, expected, rtol=1e-4, atol=atol)
 
 
-def test_a_request_does_not_depend_on_its_batch_mates(guidance):
-    """(b) same grad alone or batched with other assets (other references, scales, t, sizes)."""
+@pytest.mark.parametrize(
+    "runtime, car_pass_rows",
+    [
+        (GuidanceRuntime(vae_chunk=64, unet_rows=64), 3 * 4 + 2 * 4 + 2 * 2 + 2 * 4),  # one pass, one forward
+        (GuidanceRuntime(vae_chunk=2, unet_rows=3), 2 * 4),  # a pass per request, 3-view one re-encoded
+    ],
+    ids=["unbounded", "bounded"],
+)
+def test_a_request_does_not_depend_on_its_batch_mates(components, runtime, car_pass_rows):
+    """(b) same grad alone or batched with other assets (other references, scales, t, sizes),
+    whether the batch runs as one pass and one UNet forward or in bounded passes and forwards."""
+    guidance = _registered(components, runtime)
     req = _request("car", seed=21)
-    (alone,) = guidance.grad([req])
+    (alone,) = _registered(components).grad([req])
     mates = [
         _request("boat", batch=3, seed=5, t=(1, 500, 999), ip_scale=1.0),
         _request("plain", seed=6, loss="sds", size=32),
@@ -212,9 +227,12 @@ def test_a_request_does_not_depend_on_its_batch_mates(guidance):
     ]
     batched = guidance.grad([mates[0], req, *mates[1:]])
     assert [r.asset_id for r in batched] == ["boat", "car", "plain", "boat"]
-    assert batched[1].info["unet_batch"] == 3 * 4 + 2 * 4 + 2 * 2 + 2 * 4
+    assert batched[1].info["unet_batch"] == car_pass_rows
+    assert max(guidance.denoiser.calls) <= runtime.unet_rows
     torch.testing.assert_close(batched[1].grad_rgb, alone.grad_rgb, rtol=1e-4, atol=1e-6)
     assert batched[1].loss == pytest.approx(alone.loss, rel=1e-4)
+    (boat_alone,) = _registered(components).grad([mates[0]])  # the 3-view request, chunked or not
+    torch.testing.assert_close(batched[0].grad_rgb, boat_alone.grad_rgb, rtol=1e-4, atol=1e-6)
 
 
 def test_view_prompts_use_the_view_dependent_embedding(components):

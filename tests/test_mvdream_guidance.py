@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from stages.guidance.mvdream_guidance import MVDreamGuidance
 from stages.guidance.protocol import Guidance, GuidanceRequest, UnknownAssetError
+from stages.guidance.runtime import GuidanceRuntime
 from stages.models.mvdream import load_mvdream
 from test_splats_helpers import look_at_c2w
 
@@ -59,23 +60,37 @@ def test_is_a_guidance(guidance):
     assert isinstance(guidance, Guidance)
 
 
-def test_batched_equals_separate_and_uses_one_unet_forward(guidance, models):
+@pytest.mark.parametrize(
+    "runtime, forwards, atol",
+    [
+        (GuidanceRuntime(vae_chunk=64, unet_rows=64), [2 * (8 + 4)], 1e-5),  # one pass, one forward
+        # a pass per request, each re-encoded in chunks of 3 (3 + 3 + 2 and 3 + 1 images), forwards of
+        # whole 4-view groups. CPU conv kernels round differently for a batch of 3 or 1 than of 4 (~1e-7
+        # relative on the latents), which CFG 50 amplifies: hence the wider tolerance.
+        (GuidanceRuntime(vae_chunk=3, unet_rows=10), [8, 8, 8], 1e-3),
+    ],
+    ids=["unbounded", "bounded"],
+)
+def test_batched_equals_separate_and_uses_bounded_unet_forwards(guidance, models, runtime, forwards, atol):
+    bounded = MVDreamGuidance(models, render_resolution=RES, guidance_scale=50.0, runtime=runtime)
+    bounded.register("chair", "a wooden chair")
+    bounded.register("lamp", "a desk lamp", negative_prompt="")
     a = request("chair", 8, [700, 200], seed=1)
     b = request("lamp", 4, [500], seed=2, size=RES)
     batches = []
     hook = models.unet.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
     try:
-        together = guidance.grad([a, b])
+        together = bounded.grad([a, b])
     finally:
         hook.remove()
-    assert batches == [2 * (8 + 4)]
+    assert batches == forwards
     alone = guidance.grad([a])[0], guidance.grad([b])[0]
     for joint, single, req in zip(together, alone, (a, b)):
         assert joint.asset_id == req.asset_id
         assert joint.grad_rgb.shape == req.rgb.shape and joint.grad_rgb.dtype == req.rgb.dtype
         scale = single.grad_rgb.abs().max()
         assert scale > 0
-        torch.testing.assert_close(joint.grad_rgb, single.grad_rgb, atol=1e-5 * float(scale), rtol=1e-4)
+        torch.testing.assert_close(joint.grad_rgb, single.grad_rgb, atol=atol * float(scale), rtol=1e-4)
         assert joint.loss == pytest.approx(single.loss, rel=1e-4)
     assert guidance.grad([]) == []
 

@@ -121,7 +121,7 @@ def _teacher_run(tmp_path, loss: str, reference_mode: int):
 @pytest.mark.parametrize("reference_mode", [1, 3])
 def test_isd_in_3d_reaches_the_reference_mode(tmp_path, reference_mode):
     """With the analytic teacher, ISD drives the rendered colours into the basin of the mode
-    the reference image picks (not the prompt's dominant mode 0). As DESIGN.md says, pure ISD
+    the reference image picks (not the prompt's dominant mode 0). As docs/ARCHITECTURE.md says, pure ISD
     ascends log p_IP/p_SD and saturates the sigmoid colours past the mode centre, so the
     check is the basin, not the distance to the mode colour."""
     modes = _teacher_run(tmp_path, "isd", reference_mode)

@@ -17,6 +17,13 @@ from pipeline.writer import MANIFEST_COLUMNS, DatasetWriter
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def hub_reachable(monkeypatch):
+    """These configs name hub models (the shipped defaults); with HF_HUB_OFFLINE set, loading
+    them checks the local cache and refuses. Loading a config never downloads, so drop it here."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
 def write_config(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "run.yaml"
     path.write_text(text)
@@ -120,9 +127,26 @@ def test_asset_ids_are_deterministic_and_distinct(tmp_path):
     changed = load_config(path, ["variants=3", "method.iterations=7"])
     assert config_digest(changed) != a[0].config_digest
     assert asset_id_for("a red apple", 0, config_digest(changed)) != a[0].asset_id
-    # resources do not change the assets
-    same = load_config(path, ["variants=3", "resources.tasks_in_flight=9"])
-    assert config_digest(same) == a[0].config_digest
+    # resources, export settings and runtime keys do not change the assets
+    for unchanged in ("resources.tasks_in_flight=9", "method.export.mesh_threshold=2.5", "method.export.turntable_frames=7",
+                      "method.checkpoint_every=3", "method.preview_every=0", "method.device=cpu"):
+        assert config_digest(load_config(path, ["variants=3", unchanged])) == a[0].config_digest, unchanged
+
+
+def test_the_one_asset_cli_names_an_asset_as_the_pipeline_does(tmp_path):
+    """``python -m stages.optimize --config <pipeline yaml> --variant k`` makes the asset the dataset
+    run names for that prompt's variant k: same id, same seeds (one rule, stages.optimize.identity)."""
+    from stages.optimize.__main__ import build_configs, parse_args
+    from stages.optimize.identity import asset_id_for, derived_seed, identity_digest
+
+    repo = Path(__file__).resolve().parents[1]
+    quickstart = repo / "configs" / "quickstart.yaml"
+    jobs = make_jobs(load_config(quickstart, [f"output={tmp_path}"]), ["a ceramic teapot"])
+    args = parse_args(["--prompt", "a ceramic teapot", "--config", str(quickstart), "--variant", "1"])
+    method, models = build_configs(args)
+    assert asset_id_for(args.prompt, 1, identity_digest(method, models, args.seed)) == jobs[1].asset_id
+    assert derived_seed(args.seed, args.prompt, 1, "optimize") == jobs[1].seed
+    assert derived_seed(args.seed, args.prompt, 1, "reference") == jobs[1].reference_seed
 
 
 def test_impossible_resources_name_the_key(tmp_path):
@@ -297,3 +321,18 @@ def test_toy_world_keys_of_one_model_go_together_and_the_world_file_is_named(tmp
     before = make_jobs(config, ["a ring"])[0].asset_id
     world.write_text("prompts:\n  a ring:\n    objects: [{parts: [{shape: torus, radius: 0.35, thickness: 0.1}]}]\n")
     assert make_jobs(config, ["a ring"])[0].asset_id != before
+
+
+def test_preflight_takes_toyworld_as_a_model_source_and_names_a_bad_world_file(tmp_path):
+    """``pipeline.preflight.check_models`` (also run by tools that skip the prompt check) resolves
+    ``toyworld`` without weights and loads the world file, naming it when it does not load."""
+    from pipeline.preflight import PreflightError, check_models
+    from stages.models.config import ModelsConfig
+
+    toy = {k.split("=")[0].removeprefix("models."): "toyworld" for k in TOY_MODELS}
+    check_models(ModelsConfig(**toy), ("reference", "ip", "mvd"))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("prompts:\n  a ring:\n    objects: [{parts: [{shape: pyramid}]}]\n")
+    with pytest.raises(PreflightError, match=r"'models\.toyworld' \(the world of models\.reference=toyworld\): .*broken\.yaml"):
+        check_models(ModelsConfig(**toy, toyworld=str(broken)), ("reference", "ip", "mvd"))
+    check_models(ModelsConfig(**toy, toyworld=str(broken)), ())  # no model of this tool loads it

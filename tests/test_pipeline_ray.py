@@ -12,11 +12,8 @@ import io
 import json
 import os
 import signal
-import socket
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,64 +34,31 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head():
-    """A Ray head on 127.0.0.1 with the dashboard (job API); stopped by killing its own
-    process group (never ``ray stop``, which stops every Ray on the machine)."""
-    port, dashboard = _free_port(), _free_port()
-    agent, agent_grpc, runtime_env, metrics = (_free_port() for _ in range(4))
-    # Own temp dir (short: Ray's socket paths must stay under 108 bytes) so concurrent heads
-    # on one machine never share session files.
-    temp_dir = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")
-    # Token auth off for this throw-away head: it listens on 127.0.0.1 only, and a pytest
-    # process cannot switch its (import-time) Ray auth config to match a fresh token.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    cmd = [
-        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-        "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
-        f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}", f"--temp-dir={temp_dir}",
-    ]
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    """A Ray head on 127.0.0.1 with the dashboard (job API), its own ports and temp dir
+    (``benchmarks.ray_head``); stopped by killing its own process group, never ``ray stop``."""
+    from benchmarks.ray_head import local_head
+
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    address = f"127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
+        with local_head(num_cpus=2) as info:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    ray.init(address=info["address"], include_dashboard=False, log_to_driver=False)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(1.0)
+            ray.cloudpickle.register_pickle_by_value(pipeline_fakes)
             try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False)
-                break
-            except Exception:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise
-                time.sleep(1.0)
-        ray.cloudpickle.register_pickle_by_value(pipeline_fakes)
-        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
+                yield {key: info[key] for key in ("address", "dashboard", "env")}
+            finally:
+                ray.shutdown()
     finally:
-        ray.shutdown()
-        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
-        # `ray start` recorded this head as the machine's default cluster; forget it so later
-        # ray.init() calls (ours or anyone's) do not try to join a dead head.
-        for current in (Path("/tmp/ray/ray_current_cluster"), Path(temp_dir) / "ray_current_cluster"):
-            if current.is_file() and current.read_text().strip().endswith(f":{port}"):
-                current.unlink()
-        shutil.rmtree(temp_dir, ignore_errors=True)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -210,11 +174,22 @@ def _latest(out: Path) -> dict:
     return DatasetWriter(str(out)).latest_rows()
 
 
+def _gallery_ids(out: Path) -> set[str]:
+    """The asset ids the dataset's gallery page lists."""
+    import re
+
+    data = re.search(r'<script type="application/json" id="gallery-data">(.*?)</script>', (out / "gallery" / "index.html").read_text(), re.S)
+    return {asset["id"] for asset in json.loads(data.group(1))["assets"]}
+
+
 def test_dataset_run_failed_assets_resume_and_retry_failed(head, tmp_path):
     out = tmp_path / "ds"
     prompts = ["a red apple", "a blue chair", "a NaN monster"]
     config = fake_config(out, prompts, **{"tracking.enabled": "true"})
-    summary = run_dataset(config, pipeline_fakes.fake_components(mvd=True))
+    console = io.StringIO()
+    summary = run_dataset(config, pipeline_fakes.fake_components(mvd=True), stream=console)
+    said = console.getvalue()  # what the first seconds show, before any iteration is counted
+    assert "building the models (IP guidance" in said and "model ready: MVDream guidance" in said and "MLflow: sqlite" in said
     assert (summary.succeeded, summary.failed) == (4, 2)
     rows = _latest(out)
     assert len(rows) == 6
@@ -234,17 +209,21 @@ def test_dataset_run_failed_assets_resume_and_retry_failed(head, tmp_path):
     assert not any((out / ".work").glob("*/fake.pt")) or all(
         "NaN" in rows[p.parent.name]["prompt"] for p in (out / ".work").glob("*/fake.pt")
     )
-    # MLflow: one parent with a child per asset; loss curves and artifacts logged
+    # MLflow: one parent with a child per asset, each started when its asset started and closed at its end
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{summary.parent_run_id}'")
-    assert len(children) == 6
+    assert len(children) == 6 and {r.info.run_id for r in children} == {r["mlflow_run_id"] for r in rows.values()}
     done = [r for r in children if r.data.tags["status"] == "succeeded"]
     assert {r.data.params["sd_branch"] for r in done} == {config.method.isd.sd_branch}
-    assert len(client.get_metric_history(done[0].info.run_id, "loss")) == 12
-    assert {a.path for a in client.list_artifacts(done[0].info.run_id)} >= {"preview.png", "reference.png", "asset.json"}
+    assert {r.info.status for r in done} == {"FINISHED"} and {r.info.status for r in children if r not in done} == {"FAILED"}
+    history = client.get_metric_history(done[0].info.run_id, "loss")
+    assert [m.step for m in history] == list(range(12))
+    row = rows[done[0].data.tags["asset_id"]]
+    assert done[0].info.end_time - done[0].info.start_time >= 1000 * row["duration_s"] * 0.9  # the run spans the asset's work
+    assert {a.path for a in client.list_artifacts(done[0].info.run_id)} == {"thumbnail.jpg"}  # files stay in the dataset
     parent = client.get_run(summary.parent_run_id)
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert parent.data.metrics["succeeded"] == 4 and {"config.yaml", "gallery"} <= parent_artifacts
@@ -260,7 +239,8 @@ def test_dataset_run_failed_assets_resume_and_retry_failed(head, tmp_path):
     config.retry_failed = True
     retried = run_dataset(config, pipeline_fakes.fake_components(reference=False))
     assert (retried.skipped_done, retried.failed) == (4, 2)
-    assert len(_latest(out)) == 6 and len(DatasetWriter(str(out)).manifest_rows()) == 8
+    # one row per asset: the retried assets' new rows replace their old ones (compaction)
+    assert len(_latest(out)) == 6 and len(DatasetWriter(str(out)).manifest_rows()) == 6
 
 
 def _wait_for(predicate, timeout: float = 60.0, every: float = 0.05):
@@ -305,8 +285,7 @@ def test_killed_worker_and_guidance_actor_lose_nothing(head, tmp_path):
     assert metrics["resumed_from"] >= 4  # continued from its checkpoint, not from scratch
     rows = _latest(out)
     assert sorted(os.listdir(out / "assets")) == sorted(rows)
-    for asset_id in rows:
-        assert (out / "gallery" / "assets" / f"{asset_id}.html").is_file() and len(rows) == 4
+    assert _gallery_ids(out) == set(rows) and len(rows) == 4
     assert len(DatasetWriter(str(out)).manifest_rows()) == 4
 
 
@@ -318,7 +297,7 @@ from pipeline.run import run_dataset
 from test_pipeline_ray import fake_config
 ray.init(address={address!r}, log_to_driver=False)
 ray.cloudpickle.register_pickle_by_value(pipeline_fakes)
-config = fake_config({out!r}, ["a vase", "a drum", "a shoe"], **{{"method.iterations": 30, "resources.tasks_in_flight": 2}})
+config = fake_config({out!r}, ["a vase", "a drum", "a shoe"], **{{"method.iterations": 30, "resources.tasks_in_flight": 2, "tracking.enabled": "true"}})
 run_dataset(config, pipeline_fakes.fake_components(step_s=0.04, reference=False))
 """
 
@@ -334,7 +313,8 @@ def test_killed_driver_loses_nothing_and_rerun_completes(head, tmp_path):
         driver.wait()
     committed_before = {p.parent.name: p.stat().st_mtime_ns for p in (out / "assets").glob("*/asset.json")}
     assert 1 <= len(committed_before) < 6 and first
-    config = fake_config(out, ["a vase", "a drum", "a shoe"], **{"method.iterations": 30})
+    config = fake_config(out, ["a vase", "a drum", "a shoe"], **{"method.iterations": 30, "tracking.enabled": "true"})
+    killed_parent = json.loads((out / ".work" / "tracking.json").read_text())["parent_run_id"]
     summary = run_dataset(config, pipeline_fakes.fake_components(reference=False))
     # tasks of the dead driver may still commit an asset or two while Ray tears them down
     assert summary.skipped_done >= len(committed_before)
@@ -342,10 +322,26 @@ def test_killed_driver_loses_nothing_and_rerun_completes(head, tmp_path):
     rows = _latest(out)
     assert len(rows) == 6 and all(r["status"] == "succeeded" for r in rows.values())
     assert sorted(os.listdir(out / "assets")) == sorted(rows)
-    for asset_id in rows:
-        assert (out / "gallery" / "assets" / f"{asset_id}.html").is_file()
+    assert _gallery_ids(out) == set(rows)
     for asset_id, mtime in committed_before.items():  # finished assets were not redone
         assert (out / "assets" / asset_id / "asset.json").stat().st_mtime_ns == mtime
+    # MLflow: the killed driver's parent run is closed, nothing is left RUNNING, and every
+    # committed asset has exactly one child run (the one its manifest row names), FINISHED
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], "")
+    assert client.get_run(killed_parent).info.status == "KILLED"
+    assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
+    children: dict[str, list] = {}
+    for run in runs:
+        if "asset_id" in run.data.tags:
+            children.setdefault(run.data.tags["asset_id"], []).append(run)
+    assert sorted(children) == sorted(rows)
+    for asset_id, row in rows.items():
+        (run,) = children[asset_id]
+        assert run.info.run_id == row["mlflow_run_id"] and run.info.status == "FINISHED"
 
 
 @pytest.mark.slow
@@ -379,8 +375,7 @@ def test_quickstart_through_ray_job_submit(head, tmp_path):
             assert trimesh.load(out / files["mesh"]).bounds is not None
         assert row["mlflow_run_id"]
     assert sorted(os.listdir(out / "assets")) == sorted(rows)
-    for asset_id in rows:
-        assert (out / "gallery" / "assets" / f"{asset_id}.html").is_file()
+    assert _gallery_ids(out) == set(rows)
 
 
 def test_batching_benchmark_compares_actor_and_serve_batch(head, tmp_path):
@@ -473,3 +468,38 @@ def test_toyworld_quickstart_through_ray_recovers_every_reference(head, tmp_path
         identities.add(r["toy_identity"])
         references.add(r["toy_reference"])
     assert all(len(ids) == len(refs) == 2 for ids, refs in by_prompt.values()), found
+
+
+def test_reexport_without_retraining_updates_rows_in_place_and_resumes(head, tmp_path):
+    """``pipeline.export``: new export settings are applied from the checkpoints on Ray; asset ids
+    stay, the newer rows supersede, the turntable and mesh follow the new settings, and a second
+    run has nothing to do."""
+    import imageio.v3 as iio
+
+    from evaluate_fixtures import build_dataset, tiny_method
+    from pipeline.export import plan_export, run_export
+    from pipeline.integrity import verify_assets
+
+    method = tiny_method(iterations=2)  # exported with 1 turntable frame (GIF) and no mesh
+    rows = build_dataset(tmp_path, [("a blue ball", 0, 1, 0.4), ("a blue ball", 1, 2, 0.6)], method)
+    checkpoints = {r["asset_id"]: (tmp_path / r["asset_dir"] / "checkpoint.pt").read_bytes() for r in rows}
+    overrides = ["method.export.turntable_frames=3", "method.export.mesh=true", "method.export.mesh_resolution=16",
+                 "method.export.mesh_threshold=0.5", "resources.task_num_cpus=0.5", "gallery=false"]
+    plan = plan_export(str(tmp_path), overrides)
+    assert sorted(plan.asset_ids) == sorted(r["asset_id"] for r in rows)
+    assert run_export(plan) == {"exported": 2, "skipped": 0, "failed": 0}
+    latest = DatasetWriter(str(tmp_path)).latest_rows()
+    assert set(latest) == {r["asset_id"] for r in rows}  # same ids, one latest row each
+    for before in rows:
+        after = latest[before["asset_id"]]
+        assert after["finished_at"] > before["finished_at"] and after["config_digest"] == before["config_digest"]
+        files = json.loads(after["files"])
+        assert "mesh" in files and "mesh" not in json.loads(before["files"])
+        for rel in files.values():
+            assert (tmp_path / rel).is_file(), rel
+        assert iio.imread(tmp_path / files["turntable"], index=None).shape[0] == 3
+        assert (tmp_path / after["asset_dir"] / "checkpoint.pt").read_bytes() == checkpoints[after["asset_id"]]  # not retrained
+    report = verify_assets(DatasetWriter(str(tmp_path)))  # the checksums follow the new files
+    assert report.checked == 2 and report.damaged == {} and report.unverifiable == []
+    assert run_export(plan_export(str(tmp_path), overrides)) == {"exported": 0, "skipped": 2, "failed": 0}
+    assert len(DatasetWriter(str(tmp_path)).manifest_rows()) == 4

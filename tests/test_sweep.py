@@ -57,7 +57,10 @@ def test_bad_key_or_value_fails_before_any_run(tmp_path):
         plan_sweep(SweepConfig(base=base, key="method.isd.ip_scale", values=[0.5, -1.0], output=str(tmp_path)))
 
 
-def test_shipped_ip_scale_sweep_plans_the_paper_values():
+def test_shipped_ip_scale_sweep_plans_the_paper_values(monkeypatch):
+    # The shipped sweep names hub models; offline, loading it would check (and miss) the local
+    # hub cache. Loading a config never downloads.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     config = load_sweep_config(REPO / "configs" / "sweep_ip_scale.yaml")
     runs = plan_sweep(config)
     assert [r.config.method.isd.ip_scale for r in runs] == [0.0, 0.2, 0.5, 0.7, 1.0]

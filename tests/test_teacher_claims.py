@@ -1,4 +1,4 @@
-"""The paper's claims on the 2D analytic teacher, as DESIGN.md "What the analytic teacher can
+"""The paper's claims on the 2D analytic teacher, as docs/ARCHITECTURE.md "What the analytic teacher can
 and cannot show" states them: the variance identity always; the ISD-vs-IP-SDS ordering only
 where the correlation inequality holds (decided on one set of noise draws, checked on
 another); mode collapse of SDS at CFG 7.5 and one distinct mode per reference for IP-SDS,
@@ -67,7 +67,7 @@ def test_isd_ordering_where_the_inequality_holds(two_draw_sets, other, threshold
 
 
 def test_weak_and_moderate_tilt_satisfy_the_inequality_at_most_t(two_draw_sets):
-    # DESIGN.md: with a weak-to-moderate tilt the inequality holds at most t.
+    # docs/ARCHITECTURE.md: with a weak-to-moderate tilt the inequality holds at most t.
     predict, _ = two_draw_sets
     for tilt in TILTS[:2]:
         holds = [predict[(tilt, t)]["isd_below_ip_sds_predicted"] for t in TIMESTEPS]

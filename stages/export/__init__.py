@@ -1,4 +1,4 @@
-"""Write the files a user opens for one asset (names fixed by CONTRACTS.md "Dataset layout").
+"""Write the files a user opens for one asset (names fixed by docs/ARCHITECTURE.md "Dataset layout").
 
 :func:`export_asset` renders the preview grid and the turntable, saves the reference image and
 the final scene state, and calls the representation's exporters: a 3DGS PLY for splat scenes

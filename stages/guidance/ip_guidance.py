@@ -1,12 +1,15 @@
 """SD1.5 + IP-Adapter guidance: ISD, SDS, IP-SDS and the control-variate ablations.
 
-``IPGuidance.grad(requests)`` answers a batch of requests from different assets with ONE VAE
-encode and ONE UNet forward: every evaluation of every request's
-:func:`~stages.guidance.losses.loss_spec` (text cond/uncond × image ref/null/none × t or
-t+δt × shared or independent noise) becomes B rows of that forward, with a per-sample IP
-scale (the request's ``ip_scale`` for ``ref``/``null`` rows, 0 for ``none`` rows). Noise is
-drawn per request from its own seed (independent draws from ``seed + 1``), so a request's
-gradient does not depend on its batch mates (up to floating-point reduction order).
+``IPGuidance.grad(requests)`` answers a batch of requests from different assets together:
+every evaluation of every request's :func:`~stages.guidance.losses.loss_spec` (text
+cond/uncond × image ref/null/none × t or t+δt × shared or independent noise) becomes B rows of
+one UNet batch, with a per-sample IP scale (the request's ``ip_scale`` for ``ref``/``null``
+rows, 0 for ``none`` rows). Memory is bounded by its :class:`~stages.guidance.runtime.
+GuidanceRuntime`: requests are cut into slices of at most ``vae_chunk`` views, answered in
+passes of at most ``vae_chunk`` images (one VAE encode with grad each) and UNet forwards of at
+most ``unet_rows`` rows. Noise is drawn per request from its own seed (independent draws from
+``seed + 1``), a slice taking its views' part, so a request's gradient does not depend on its
+batch mates or on how it is sliced (up to floating-point reduction order).
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from stages.guidance.protocol import (
     GuidanceRequest,
     GuidanceResponse,
     UnknownAssetError,
-    request_noise,
     validate_request,
 )
-from stages.guidance.vae_bridge import backprop_to_renders, encode_renders
+from stages.guidance.runtime import GuidanceRuntime, RowBounded, ViewSlice, passes, slice_noise, slice_request, view_slices
+from stages.guidance.vae_bridge import backprop_to_renders, bounded_encoder, encode_renders
 from stages.models.config import ModelsConfig
 from stages.models.tiny import TINY_RENDER_RESOLUTION
 from stages.models.device import resolve_device, resolve_dtype
@@ -103,6 +106,7 @@ class IPGuidance:
         render_resolution: int = 512,
         sd_branch: str = "vanilla",
         negative_prompt: str = "",
+        runtime: GuidanceRuntime | None = None,
     ) -> None:
         if sd_branch not in losses.SD_BRANCHES:
             raise ValueError(f"unknown isd.sd_branch {sd_branch!r}; expected one of {losses.SD_BRANCHES}")
@@ -120,16 +124,25 @@ class IPGuidance:
         self.alphas_cumprod = self.sd.alphas_cumprod
         self._null = self.ip.null_embedding().to(self.sd.dtype)
         self._assets: dict[str, _Asset] = {}
+        self.runtime = runtime or GuidanceRuntime()
+        compile_args = {"compile": self.runtime.compile, "backend": self.runtime.compile_backend}
+        self.latent_encoder = bounded_encoder(self.sd.vae, self.runtime)
+        self.denoiser = RowBounded(self._unet_forward, self.sd.unet, self.runtime.unet_rows, **compile_args)
 
     @classmethod
     def from_config(
-        cls, models: ModelsConfig, sd_branch: str = "vanilla", negative_prompt: str = "", render_resolution: int | None = None
+        cls,
+        models: ModelsConfig,
+        sd_branch: str = "vanilla",
+        negative_prompt: str = "",
+        render_resolution: int | None = None,
+        runtime: GuidanceRuntime | None = None,
     ) -> "IPGuidance":
         """Load ``models`` (SD1.5, IP-Adapter, image encoder). ``render_resolution`` defaults
         to SD1.5's 512, and to ``TINY_RENDER_RESOLUTION`` (32) for ``tiny``."""
         if render_resolution is None:
-            render_resolution = TINY_RENDER_RESOLUTION if models.sd == "tiny" else 512
-        return cls(models, render_resolution=render_resolution, sd_branch=sd_branch, negative_prompt=negative_prompt)
+            render_resolution = ip_render_resolution(models)
+        return cls(models, render_resolution, sd_branch, negative_prompt, runtime)
 
     # ------------------------------------------------------------------ registry
 
@@ -166,49 +179,27 @@ class IPGuidance:
     # ------------------------------------------------------------------ gradients
 
     def grad(self, requests: Sequence[GuidanceRequest]) -> list[GuidanceResponse]:
-        """Image-space gradients for every request, from one VAE encode and one UNet forward."""
-        if not requests:
-            return []
-        specs = [self._check(req) for req in requests]
-        device, dtype = self.sd.device, self.sd.dtype
-        encoded = encode_renders(self.sd.vae, [r.rgb for r in requests], self.render_resolution, device, dtype)
-        latents = encoded.split(encoded.latents.detach())
-
-        rows: list[_Rows] = []
-        noises: list[tuple[Tensor, Tensor | None]] = []
-        for req, spec, x0 in zip(requests, specs, latents):
-            noise = request_noise(req.seed, x0.shape).to(device)
-            noise2 = request_noise(req.seed + 1, x0.shape).to(device) if spec.needs_independent_noise else None
-            noises.append((noise, noise2))
-            rows.extend(self._rows(req, spec, x0, noise, noise2))
-
-        with torch.no_grad(), per_sample_ip_scale(self.sd.unet, torch.cat([r.scale for r in rows]).to(device)):
-            predictions = self.sd.unet(
-                torch.cat([r.x for r in rows]).to(dtype),
-                torch.cat([r.t for r in rows]).to(device),
-                encoder_hidden_states=torch.cat([r.text for r in rows]),
-                added_cond_kwargs={"image_embeds": self.ip.unet_embeds(torch.cat([r.image for r in rows]))},
-            ).sample.float()
-        per_row = torch.split(predictions, [r.x.shape[0] for r in rows])
-
-        grads, start = [], 0
-        for req, spec, (noise, noise2) in zip(requests, specs, noises):
-            preds = per_row[start : start + len(spec.evaluations)]
-            start += len(spec.evaluations)
-            params = losses.LossParams(
-                guidance_scale=float(req.guidance_scale),
-                cv_guidance_scale=float(req.options.get("cv_guidance_scale", 100.0)),
-            )
-            weight = losses.sds_weight(self.alphas_cumprod, req.timesteps.cpu()).to(device)
-            grads.append(losses.latent_gradient(spec, preds, noise, weight, params, noise2))
-
-        grad_rgb = backprop_to_renders(encoded, torch.cat(grads))
+        """Image-space gradients for every request: views sliced and answered in passes of at most
+        ``runtime.vae_chunk`` images (see :mod:`stages.guidance.runtime`)."""
+        specs = [self._check(req) for req in requests]  # every request is checked before any work
+        slices = view_slices([int(r.rgb.shape[0]) for r in requests], self.runtime.vae_chunk)
+        latent_parts: list[list[Tensor]] = [[] for _ in requests]
+        rgb_parts: list[list[Tensor]] = [[] for _ in requests]
+        unet_batch = [0] * len(requests)
+        for group in passes([piece.views for piece in slices], self.runtime.vae_chunk):
+            pieces = [slices[i] for i in group]
+            latent_grads, rgb_grads, rows = self._grad_pass([(requests[p.request], specs[p.request], p) for p in pieces])
+            for piece, g_latent, g_rgb in zip(pieces, latent_grads, rgb_grads):
+                latent_parts[piece.request].append(g_latent)
+                rgb_parts[piece.request].append(g_rgb)
+                unet_batch[piece.request] = max(unet_batch[piece.request], rows)
         responses = []
-        for req, spec, g_latent, g_rgb in zip(requests, specs, grads, grad_rgb):
+        for req, spec, g_latent, g_rgb, rows in zip(requests, specs, latent_parts, rgb_parts, unet_batch):
+            g_latent = torch.cat(g_latent)
             responses.append(
                 GuidanceResponse(
                     asset_id=req.asset_id,
-                    grad_rgb=g_rgb.to(req.rgb.dtype),
+                    grad_rgb=torch.cat(g_rgb).to(req.rgb.dtype),
                     loss=float(losses.surrogate_loss(g_latent)),
                     grad_norm=float(g_latent.float().norm()),
                     timesteps=req.timesteps.detach().cpu(),
@@ -217,11 +208,59 @@ class IPGuidance:
                         "ip_scale": float(req.ip_scale),
                         "guidance_scale": float(req.guidance_scale),
                         "t_mean": float(req.timesteps.float().mean()),
-                        "unet_batch": float(predictions.shape[0]),
+                        "unet_batch": float(rows),
                     },
                 )
             )
         return responses
+
+    def _grad_pass(
+        self, pieces: Sequence[tuple[GuidanceRequest, losses.LossSpec, ViewSlice]]
+    ) -> tuple[list[Tensor], list[Tensor], int]:
+        """One pass: VAE encode with grad, the UNet over every row (bounded forwards), one backprop.
+        Returns each slice's latent gradient and grad_rgb, and the pass's UNet rows."""
+        device, dtype = self.sd.device, self.sd.dtype
+        parts = [slice_request(req, piece.start, piece.stop) for req, _, piece in pieces]
+        encoded = encode_renders(
+            self.latent_encoder, [r.rgb for r in parts], self.render_resolution, device, dtype, self.runtime.vae_chunk
+        )
+        latents = encoded.split(encoded.latents)
+
+        rows: list[_Rows] = []
+        noises: list[tuple[Tensor, Tensor | None]] = []
+        for (req, spec, piece), part, x0 in zip(pieces, parts, latents):
+            views, shape = int(req.rgb.shape[0]), x0.shape[1:]
+            noise = slice_noise(req.seed, views, shape, piece).to(device)
+            noise2 = slice_noise(req.seed + 1, views, shape, piece).to(device) if spec.needs_independent_noise else None
+            noises.append((noise, noise2))
+            rows.extend(self._rows(part, spec, x0, noise, noise2))
+
+        with torch.no_grad():
+            predictions = self.denoiser(
+                torch.cat([r.x for r in rows]).to(dtype),
+                torch.cat([r.t for r in rows]).to(device),
+                torch.cat([r.text for r in rows]),
+                torch.cat([r.image for r in rows]),
+                torch.cat([r.scale for r in rows]).to(device),
+            ).float()
+        per_row = torch.split(predictions, [r.x.shape[0] for r in rows])
+
+        grads, start = [], 0
+        for (_, spec, _), part, (noise, noise2) in zip(pieces, parts, noises):
+            preds = per_row[start : start + len(spec.evaluations)]
+            start += len(spec.evaluations)
+            params = losses.LossParams(
+                guidance_scale=float(part.guidance_scale),
+                cv_guidance_scale=float(part.options.get("cv_guidance_scale", 100.0)),
+            )
+            weight = losses.sds_weight(self.alphas_cumprod, part.timesteps.cpu()).to(device)
+            grads.append(losses.latent_gradient(spec, preds, noise, weight, params, noise2))
+        return grads, backprop_to_renders(encoded, torch.cat(grads)), int(predictions.shape[0])
+
+    def _unet_forward(self, unet: torch.nn.Module, x: Tensor, t: Tensor, text: Tensor, image: Tensor, scale: Tensor) -> Tensor:
+        """ε for (N, 4, h, w) rows; ``scale`` (N,) is each row's IP scale."""
+        with per_sample_ip_scale(self.sd.unet, scale):
+            return unet(x, t, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": self.ip.unet_embeds(image)}).sample
 
     def _check(self, req: GuidanceRequest) -> losses.LossSpec:
         validate_request(req)
@@ -275,6 +314,11 @@ class IPGuidance:
                 )
             )
         return rows
+
+
+def ip_render_resolution(models: ModelsConfig) -> int:
+    """Square size renders are resized to before the VAE: SD1.5's 512, ``TINY_RENDER_RESOLUTION`` for ``tiny``."""
+    return TINY_RENDER_RESOLUTION if models.sd == "tiny" else 512
 
 
 def _fingerprint(reference: Any | None) -> str:

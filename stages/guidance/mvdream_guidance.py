@@ -1,10 +1,12 @@
 """MVDream SDS guidance (ModeDreamer Eq. 8) implementing the guidance protocol.
 
 Per request: B = 4·k renders of one asset (k groups of 4 views, each group with one t),
-their camera-to-world matrices, a noise seed. All requests of a call are VAE-encoded at
-``render_resolution`` (256 → 32² latents) in one forward with grad, noised with each
-request's own noise, and go through ONE multi-view UNet forward of batch 2·ΣB (text-cond
-and text-uncond halves, camera repeated, ``num_frames`` = 4). The latent gradient is
+their camera-to-world matrices, a noise seed. The requests of a call are cut into slices of
+whole 4-view groups and answered in passes of at most ``runtime.vae_chunk`` images
+(:class:`~stages.guidance.runtime.GuidanceRuntime`): a pass is VAE-encoded at ``render_resolution`` (256 → 32² latents) with grad, noised with each
+request's own noise, and goes through the multi-view UNet as one batch of 2·ΣB rows (text-cond
+and text-uncond halves, camera repeated, ``num_frames`` = 4), in forwards of at most
+``runtime.unet_rows`` rows (whole 4-view groups). The latent gradient is
 
 - SDS (default): w(t)·(ε_cfg − ε) with w(t) = 1 − ᾱ_t (``losses.loss_spec("sds_mvd")``);
 - ``recon_loss``: latents − x̂0, where x̂0 is predicted from ε_cfg and, per group of 4 views,
@@ -34,8 +36,9 @@ from stages.guidance.losses import (
     sds_weight,
     surrogate_loss,
 )
-from stages.guidance.protocol import GuidanceRequest, GuidanceResponse, UnknownAssetError, request_noise
-from stages.guidance.vae_bridge import backprop_to_renders, encode_renders
+from stages.guidance.protocol import GuidanceRequest, GuidanceResponse, UnknownAssetError
+from stages.guidance.runtime import GuidanceRuntime, RowBounded, ViewSlice, passes, slice_noise, slice_request, view_slices
+from stages.guidance.vae_bridge import backprop_to_renders, bounded_encoder, encode_renders
 from stages.models.config import ModelsConfig
 from stages.models.device import resolve_device, resolve_dtype
 from stages.models.mvdream import (
@@ -84,6 +87,7 @@ class MVDreamGuidance:
         recon_loss: bool = False,
         recon_std_rescale: float = 0.5,
         negative_prompt: str = MVDREAM_NEGATIVE_PROMPT,
+        runtime: GuidanceRuntime | None = None,
     ) -> None:
         if render_resolution <= 0 or render_resolution % 8:
             raise ValueError(f"render_resolution must be a positive multiple of 8, got {render_resolution}")
@@ -101,9 +105,17 @@ class MVDreamGuidance:
             if evaluation.image != "none" or evaluation.timestep != "t" or evaluation.noise != "shared":
                 raise ValueError(f"MVDreamGuidance cannot evaluate {evaluation}")
         self._assets: dict[str, _Asset] = {}
+        self.runtime = runtime or GuidanceRuntime()
+        compile_args = {"compile": self.runtime.compile, "backend": self.runtime.compile_backend}
+        self.latent_encoder = bounded_encoder(models.vae, self.runtime)
+        self.denoiser = RowBounded(
+            self._unet_forward, models.unet, self.runtime.unet_rows, multiple=self.num_frames, **compile_args
+        )
 
     @classmethod
-    def from_config(cls, models: ModelsConfig, render_resolution: int | None = None) -> "MVDreamGuidance":
+    def from_config(
+        cls, models: ModelsConfig, render_resolution: int | None = None, runtime: GuidanceRuntime | None = None
+    ) -> "MVDreamGuidance":
         """Load ``models.mvdream`` (+ tokenizer from ``models.mvdream_text``) on ``models.device``/``dtype``.
 
         The CFG scale, ``recon_loss`` and its rescale then come from each request (the
@@ -117,8 +129,8 @@ class MVDreamGuidance:
             models.mvdream, dtype=dtype, device=device, seed=models.seed, text_source=models.mvdream_text
         )
         if render_resolution is None:
-            render_resolution = TINY_RENDER_RESOLUTION if models.mvdream == "tiny" else 256
-        return cls(components, render_resolution=render_resolution, guidance_scale=None)
+            render_resolution = mvd_render_resolution(models)
+        return cls(components, render_resolution=render_resolution, guidance_scale=None, runtime=runtime)
 
     # ------------------------------------------------------------------ registry
 
@@ -180,25 +192,58 @@ class MVDreamGuidance:
             )
 
     def grad(self, requests: Sequence[GuidanceRequest]) -> list[GuidanceResponse]:
-        """``grad_rgb`` for every request, all of them through one VAE and one UNet forward."""
-        if not requests:
-            return []
-        for request in requests:
+        """``grad_rgb`` for every request: whole 4-view groups sliced and answered in passes of at
+        most ``runtime.vae_chunk`` images (see :mod:`stages.guidance.runtime`)."""
+        for request in requests:  # every request is checked before any work
             self._check(request)
+        slices = view_slices([int(r.rgb.shape[0]) for r in requests], self.runtime.vae_chunk, self.num_frames)
+        latent_parts: list[list[Tensor]] = [[] for _ in requests]
+        rgb_parts: list[list[Tensor]] = [[] for _ in requests]
+        infos: list[dict[str, float]] = [{} for _ in requests]
+        for group in passes([piece.views for piece in slices], self.runtime.vae_chunk):
+            pieces = [slices[i] for i in group]
+            latent_grads, rgb_grads, pass_infos = self._grad_pass([(requests[p.request], p) for p in pieces])
+            for piece, g_latent, g_rgb, info in zip(pieces, latent_grads, rgb_grads, pass_infos):
+                latent_parts[piece.request].append(g_latent)
+                rgb_parts[piece.request].append(g_rgb)
+                infos[piece.request] = info
+        responses = []
+        for request, g_latent, g_rgb, info in zip(requests, latent_parts, rgb_parts, infos):
+            g_latent = torch.cat(g_latent)
+            responses.append(
+                GuidanceResponse(
+                    asset_id=request.asset_id,
+                    grad_rgb=torch.cat(g_rgb).to(request.rgb.dtype),
+                    loss=float(surrogate_loss(g_latent)),
+                    grad_norm=float(g_latent.norm()),
+                    timesteps=request.timesteps.detach().cpu(),
+                    info=info,
+                )
+            )
+        return responses
+
+    def _grad_pass(
+        self, pieces: Sequence[tuple[GuidanceRequest, ViewSlice]]
+    ) -> tuple[list[Tensor], list[Tensor], list[dict[str, float]]]:
+        """One pass: VAE encode with grad, the multi-view UNet over every row (bounded forwards),
+        one backprop. Returns each slice's latent gradient, grad_rgb and info."""
         models = self.models
         device, dtype = models.device, models.dtype
         alphas_all = models.alphas_cumprod.float()
+        requests = [slice_request(request, piece.start, piece.stop) for request, piece in pieces]
 
-        encoded = encode_renders(models.vae, [r.rgb for r in requests], self.render_resolution, device, dtype)
+        encoded = encode_renders(
+            self.latent_encoder, [r.rgb for r in requests], self.render_resolution, device, dtype, self.runtime.vae_chunk
+        )
         latents = encoded.latents
         shape = latents.shape[1:]
-        noises = [request_noise(r.seed, (r.rgb.shape[0], *shape)) for r in requests]
+        noises = [slice_noise(whole.seed, int(whole.rgb.shape[0]), shape, piece) for whole, piece in pieces]
         timesteps = torch.cat([r.timesteps.long().cpu() for r in requests])
         noise = torch.cat(noises).to(device)
         t_device = timesteps.to(device)
 
         with torch.no_grad():
-            noisy = add_noise(latents.detach(), noise.to(dtype), alphas_all, t_device)
+            noisy = add_noise(latents, noise.to(dtype), alphas_all, t_device)
             camera = normalize_camera(torch.cat([r.c2w.float().cpu() for r in requests])).to(device)
             texts = {
                 "cond": torch.cat([self._assets[r.asset_id].cond.expand(r.rgb.shape[0], -1, -1) for r in requests]),
@@ -207,17 +252,15 @@ class MVDreamGuidance:
                 ),
             }
             n_eval = len(self.spec.evaluations)
-            eps = mvdream_forward(
-                models.unet,
+            eps = self.denoiser(
                 noisy.repeat(n_eval, 1, 1, 1),
                 t_device.repeat(n_eval),
                 torch.cat([texts[e.text] for e in self.spec.evaluations]).to(device, dtype),
                 camera.repeat(n_eval, 1).to(dtype),
-                num_frames=self.num_frames,
             ).float()
         predictions = [encoded.split(chunk) for chunk in eps.chunk(n_eval)]  # [eval][request]
         noisy_split = encoded.split(noisy)
-        latent_split = encoded.split(latents.detach())
+        latent_split = encoded.split(latents)
 
         grads: list[Tensor] = []
         infos: list[dict[str, float]] = []
@@ -249,14 +292,12 @@ class MVDreamGuidance:
             infos.append({"guidance_scale": scale, "recon_loss": float(recon)})
 
         grad_rgb = backprop_to_renders(encoded, torch.cat(grads).to(latents.dtype))
-        return [
-            GuidanceResponse(
-                asset_id=request.asset_id,
-                grad_rgb=g_rgb.to(request.rgb.dtype),
-                loss=float(surrogate_loss(g_lat)),
-                grad_norm=float(g_lat.norm()),
-                timesteps=request.timesteps.detach().cpu(),
-                info=info,
-            )
-            for request, g_rgb, g_lat, info in zip(requests, grad_rgb, grads, infos)
-        ]
+        return grads, grad_rgb, infos
+
+    def _unet_forward(self, unet: torch.nn.Module, x: Tensor, t: Tensor, context: Tensor, camera: Tensor) -> Tensor:
+        return mvdream_forward(unet, x, t, context, camera, num_frames=self.num_frames)
+
+
+def mvd_render_resolution(models: ModelsConfig) -> int:
+    """Square size renders are resized to before the VAE: MVDream's 256, ``TINY_RENDER_RESOLUTION`` for ``tiny``."""
+    return TINY_RENDER_RESOLUTION if models.mvdream == "tiny" else 256

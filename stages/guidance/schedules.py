@@ -169,8 +169,9 @@ def milestone_value(step: int, milestones: Sequence[int], values: Sequence[Any])
 class ScheduleConfig:
     """Schedules of one run (OmegaConf-structured friendly: primitives and lists only).
 
-    Defaults follow DESIGN.md: α 0.4→0.8 and β 0.6→0.02 linear over the run; the timestep
-    range of MVDream-threestudio; 8 views at 64² then 4 views at 256² from half-way on.
+    Defaults: α 0.4→0.8 and β 0.6→0.02 linear over the run (the paper); the timestep range of
+    MVDream-threestudio; 8 views at 64² then 4 views at 256² from half-way on (this project's
+    reconstruction of MVDream-threestudio's render schedule; the paper does not state one).
     """
 
     alpha_start: float = 0.4
@@ -194,9 +195,12 @@ class ScheduleConfig:
     milestones: list[float] = field(default_factory=lambda: [0.5])
     """Fractions of the run where resolution / batch size switch."""
     resolutions: list[int] = field(default_factory=lambda: [64, 256])
-    """Render resolution before / after each milestone (len(milestones) + 1 values)."""
+    """Render resolution before / after each milestone (len(milestones) + 1 values). The default
+    8 views at 64² then 4 at 256² from half-way is this project's reconstruction from
+    MVDream-threestudio (``mvdream-sd21.yaml``), not a setting the ModeDreamer paper states."""
     batch_sizes: list[int] = field(default_factory=lambda: [8, 4])
-    """Views per iteration before / after each milestone (multiples of 4 for MVDream)."""
+    """Views per iteration before / after each milestone (multiples of 4 for MVDream; default:
+    MVDream-threestudio's, see ``resolutions``)."""
 
     def __post_init__(self) -> None:
         self.validate()

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from stages.guidance.protocol import Guidance
+from stages.guidance.runtime import GuidanceRuntime
 from stages.models.config import ModelsConfig
 
 TOYWORLD = "toyworld"
@@ -49,24 +50,27 @@ def toyworld_guidance(models: ModelsConfig, method: Any | None = None) -> Guidan
     )
 
 
-def build_ip_guidance(models: ModelsConfig, method: Any) -> Guidance:
+def build_ip_guidance(models: ModelsConfig, method: Any, runtime: GuidanceRuntime | None = None) -> Guidance:
     """The SD1.5 + IP-Adapter side: ``IPGuidance`` (renders resized to 512 for SD1.5, 32 for
-    ``tiny``) with the method's ``isd.sd_branch`` and negative prompt, or the toy world."""
+    ``tiny``) with the method's ``isd.sd_branch`` and negative prompt, answering in passes bounded
+    by ``runtime``; or the toy world (exact and small: ``runtime`` does not apply)."""
     if uses_toyworld(models, "ip"):
         return toyworld_guidance(models, method)
     from stages.guidance.ip_guidance import IPGuidance
 
-    return IPGuidance.from_config(models, sd_branch=method.isd.sd_branch, negative_prompt=method.isd.negative_prompt)
+    return IPGuidance.from_config(
+        models, sd_branch=method.isd.sd_branch, negative_prompt=method.isd.negative_prompt, runtime=runtime
+    )
 
 
-def build_mvd_guidance(models: ModelsConfig, method: Any | None = None) -> Guidance:
+def build_mvd_guidance(models: ModelsConfig, method: Any | None = None, runtime: GuidanceRuntime | None = None) -> Guidance:
     """The multi-view side: ``MVDreamGuidance`` (CFG and recon loss come with each request from
-    ``method.mvd``), or the toy world's multi-view branch."""
+    ``method.mvd``; passes bounded by ``runtime``), or the toy world's multi-view branch."""
     if uses_toyworld(models, "mvd"):
         return toyworld_guidance(models, method)
     from stages.guidance.mvdream_guidance import MVDreamGuidance
 
-    return MVDreamGuidance.from_config(models)
+    return MVDreamGuidance.from_config(models, runtime=runtime)
 
 
 def build_reference_sampler(models: ModelsConfig) -> Any:

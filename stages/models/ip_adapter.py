@@ -445,9 +445,11 @@ def tiny_ip_adapter_state_dict(
     encoder_config: CLIPVisionConfig,
     layout: Layout = "base",
     seed: int = 0,
+    plus_width: int = 64,
 ) -> dict[str, dict[str, Tensor]]:
     """A random IP-Adapter state dict for ``unet`` in the ORIGINAL layout (``image_proj`` /
-    ``ip_adapter`` groups, tencent key names), sized for ``unet`` and ``encoder_config``."""
+    ``ip_adapter`` groups, tencent key names), sized for ``unet`` and ``encoder_config``.
+    ``plus_width``: the plus Resampler's width (``ip-adapter-plus_sd15``: 768, 12 heads of 64)."""
     g = torch.Generator().manual_seed(int(seed))
 
     def rand(*shape: int, std: float = 0.2, mean: float = 0.0) -> Tensor:
@@ -464,7 +466,7 @@ def tiny_ip_adapter_state_dict(
             "norm.bias": rand(cross, std=0.1),
         }
     else:
-        dim, heads, ff, queries = 64, 1, 4, 16
+        dim, heads, ff, queries = int(plus_width), max(1, int(plus_width) // 64), 4, 16
         inner, d_in = heads * 64, int(encoder_config.hidden_size)
         proj = {
             "latents": rand(1, queries, dim),

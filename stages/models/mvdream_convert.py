@@ -424,6 +424,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m stages.models.mvdream_convert",
         description="Convert an original MVDream checkpoint into a diffusers-style directory.",
+        epilog="examples:\n"
+        "  python -m stages.models.mvdream_convert sd-v2.1-base-4view.pt models/mvdream --tokenizer stabilityai/stable-diffusion-2-1-base\n"
+        "  # then: python -m pipeline.run configs/dataset.yaml models.mvdream=models/mvdream\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("checkpoint", help="sd-v2.1-base-4view.pt / .ckpt / .safetensors")
     parser.add_argument("out_dir", help="output directory (unet/, vae/, text_encoder/, tokenizer/, ...)")

@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoPipelineForText2Image, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from stages.models.sd import build_tiny_sd, load_pipeline, place
+from stages.models.sd import SDComponents, build_tiny_sd, load_pipeline, place
 from stages.models.sources import ModelSource, resolve_source
 
 
@@ -96,6 +96,11 @@ def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     parts = build_tiny_sd(seed)
     for module in (parts.unet, parts.vae, parts.text_encoder):
         place(module, "cpu", torch.float32)
+    return pipeline_of(parts)
+
+
+def pipeline_of(parts: SDComponents) -> StableDiffusionPipeline:
+    """A ``StableDiffusionPipeline`` over built SD parts (DDIM sampler, no safety checker)."""
     return StableDiffusionPipeline(
         vae=parts.vae,
         text_encoder=parts.text_encoder,

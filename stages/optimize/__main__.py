@@ -1,6 +1,6 @@
-"""Single-asset CLI: optimise one prompt in-process and write its asset files.
+"""Single-asset CLI: optimise one prompt in-process (no Ray) and write its asset files.
 
-    python -m stages.optimize --prompt "a red apple" models=tiny            # CPU, about a minute
+    python -m stages.optimize --prompt "a red apple" models=tiny --out outputs/apple
     python -m stages.optimize --prompt "a red apple" --reference apple.png --out outputs/apple
     python -m stages.optimize --prompt "a ring" --config configs/quickstart.yaml   # the toy world
     python -m stages.optimize --prompt "a chair" --config configs/quickstart_tiny.yaml iterations=300
@@ -13,13 +13,15 @@ method from the ``tiny`` preset unless ``preset=paper`` is given; for the toy wo
 settings pass ``--config configs/quickstart.yaml``). A YAML ``--config`` may hold ``method:`` / ``models:`` /
 ``method_preset:`` sections (a pipeline config works) or method keys at top level.
 
-Rerunning with the same ``--out`` resumes from the last checkpoint in ``<out>/work``.
+The asset id and seeds follow the pipeline's rule (:mod:`stages.optimize.identity`): with the
+same config, ``--seed`` (the pipeline's ``seed``) and ``--variant``, this makes the asset a dataset
+run names ``<slug>-v<variant>-<hash>``. Rerunning with the same ``--out`` resumes from the last
+checkpoint in ``<out>/work``.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -34,14 +36,20 @@ MODEL_SHORTCUTS = ("tiny", "toyworld")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m stages.optimize", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.optimize",
+        description=__doc__.split("\n\n")[0].splitlines()[0],
+        epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[2:]).strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--prompt", required=True, help="text prompt of the asset")
     parser.add_argument("--reference", default=None, help="reference image (PNG/JPEG); sampled from the prompt when absent")
     parser.add_argument("--config", default=None, help="YAML with method:/models: sections or method keys")
     parser.add_argument("--out", default=None, help="output directory (default outputs/single/<asset_id>)")
-    parser.add_argument("--seed", type=int, default=0, help="optimiser seed (and reference seed when sampled)")
+    parser.add_argument("--seed", type=int, default=None, help="base seed (the pipeline's `seed`; default: the --config's `seed`, else 0); the asset's seeds derive from it")
+    parser.add_argument("--variant", type=int, default=0, help="variant index of the prompt (the pipeline's variant k)")
     parser.add_argument("--reference-steps", type=int, default=30, help="sampling steps of the reference image")
-    parser.add_argument("--asset-id", default=None, help="asset id (default: hash of prompt, seed and config)")
+    parser.add_argument("--asset-id", default=None, help="asset id (default: the pipeline's <slug>-v<variant>-<hash>)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (method keys, models.<key>, models=tiny|toyworld, preset=tiny)")
     return parser.parse_intermixed_args(argv)
@@ -83,7 +91,8 @@ def build_models_config(file_section: Any, overrides: Sequence[str], shortcut: s
 
 
 def build_configs(args: argparse.Namespace) -> tuple[Any, ModelsConfig]:
-    """The method (OptimizeConfig) and models config of this run."""
+    """The method (OptimizeConfig) and models config of this run; sets ``args.seed`` from the
+    ``--config``'s ``seed`` when not given."""
     from omegaconf import OmegaConf
 
     from stages.optimize.config import load_optimize_config
@@ -93,6 +102,8 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, ModelsConfig]:
         raise ValueError(f"--config file not found: {args.config}")
     file_cfg = OmegaConf.load(args.config) if args.config else OmegaConf.create({})
     models_section = file_cfg.get("models", None)
+    if args.seed is None:
+        args.seed = int(file_cfg.get("seed", 0)) if "method" in file_cfg or "models" in file_cfg else 0
     preset = file_cfg.get("method_preset", None)
     if "method" in file_cfg or "models" in file_cfg or "method_preset" in file_cfg:
         method_section = file_cfg.get("method", None) or OmegaConf.create({})
@@ -117,7 +128,7 @@ def build_guidance(config: Any, models: ModelsConfig) -> Any:
     return GuidanceSet(ip=ip, mvd=mvd)
 
 
-def load_or_sample_reference(args: argparse.Namespace, config: Any, models: ModelsConfig) -> Any:
+def load_or_sample_reference(args: argparse.Namespace, config: Any, models: ModelsConfig, seed: int) -> Any:
     """The ``--reference`` image (validated), or one sampled with ``models.reference``."""
     from stages.export.preview import as_rgb_image
     from stages.models.factory import build_reference_sampler
@@ -125,14 +136,7 @@ def load_or_sample_reference(args: argparse.Namespace, config: Any, models: Mode
     if args.reference is not None:
         return as_rgb_image(args.reference)
     sampler = build_reference_sampler(models)
-    return sampler.sample(args.prompt, seed=args.seed, num_inference_steps=args.reference_steps)
-
-
-def default_asset_id(prompt: str, seed: int, digest: str) -> str:
-    """A short readable id: slug of the prompt + hash of (prompt, seed, config)."""
-    slug = "".join(c if c.isalnum() else "-" for c in prompt.lower()).strip("-")[:32].strip("-") or "asset"
-    key = hashlib.sha256(f"{prompt}\0{seed}\0{digest}".encode()).hexdigest()[:10]
-    return f"{slug}-{key}"
+    return sampler.sample(args.prompt, seed=seed, num_inference_steps=args.reference_steps)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,11 +146,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    from stages.optimize.identity import asset_id_for, derived_seed, identity_digest
+
     config.progress = not args.no_progress
-    asset_id = args.asset_id or default_asset_id(args.prompt, args.seed, config.digest())
+    digest = identity_digest(config, models, args.seed)
+    asset_id = args.asset_id or asset_id_for(args.prompt, args.variant, digest)
+    reference_seed = derived_seed(args.seed, args.prompt, args.variant, "reference")
+    seed = derived_seed(args.seed, args.prompt, args.variant, "optimize")
     out = Path(args.out) if args.out else Path("outputs/single") / asset_id
     try:
-        reference = load_or_sample_reference(args, config, models)
+        reference = load_or_sample_reference(args, config, models, reference_seed)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -157,17 +166,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     guidance = build_guidance(config, models)
     print(f"optimising {asset_id!r}: {config.representation}, loss {config.loss}, {config.iterations} iterations -> {out}", file=sys.stderr)
-    result = optimize_asset(config, guidance, reference, args.seed, out / "work", args.prompt, asset_id)
+    result = optimize_asset(config, guidance, reference, seed, out / "work", args.prompt, asset_id)
     files = export_asset(result.scene, out, config, reference)
     metrics = {**result.metrics, "duration_s": time.time() - started}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     asset = {
         "asset_id": asset_id,
         "prompt": args.prompt,
-        "seed": args.seed,
+        "variant": args.variant,
+        "reference_seed": reference_seed if args.reference is None else None,
+        "seed": seed,
+        "base_seed": args.seed,
         "method": config.loss,
         "representation": config.representation,
-        "config_digest": config.digest(),
+        "config_digest": digest,
         "models": {f.name: getattr(models, f.name) for f in fields(models)},
         "method_config": asdict(config),
         "files": files,

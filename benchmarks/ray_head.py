@@ -1,0 +1,76 @@
+"""A throw-away Ray head on 127.0.0.1 with its own free ports and temp dir (tests, chaos run).
+
+Several heads on one machine never collide: every port is chosen free and the session files
+live in their own temp dir. It is stopped by killing its own process group, never with
+``ray stop`` (which stops every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_head(num_cpus: int = 2, ready_timeout_s: float = 90.0) -> Iterator[dict[str, Any]]:
+    """Start ``ray start --head --block`` with the dashboard (job and state API); yields
+    ``{"address", "dashboard", "env", "pid"}`` once the GCS port accepts connections."""
+    port, dashboard = free_port(), free_port()
+    agent, agent_grpc, runtime_env, metrics = (free_port() for _ in range(4))
+    # Short: Ray's socket paths must stay under 108 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")
+    # Token auth off for this throw-away head: it listens on 127.0.0.1 only, and a pytest
+    # process cannot switch its (import-time) Ray auth config to match a fresh token.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # a job's `python` entrypoint must be this interpreter, also when the venv is not activated
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    cmd = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+        "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}", f"--num-cpus={num_cpus}", "--include-dashboard=true", "--disable-usage-stats",
+        f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}", f"--temp-dir={temp_dir}",
+    ]
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError(f"the Ray head on port {port} did not start") from None
+                time.sleep(0.5)
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env, "pid": process.pid}
+    finally:
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                process.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+        # `ray start` recorded this head as the machine's default cluster; forget it so later
+        # ray.init() calls (ours or anyone's) do not try to join a dead head.
+        for current in (Path("/tmp/ray/ray_current_cluster"), Path(temp_dir) / "ray_current_cluster"):
+            if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+                current.unlink()
+        shutil.rmtree(temp_dir, ignore_errors=True)
