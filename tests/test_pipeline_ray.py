@@ -434,8 +434,9 @@ TOY_PROMPTS = ("a toy block", "a spinning top")
 """The quickstart's first two prompts (2 variants each: references show objects 9, 0 and 1, 10)."""
 TOY_MEAN_PSNR_FLOOR_DB = 19.5
 """Their measured mean held-out PSNR to the references' objects is 21.9 dB (19.1, 30.2, 23.8,
-14.4 dB in the quickstart run of docs/TOYWORLD.md; seeds depend only on seed, prompt and
-variant), minus a 2.4 dB margin."""
+14.4 dB in the quickstart run of benchmarks/RESULTS.md §9, before and after the merge of main;
+seeds depend only on seed, prompt and variant), minus a 2.4 dB margin. The test takes 85 s on 2
+cores (RESULTS.md §9): marked slow, still in the default run."""
 
 
 @pytest.mark.slow
