@@ -18,16 +18,56 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from stages.guidance.losses import LOSS_NAMES, SD_BRANCHES
+from stages.config_loading import Choice, ConfigError, merge_config, read_yaml, to_object
 from stages.guidance.schedules import ScheduleConfig
 from stages.scene.cameras import CameraConfig
 from stages.scene.nerf.config import NeRFConfig
 from stages.scene.splats.config import SplatConfig
 
-REPRESENTATIONS = ("nerf", "splats")
-MVDREAM_ONLY = ("mvdream", "sds_mvd")
+
+class Representation(Choice):
+    """The 3D representation optimised."""
+
+    nerf = "nerf"
+    splats = "splats"
+
+
+class Loss(Choice):
+    """The IP-side loss (α-weighted) of :data:`stages.guidance.losses.LOSS_NAMES`, or MVDream alone
+    (``mvdream``; ``sds_mvd`` is its guidance-level name)."""
+
+    isd = "isd"
+    sds = "sds"
+    ip_sds = "ip_sds"
+    cv_random = "cv_random"
+    cv_cfg100 = "cv_cfg100"
+    cv_t_delta = "cv_t_delta"
+    cv_same_t = "cv_same_t"
+    mvdream = "mvdream"
+    sds_mvd = "sds_mvd"
+
+
+class SdBranch(Choice):
+    """Reading of ε_SD (:data:`stages.guidance.losses.SD_BRANCHES`)."""
+
+    vanilla = "vanilla"
+    ip_null = "ip_null"
+
+
+class VideoFormat(Choice):
+    mp4 = "mp4"
+    gif = "gif"
+
+
+class Preset(Choice):
+    """Defaults an optimisation config starts from."""
+
+    paper = "paper"
+    tiny = "tiny"
+
+
+MVDREAM_ONLY = (Loss.mvdream.value, Loss.sds_mvd.value)
 """Loss names that use MVDream alone (no SD1.5 / IP-Adapter side)."""
-OPTIMIZE_LOSSES = tuple(n for n in LOSS_NAMES if n != "sds_mvd") + MVDREAM_ONLY
 SHADINGS = ("albedo", "diffuse", "textureless")
 
 MVDREAM_NEGATIVE_PROMPT = (
@@ -42,7 +82,7 @@ MVDREAM_NEGATIVE_PROMPT = (
 class IsdConfig:
     """The SD1.5 + IP-Adapter side (ISD and the other 2D losses)."""
 
-    sd_branch: str = "vanilla"
+    sd_branch: SdBranch = SdBranch.vanilla
     """Reading of ε_SD: ``vanilla`` (IP scale 0) | ``ip_null`` (adapter with a zero image embedding)."""
     ip_scale: float = 0.5
     """IP-Adapter scale of the reference-conditioned branch."""
@@ -119,7 +159,7 @@ class ExportConfig:
     """Frame rate of the turntable video."""
     turntable_resolution: int = 256
     """Pixels per side of each turntable frame."""
-    video_format: str = "mp4"
+    video_format: VideoFormat = VideoFormat.mp4
     """``mp4`` (falls back to ``gif`` when ffmpeg is missing) | ``gif``."""
     mesh: bool = True
     """Write ``mesh.glb`` + ``mesh.obj``/``mesh.mtl``: marching cubes on the NeRF density, or on the
@@ -139,15 +179,14 @@ class ExportConfig:
 class OptimizeConfig:
     """One asset's optimisation: representation, loss, schedules, optimiser, checkpoints, export."""
 
-    representation: str = "nerf"
-    """``nerf`` | ``splats``."""
+    representation: Representation = Representation.nerf
+    """What is optimised: a NeRF (``nerf`` section) or 3D Gaussian splats (``splats`` section)."""
     nerf: NeRFConfig = field(default_factory=NeRFConfig)
     splats: SplatConfig = field(default_factory=SplatConfig)
     iterations: int = 6000
     """Optimisation steps; the schedules (α/β, timesteps, milestones) are fractions of it."""
-    loss: str = "isd"
-    """IP-side loss (α-weighted): ``isd`` | ``sds`` | ``ip_sds`` | ``cv_random`` | ``cv_cfg100`` |
-    ``cv_t_delta`` | ``cv_same_t``; or ``mvdream`` (MVDream SDS alone)."""
+    loss: Loss = Loss.isd
+    """IP-side loss (α-weighted), or ``mvdream`` (MVDream SDS alone; ``sds_mvd`` is the same)."""
     isd: IsdConfig = field(default_factory=IsdConfig)
     mvd: MvdConfig = field(default_factory=MvdConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -177,7 +216,7 @@ class OptimizeConfig:
     @staticmethod
     def tiny(representation: str = "nerf") -> "OptimizeConfig":
         """CPU-sized preset: 100 iterations at 32² with 4 views, tiny scene, small exports."""
-        cfg = OptimizeConfig(representation=representation, iterations=100)
+        cfg = OptimizeConfig(representation=Representation(representation), iterations=100)
         cfg.nerf = _tiny_or_default(NeRFConfig)
         cfg.splats = _tiny_or_default(SplatConfig)
         cfg.schedule = ScheduleConfig(milestones=[0.5], resolutions=[32, 32], batch_sizes=[4, 4])
@@ -213,14 +252,8 @@ class OptimizeConfig:
     def validate(self) -> "OptimizeConfig":
         """Raise ``ValueError`` naming the first bad key (``method.<key> ...``); returns self."""
         p = "method"
-        if self.representation not in REPRESENTATIONS:
-            raise ValueError(f"{p}.representation must be one of {REPRESENTATIONS}, got {self.representation!r}")
         if int(self.iterations) <= 0:
             raise ValueError(f"{p}.iterations must be > 0, got {self.iterations}")
-        if self.loss not in OPTIMIZE_LOSSES:
-            raise ValueError(f"{p}.loss: unknown loss {self.loss!r}; expected one of {OPTIMIZE_LOSSES}")
-        if self.isd.sd_branch not in SD_BRANCHES:
-            raise ValueError(f"{p}.isd.sd_branch must be one of {SD_BRANCHES}, got {self.isd.sd_branch!r}")
         for key, value in (
             ("isd.ip_scale", self.isd.ip_scale),
             ("isd.guidance_scale", self.isd.guidance_scale),
@@ -261,7 +294,6 @@ class OptimizeConfig:
         for key in ("preview_resolution", "turntable_frames", "turntable_fps", "turntable_resolution", "mesh_resolution", "render_chunk"):
             _require(int(getattr(ex, key)) > 0, f"{p}.export.{key} must be > 0, got {getattr(ex, key)}")
         _require(int(ex.mesh_target_faces) >= 0, f"{p}.export.mesh_target_faces must be >= 0, got {ex.mesh_target_faces}")
-        _require(ex.video_format in ("mp4", "gif"), f"{p}.export.video_format must be 'mp4' or 'gif', got {ex.video_format!r}")
         return self
 
     def _validate_schedule(self, p: str) -> None:
@@ -315,35 +347,31 @@ def load_optimize_config(
 
     A YAML file may hold the keys at top level or under ``method:``. The special override
     ``preset=tiny`` (or ``preset: tiny`` in the file) starts from :meth:`OptimizeConfig.tiny`.
-    Unknown keys raise ``ValueError`` naming them; the result is validated.
+    Unknown keys and bad values raise :class:`~stages.config_loading.ConfigError` (a
+    ``ValueError``) naming them as ``method.<key>``; the result is validated.
     """
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
+    name = str(source) if isinstance(source, (str, Path)) else "method config"
     if source is None:
         file_cfg = OmegaConf.create({})
     elif isinstance(source, (str, Path)):
-        if not Path(source).is_file():
-            raise ValueError(f"method config file not found: {source}")
-        file_cfg = OmegaConf.load(source)
+        file_cfg = read_yaml(source, what="method config")
     else:
         file_cfg = OmegaConf.create(dict(source)) if not OmegaConf.is_config(source) else source.copy()
     if "method" in file_cfg:
         file_cfg = file_cfg.method
-    dotlist = OmegaConf.from_dotlist(list(overrides))
-    preset = dotlist.pop("preset", None) or file_cfg.pop("preset", None)
+    dotlist = OmegaConf.from_dotlist([o for o in overrides if o.split("=", 1)[0] == "preset"])
+    preset = dotlist.get("preset", None) or file_cfg.pop("preset", None)
+    rest = [o for o in overrides if o.split("=", 1)[0] != "preset"]
     if base is None:
-        if preset not in (None, "tiny", "paper"):
-            raise ValueError(f"method.preset must be 'tiny' or 'paper', got {preset!r}")
-        base = OptimizeConfig.tiny() if preset == "tiny" else OptimizeConfig()
+        base = OptimizeConfig.tiny() if Preset.parse(preset or Preset.paper, "method.preset") == Preset.tiny else OptimizeConfig()
+    merged = merge_config(base, file_cfg, overrides=rest, source=name, key_prefix="method.")
+    config: OptimizeConfig = to_object(merged, name, key_prefix="method.")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(base), file_cfg, dotlist)
-        config = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        raise ValueError(f"invalid optimisation config: {error}") from error
-    except ValueError as error:  # a nested dataclass' __post_init__ validation
-        raise ValueError(str(error).replace("ScheduleConfig.", "method.schedule.")) from error
-    return config.validate()
+        return config.validate()
+    except ValueError as error:
+        raise ConfigError(f"{name}: config key {error}") from None
 
 
 METHOD_FILE = "method.yaml"
