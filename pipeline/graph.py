@@ -101,7 +101,7 @@ def _stats(actor: Any) -> dict[str, float]:
 
 
 def build_graph(config: PipelineConfig, components: Components, work_dir: str) -> Graph:
-    """Create the model actors and the per-asset DAG for ``config``."""
+    """Create the model actors and the graph one asset runs through, for ``config``."""
     res = config.resources
 
     def replicas(actor_class: Any, factory: Any, resources: ActorResources, retry_calls: bool, *extra: Any) -> list[Any]:

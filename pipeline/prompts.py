@@ -195,12 +195,6 @@ def _read_source(source: PromptSource) -> tuple[list[str], int]:
     return (prompts[: source.limit] if source.limit is not None else prompts), len(entries) - len(prompts)
 
 
-def read_source(source: PromptSource) -> list[str]:
-    """The prompts of one file, in file order, stripped, blank entries skipped; raises
-    ConfigError naming file:line."""
-    return _read_source(source)[0]
-
-
 def read_prompt_list(config: PromptsConfig) -> PromptList:
     """All prompts: every source in order, then the inline list; blank entries skipped and
     duplicates kept once, both counted."""

@@ -12,7 +12,7 @@ import pytest
 from pipeline.capacity import capacity_note, check_resources, tasks_that_fit
 from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.jobs import asset_id_for, config_digest, make_jobs
-from pipeline.prompts import read_prompts
+from pipeline.prompts import PromptsConfig, read_prompts
 from pipeline.writer import MANIFEST_COLUMNS, DatasetWriter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,9 +111,7 @@ def test_prompt_formats_read_back(tmp_path):
     path = write_config(tmp_path, f"prompts:\n  sources:\n{sources}\n  inline: ['extra one']\noutput: {tmp_path}/o\n")
     config = load_config(path)
     for source in config.prompts.sources:
-        from pipeline.prompts import read_source
-
-        assert read_source(source) == prompts, source.path
+        assert read_prompts(PromptsConfig(sources=[source])) == prompts, source.path
     assert read_prompts(config.prompts) == prompts + ["extra one"]
 
 

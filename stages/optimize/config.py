@@ -309,7 +309,8 @@ class OptimizeConfig:
             _require(int(batch) % self.cameras.n_view == 0, f"{p}.schedule.batch_sizes must be multiples of cameras.n_view={self.cameras.n_view}, got {list(s.batch_sizes)}")
 
     def digest(self) -> str:
-        """Short stable hash of the whole config (for asset ids)."""
+        """Short stable hash of the whole config (a cache key for scenes built from it; asset ids
+        use :func:`stages.optimize.identity.identity_digest`)."""
         return _digest(asdict(self))
 
     def resume_digest(self) -> str:
