@@ -20,6 +20,7 @@ from pipeline.capacity import check_gpu_visibility
 from pipeline.components import models_needed
 from pipeline.preflight import preflight
 from pipeline.prompts import PromptsConfig, read_prompts
+from pipeline.toyworld import check_toyworld, resolve_world_path
 from stages.config_loading import Choice, ConfigError, merge_config, read_yaml, require, to_object
 from stages.guidance.runtime import GuidanceRuntime
 from stages.models.config import ModelsConfig
@@ -176,6 +177,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), check_models: b
     config: PipelineConfig = to_object(build_config(read_yaml(path), overrides, source=str(path)), str(path))
     for source in config.prompts.sources:
         source.path = _resolve_prompt_path(source.path, path.parent)
+    config.models.toyworld = resolve_world_path(config.models.toyworld, path.parent)
     validate_config(config, None if check_models else ())
     return config
 
@@ -230,6 +232,7 @@ def validate_config(config: PipelineConfig, actors: Sequence[str] | None = None)
     needed = models_needed(config.method) if actors is None else tuple(actors)
     check_gpu_visibility(config, needed)
     read_prompts(config.prompts)
+    check_toyworld(config, needed)
     preflight(config, needed)
 
 

@@ -6,7 +6,13 @@ asset → the method config each asset was made with (``method.yaml`` in its dir
 MLflow dataset run) → views of each asset (rendered from its checkpoint with that config, or
 cut from its preview when no config is known) → CLIP alignment and quality per asset → one
 new ``scores/part-*.parquet`` shard → diversity per prompt across its variants → ``evaluation/<run>/`` (summary.json, summary.md, diversity.csv)
-→ MLflow (the dataset's parent run when the manifest names its child runs, else a new run).
+→ MLflow (the dataset's parent run when the manifest names its child runs, else a new run) → the
+dataset's gallery, rebuilt when it exists, so it shows the scores.
+
+A toy-world dataset (its models are ``toyworld``: ``stages/toyworld``) is also scored against its
+prompts' known objects (``toy_*`` columns: identity, recovered, novel-view PSNR to the reference's
+object, consistency across views, mesh IoU; and distinct objects per prompt), see
+docs/TOYWORLD.md "Scores".
 
 Scores live in their own shards, not in the manifest: a manifest row means "this asset was
 produced", ordered by ``finished_at``; a score row means "this asset was scored", ordered by
@@ -43,6 +49,11 @@ from stages.evaluate.evaluator import Evaluator, diversity_by_prompt
 from stages.evaluate.render import METHOD_FILE, AssetViewsError, ViewSource
 
 SCORES_DIR = "scores"
+TOY_COLUMNS = (
+    "toy_identity", "toy_reference", "toy_identity_correct", "toy_psnr_reference", "toy_psnr_identity",
+    "toy_consistency", "toy_iou",
+)
+"""Toy-world fidelity scores (:meth:`stages.toyworld.fidelity.Fidelity.metrics`); null otherwise."""
 REPORTS_DIR = "evaluation"
 
 SCORES_SCHEMA = pa.schema(
@@ -64,6 +75,7 @@ SCORES_SCHEMA = pa.schema(
         ("aesthetic_head", pa.string()),
         ("image_features", pa.list_(pa.list_(pa.float32()))),
         ("evaluated_at", pa.string()),
+        *((name, pa.float64()) for name in TOY_COLUMNS),
     ]
 )
 SCORE_COLUMNS = tuple(SCORES_SCHEMA.names)
@@ -99,6 +111,9 @@ class EvaluationRunConfig:
     method_from_mlflow: bool = True
     """Without ``dataset_config``: rebuild scenes from the ``config.yaml`` the pipeline logged on
     the dataset's parent MLflow run (found through each asset's child run)."""
+    toyworld: str = "auto"
+    """Score against a toy world's known objects: ``auto`` (when ``dataset_config``'s models are the
+    toy world, with its ``models.toyworld``), ``none``, or a world (``default`` / a world YAML)."""
     tracking: EvalTrackingConfig = field(default_factory=EvalTrackingConfig)
 
 
@@ -119,10 +134,12 @@ def load_evaluation_config(path: str | Path | None, overrides: Sequence[str] = (
     return config
 
 
-def eval_digest(config: EvaluateConfig, views: str) -> str:
-    """12 hex digits over the settings that change a score."""
+def eval_digest(config: EvaluateConfig, views: str, world: Any | None = None) -> str:
+    """12 hex digits over the settings that change a score (and the toy world scored against)."""
     payload = {k: v for k, v in asdict(config).items() if k != "device"}
     payload["views"] = views
+    if world is not None:
+        payload["toyworld"] = world.digest()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -188,8 +205,31 @@ def _mean(values: Sequence[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
+def toy_diversity(scores: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Distinct toy-world objects recovered per (prompt, config digest): the number of different
+    identities among the variants (and of different references, for comparison)."""
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in scores:
+        if row.get("toy_identity") is not None:
+            grouped.setdefault((row["prompt"], row["config_digest"]), []).append(row)
+    return [
+        {
+            "prompt": prompt, "config_digest": digest, "variants": len(rows),
+            "distinct": len({int(r["toy_identity"]) for r in rows}),
+            "distinct_references": len({int(r["toy_reference"]) for r in rows if _finite(r.get("toy_reference"))}),
+        }
+        for (prompt, digest), rows in sorted(grouped.items())
+    ]
+
+
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(value)
+
+
 def summarise(scores: Sequence[dict[str, Any]], diversity: Sequence[Any], groups: dict[str, set[str]]) -> dict[str, dict[str, float]]:
-    """Means per prompt list (plus ``all``): alignment, quality, diversity, assets, prompts."""
+    """Means per prompt list (plus ``all``): alignment, quality, diversity, assets, prompts; and
+    for toy-world scores: recovered fraction, PSNR to the reference, consistency, IoU, distinct
+    objects per prompt."""
     names = [*groups, "other", "all"]
     table: dict[str, dict[str, float]] = {}
     for name in names:
@@ -204,6 +244,15 @@ def summarise(scores: Sequence[dict[str, Any]], diversity: Sequence[Any], groups
             "assets": float(len(rows)),
             "prompts": float(len({r["prompt"] for r in rows})),
         }
+        toy = [r for r in rows if r.get("toy_identity") is not None]
+        if toy:
+            table[name].update({
+                "toy_recovered": _mean([r.get("toy_identity_correct") for r in toy]),
+                "toy_psnr_reference": _mean([r.get("toy_psnr_reference") for r in toy]),
+                "toy_consistency": _mean([r.get("toy_consistency") for r in toy]),
+                "toy_iou": _mean([r.get("toy_iou") for r in toy]),
+                "toy_distinct": _mean([float(d["distinct"]) for d in toy_diversity(toy)]),
+            })
     return table
 
 
@@ -211,10 +260,11 @@ def summary_markdown(table: dict[str, dict[str, float]], header: str) -> str:
     """Metrics as rows, prompt lists as columns (the paper's Table 1 layout)."""
     columns = list(table)
     lines = [header, "", "| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for metric in ("alignment", "quality", "diversity", "assets", "prompts"):
+    toy = [m for m in TOY_SUMMARY if any(m in table[c] for c in columns)]
+    for metric in ("alignment", "quality", "diversity", "assets", "prompts", *toy):
         cells = []
         for c in columns:
-            value = table[c][metric]
+            value = table[c].get(metric, math.nan)
             cells.append("n/a" if not math.isfinite(value) else (f"{value:.0f}" if metric in ("assets", "prompts") else f"{value:.4f}"))
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     lines += [
@@ -222,7 +272,16 @@ def summary_markdown(table: dict[str, dict[str, float]], header: str) -> str:
         "alignment: 100 · mean cosine(CLIP view, prompt); quality: mean aesthetic-head score (n/a: no head);",
         "diversity: mean pairwise cosine distance of the variants' same-view CLIP features, per prompt, averaged.",
     ]
+    if toy:
+        lines.append(
+            "toy world (held-out views against the prompt's known objects): toy_recovered = fraction whose nearest object is "
+            "the reference's; toy_psnr_reference = dB to it; toy_consistency = fraction of views agreeing; toy_iou = mesh "
+            "solid vs the object's voxels; toy_distinct = distinct objects per prompt."
+        )
     return "\n".join(lines) + "\n"
+
+
+TOY_SUMMARY = ("toy_recovered", "toy_psnr_reference", "toy_consistency", "toy_iou", "toy_distinct")
 
 
 def _write_text(writer: DatasetWriter, path: str, text: str) -> None:
@@ -271,15 +330,68 @@ def expected_view_source(views: str, method: Any | None, asset_dir: Path | None)
 
 
 # ------------------------------------------------------------------ method config of the dataset
+def dataset_pipeline_config(config: EvaluationRunConfig) -> Any | None:
+    """The ``PipelineConfig`` of ``dataset_config`` (+ overrides), or None."""
+    if not config.dataset_config:
+        return None
+    from pipeline.config import load_config
+
+    return load_config(config.dataset_config, config.dataset_overrides)
+
+
 def dataset_method(config: EvaluationRunConfig) -> tuple[Any | None, str | None]:
     """(OptimizeConfig, config digest) of ``dataset_config``, or (None, None)."""
-    if not config.dataset_config:
+    pipeline_config = dataset_pipeline_config(config)
+    if pipeline_config is None:
         return None, None
-    from pipeline.config import load_config
     from pipeline.jobs import config_digest
 
-    pipeline_config = load_config(config.dataset_config, config.dataset_overrides)
     return pipeline_config.method, config_digest(pipeline_config)
+
+
+def toyworld_of(config: EvaluationRunConfig) -> Any | None:
+    """The toy world to score against (``toyworld`` key), or None."""
+    from stages.toyworld.world import WorldError, load_world
+
+    if config.toyworld == "none":
+        return None
+    source = config.toyworld
+    if source == "auto":
+        pipeline_config = dataset_pipeline_config(config)
+        if pipeline_config is None:
+            return None
+        from pipeline.toyworld import toyworld_groups
+
+        if not toyworld_groups(pipeline_config):
+            return None
+        source = pipeline_config.models.toyworld
+    try:
+        return load_world(source)
+    except WorldError as error:
+        raise ConfigError(f"config key 'toyworld': {error}") from None
+
+
+def toy_scores(asset_dir: Path, prompt: str, method: Any | None, world: Any, device: torch.device) -> dict[str, float]:
+    """:meth:`~stages.toyworld.fidelity.Fidelity.metrics` of one asset (its ``method.yaml`` wins
+    over ``method``); raises :class:`AssetViewsError` naming what is missing."""
+    from stages.evaluate.render import load_asset_scene, read_method_config
+    from stages.toyworld.fidelity import score_scene
+
+    method = read_method_config(asset_dir) or method
+    if method is None:
+        raise AssetViewsError(f"{asset_dir}: toy-world scores need the asset's method config ({METHOD_FILE} or dataset_config)")
+    if prompt not in world.prompts:
+        raise AssetViewsError(f"{asset_dir}: {world.unknown(prompt)}")
+    scene = load_asset_scene(asset_dir, method, device)
+    reference = asset_dir / "reference.png"
+    threshold = method.export.mesh_threshold
+    fidelity = score_scene(
+        scene, world, prompt, reference if reference.is_file() else None,
+        mesh_resolution=method.export.mesh_resolution,
+        mesh_threshold=threshold if threshold == "auto" else float(threshold),
+        distance=method.cameras.eval_distance, fovy=method.cameras.eval_fovy,
+    )
+    return fidelity.metrics()
 
 
 @dataclass
@@ -323,9 +435,10 @@ def evaluate_dataset(
     if method is None and config.method_from_mlflow and config.tracking.enabled:
         by_asset = methods_from_mlflow(mlflow_client or mlflow_client_for_reading(output, config), manifest, stream)
     groups = read_groups(config.groups)
+    world = toyworld_of(config)
     evaluator = evaluator or Evaluator.from_config(config.evaluate)
     settings = evaluator.config  # the evaluator's settings are the ones that score
-    edigest = eval_digest(settings, config.views)
+    edigest = eval_digest(settings, config.views, world)
     previous = latest_scores(writer) if config.skip_scored else {}
     local = writer.local_root()
     new_rows, result_rows = [], []
@@ -368,6 +481,7 @@ def evaluate_dataset(
             if asset_dir is None:
                 raise AssetViewsError(f"{output}: evaluating remote datasets needs a local copy (pyarrow fs download not implemented)")
             scored = evaluator.score_asset(asset_dir, row["prompt"], asset_method, config.views)
+            toy = {} if world is None else toy_scores(asset_dir, row["prompt"], asset_method, world, evaluator.device)
         except AssetViewsError as error:
             failed += 1
             print(f"[evaluate] {row['asset_id']}: {error}", file=stream, flush=True)
@@ -382,13 +496,14 @@ def evaluate_dataset(
             "view_source": scored.view_source,
             "image_features": scored.image_features.tolist(),
             "evaluated_at": utc_now(),
+            **{k: (v if math.isfinite(v) else None) for k, v in toy.items()},
         }
         new_rows.append(scored_row)
         result_rows.append(scored_row)
     scores_path = write_scores(writer, new_rows)
 
     diversity = diversity_by_prompt(
-        (r["prompt"], r["config_digest"], torch.tensor(r["image_features"], dtype=torch.float32)) for r in result_rows
+        (r["prompt"], r["config_digest"], _features(r["image_features"])) for r in result_rows
     )
     summary = summarise(result_rows, diversity, groups)
     report_dir = writer.path(REPORTS_DIR, f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}")
@@ -402,6 +517,7 @@ def evaluate_dataset(
         "eval_digest": edigest,
         "summary": summary,
         "diversity": [asdict(d) for d in diversity],
+        "toy_diversity": toy_diversity(result_rows),
         "assets": {"scored": len(new_rows) - failed, "reused": reused, "failed": failed},
     }
     _write_text(writer, f"{report_dir}/summary.json", json.dumps(json_safe(payload), indent=2) + "\n")
@@ -417,7 +533,27 @@ def evaluate_dataset(
     if config.tracking.enabled:
         result.mlflow_run_id = log_to_mlflow(output, config, result, manifest, markdown, mlflow_client)
     print(markdown, file=stream, flush=True)
+    _refresh_gallery(writer, output, stream)
     return result
+
+
+def _features(values: Any) -> torch.Tensor:
+    """A score row's (V, D) CLIP features (``evaluate.clip: none`` leaves them empty)."""
+    features = torch.tensor(values or [], dtype=torch.float32)
+    return features if features.ndim == 2 else features.reshape(len(values or []), 0)
+
+
+def _refresh_gallery(writer: DatasetWriter, output: str, stream: TextIO) -> None:
+    """Rebuild ``<output>/gallery`` when the dataset has one, so its pages show the new scores."""
+    local = writer.local_root()
+    if local is None or not (local / "gallery" / "index.html").is_file():
+        return
+    from pipeline.gallery import build_gallery
+
+    try:
+        print(f"[evaluate] gallery with scores: {build_gallery(output) / 'index.html'}", file=stream, flush=True)
+    except Exception as error:  # noqa: BLE001 - the scores are written; the gallery is a view of them
+        print(f"[evaluate] gallery not rebuilt: {type(error).__name__}: {error}", file=stream, flush=True)
 
 
 def json_safe(value: Any) -> Any:
@@ -517,7 +653,11 @@ def log_to_mlflow(
         child = children.get(row["asset_id"])
         if child is None:
             continue
-        per_asset = [Metric(f"eval/{k}", float(row[k]), now, 0) for k in ("alignment", "quality") if row.get(k) is not None]
+        per_asset = [
+            Metric(f"eval/{k}", float(row[k]), now, 0)
+            for k in ("alignment", "quality", *TOY_COLUMNS)
+            if row.get(k) is not None and math.isfinite(float(row[k]))
+        ]
         try:
             client.log_batch(child, metrics=per_asset)
         except MlflowException:

@@ -1,7 +1,8 @@
 """Static gallery of a dataset: one page that lists every asset and opens each one in place.
 
 ``python -m pipeline.gallery OUTPUT`` (also run at the end of every dataset run) reads the dataset
-layout (``manifest/part-*.parquet`` + ``assets/<asset_id>/``) and writes ``OUTPUT/gallery/``:
+layout (``manifest/part-*.parquet`` + ``assets/<asset_id>/``, and the evaluation's
+``scores/part-*.parquet`` when present) and writes ``OUTPUT/gallery/``:
 
 - ``index.html``: the whole gallery in one file: its own CSS and script and the table of every
   asset (prompt, variant, status, metrics, error, its files); the script shows one page of cards
@@ -12,6 +13,9 @@ layout (``manifest/part-*.parquet`` + ``assets/<asset_id>/``) and writes ``OUTPU
   classic script, because browsers refuse ``fetch`` on ``file://``;
 - ``static/``: the 3D viewers, shared by every asset and loaded only when a 3D view opens:
   Google's ``<model-viewer>`` (Apache-2.0) for meshes and the project's own WebGL splat viewer.
+
+A toy-world dataset's scores put a verdict on every card (did the asset become its reference's
+object, how close from views it never trained on) and one line over the page.
 
 Media load lazily: only the visible page's thumbnails, turntables when a card is hovered or
 clicked. Everything is reached with relative URLs, so the gallery works from ``file://``, from any
@@ -39,7 +43,7 @@ import shutil
 import struct
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -48,6 +52,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.thumbnails import thumbnail_jpeg
+from stages.toyworld.fidelity import FAITHFUL_PSNR  # the verdict's threshold lives with the scores
 
 STATIC_DIR = Path(__file__).with_name("gallery_static")
 VIEWER_SCRIPT = "model-viewer-umd.min.js"
@@ -96,6 +101,7 @@ class AssetRecord:
     files: dict[str, str] = field(default_factory=dict)  # name -> relative path
     metrics: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)  # other manifest columns, shown as-is
+    scores: dict[str, Any] = field(default_factory=dict)  # latest evaluation scores (scores/ shards)
 
 
 class _Dataset:
@@ -193,6 +199,70 @@ def read_manifest(output_dir: str | os.PathLike) -> list[AssetRecord]:
         latest.pop(record.asset_id, None)
         latest[record.asset_id] = record
     return list(latest.values())
+
+
+SCORE_FIELDS = ("alignment", "quality", "toy_identity", "toy_reference", "toy_identity_correct",
+                "toy_psnr_reference", "toy_consistency", "toy_iou")
+"""Evaluation scores the gallery shows (``pipeline.evaluate`` writes them)."""
+
+
+def read_scores(output_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """asset_id → its latest succeeded score row (the fields of :data:`SCORE_FIELDS` that are set)."""
+    dataset = _Dataset(output_dir)
+    selector = pafs.FileSelector(dataset.path("scores"), allow_not_found=True)
+    rows = []
+    for entry in dataset.fs.get_file_info(selector):
+        name = PurePosixPath(entry.path).name
+        if entry.type == pafs.FileType.File and name.startswith("part-") and name.endswith(".parquet"):
+            with dataset.fs.open_input_file(entry.path) as handle:
+                table = pq.read_table(handle, columns=None)
+            columns = [c for c in ("asset_id", "status", "evaluated_at", *SCORE_FIELDS) if c in table.column_names]
+            rows += table.select(columns).to_pylist()
+    latest: dict[str, dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: r.get("evaluated_at") or ""):
+        if row.get("status") == "succeeded":
+            values = {k: row[k] for k in SCORE_FIELDS if isinstance(row.get(k), (int, float)) and math.isfinite(row[k])}
+            latest[str(row["asset_id"])] = values
+    return latest
+
+
+def verdict(scores: dict[str, Any]) -> dict[str, str] | None:
+    """One line a newcomer reads at a glance: did the toy-world asset become its reference's
+    object. ``{"kind": ok|weak|bad|neutral, "text": ...}``, or None without toy-world scores."""
+    if "toy_identity" not in scores:
+        return None
+    identity = int(scores["toy_identity"])
+    details = []
+    if "toy_psnr_reference" in scores:
+        details.append(f"{scores['toy_psnr_reference']:.1f} dB from new views")
+    if "toy_consistency" in scores:
+        details.append(f"views agree {scores['toy_consistency']:.0%}")
+    if "toy_iou" in scores:
+        details.append(f"mesh IoU {scores['toy_iou']:.2f}")
+    if "toy_reference" not in scores:
+        head, kind = f"became object {identity}", "neutral"
+    elif not scores.get("toy_identity_correct"):
+        head, kind = f"\u2717 became object {identity}; the reference shows object {int(scores['toy_reference'])}", "bad"
+    elif scores.get("toy_psnr_reference", 0.0) >= FAITHFUL_PSNR:
+        head, kind = f"\u2713 became its reference's object ({identity})", "ok"
+    else:
+        head, kind = f"\u2248 nearest to its reference's object ({identity}) but below {FAITHFUL_PSNR:.0f} dB", "weak"
+    return {"kind": kind, "text": " \u00b7 ".join([head, *details])}
+
+
+def toy_summary(records: list[AssetRecord]) -> str:
+    """The page's one line over the toy-world verdicts (HTML, escaped), or ''."""
+    toy = [r.scores for r in records if "toy_identity_correct" in r.scores]
+    if not toy:
+        return ""
+    recovered = sum(bool(s["toy_identity_correct"]) for s in toy)
+    faithful = sum(bool(s["toy_identity_correct"]) and s.get("toy_psnr_reference", 0.0) >= FAITHFUL_PSNR for s in toy)
+    psnrs = [s["toy_psnr_reference"] for s in toy if "toy_psnr_reference" in s]
+    mean_psnr = f"; mean {sum(psnrs) / len(psnrs):.1f} dB to it from new views" if psnrs else ""
+    return (
+        f'<p class="summary verdict {"ok" if faithful == len(toy) else "weak"}">Toy world: {recovered} of {len(toy)} scored '
+        f"assets became their reference's object, {faithful} faithfully (&ge; {FAITHFUL_PSNR:.0f} dB){mean_psnr}.</p>"
+    )
 
 
 def _find_role_files(dataset: _Dataset, record: AssetRecord) -> dict[str, str]:
@@ -399,6 +469,8 @@ def _asset_item(dataset: _Dataset, outputs: _Outputs, record: AssetRecord) -> di
         "files": roles,
         "thumbs": {role: path for role, path in thumbs.items() if path},
         "details": {k: v for k, v in record.details.items() if v is not None},
+        "scores": record.scores,
+        "verdict": verdict(record.scores),
     }
     kind, source = ("splat", roles["splats"]) if "splats" in roles else (("glb", roles["mesh"]) if "mesh" in roles else (None, None))
     if kind is not None:
@@ -412,8 +484,9 @@ def _asset_item(dataset: _Dataset, outputs: _Outputs, record: AssetRecord) -> di
     return item
 
 
-def render_index(items: list[dict[str, Any]], dataset_base: str, *, page_cards: int = PAGE_CARDS) -> str:
-    """HTML of ``gallery/index.html`` for the asset ``items`` (:func:`_asset_item`, in page order)."""
+def render_index(items: list[dict[str, Any]], dataset_base: str, *, page_cards: int = PAGE_CARDS, summary: str = "") -> str:
+    """HTML of ``gallery/index.html`` for the asset ``items`` (:func:`_asset_item`, in page order);
+    ``summary``: extra HTML under the header's counts (:func:`toy_summary`)."""
     failed = sum(item["status"] != "succeeded" for item in items)
     data = json_for_script({
         "dataset": dataset_base,
@@ -433,6 +506,7 @@ def render_index(items: list[dict[str, Any]], dataset_base: str, *, page_cards: 
         '<header class="page"><h1>Dataset gallery</h1>'
         f'<p class="summary">{len(items)} assets: {len(items) - failed} succeeded, {failed} not succeeded; '
         f'{len({item["prompt"] for item in items})} prompts. Hover or tap a card to play its turntable; open it for the 3D view and downloads.</p>'
+        f"{summary}"
         '<div class="filters"><label>Prompt <input id="filter-text" type="search" placeholder="filter by prompt text"></label>'
         f'<label>Status <select id="filter-status"><option value="">all</option>{options}</select></label>'
         '<span id="shown-count" class="muted"></span><span id="mlflow-note" class="muted hidden"></span></div>'
@@ -465,7 +539,8 @@ def build_gallery(output_dir: str | os.PathLike, gallery_dir: str | os.PathLike 
     """
     dataset = _Dataset(output_dir)
     _repair(output_dir)
-    records = read_manifest(output_dir)
+    scores = read_scores(output_dir)
+    records = [replace(r, scores=scores.get(r.asset_id, {})) for r in read_manifest(output_dir)]
     unsafe = [r.asset_id for r in records if not SAFE_ASSET_ID.match(r.asset_id)]
     if unsafe:
         raise ValueError(f"manifest asset_id(s) {unsafe[:5]} are not safe file names ([A-Za-z0-9._-]+)")
@@ -491,7 +566,7 @@ def build_gallery(output_dir: str | os.PathLike, gallery_dir: str | os.PathLike 
         base = ".."
     else:
         base = Path(os.path.relpath(dataset.root, target.resolve())).as_posix()
-    _write_page(target / "index.html", render_index(items, base))
+    _write_page(target / "index.html", render_index(items, base, summary=toy_summary(records)))
     if remote:
         pafs.copy_files(str(target), dataset.path("gallery"), destination_filesystem=dataset.fs)
     return target

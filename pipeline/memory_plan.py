@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, TextIO
 
 from pipeline.components import models_needed
 from pipeline.config import ActorResources, ConfigError, PipelineConfig
+from stages.models.factory import uses_toyworld
 from stages.optimize.config import OptimizeConfig
 
 if TYPE_CHECKING:  # stages.guidance.memory imports diffusers: loaded when a plan is made, not with pipeline.run
@@ -100,6 +101,8 @@ class MemoryPlan:
     task_phases: list[TaskPhase] | None
     dtype: str
     notes: list[str] = field(default_factory=list)
+    task_keys: tuple[str, ...] = ()
+    """Method keys that lower one optimiser task's peak (its render chunk)."""
 
     def gpu_totals(self) -> list[int]:
         """Bytes per GPU (a lower bound where a process' peak is unknown: its known parts)."""
@@ -143,10 +146,12 @@ def _plan(config: PipelineConfig, task_fn: TaskMemoryFn | None, gpus: int | None
         if kind not in needed:
             continue
         actor: ActorResources = getattr(res, kind)
-        process = _actor_process(config, kind, actor, dtype, table_path, notes) if actor.num_gpus > 0 else None
+        toy = uses_toyworld(config.models, kind)  # exact closed forms over renders: no weights to plan
+        process = _actor_process(config, kind, actor, dtype, table_path, notes) if actor.num_gpus > 0 and not toy else None
         for replica in range(actor.replicas):
             if process is None:
-                processes.append(Process(f"{kind} {replica}", kind, 0.0, None, detail="on the CPU (num_gpus 0)"))
+                detail = "the toy world (no model weights)" if toy else "on the CPU (num_gpus 0)"
+                processes.append(Process(f"{kind} {replica}", kind, 0.0, None, detail=detail))
             else:
                 processes.append(replace(process, name=f"{kind} {replica}"))
 
@@ -178,7 +183,8 @@ def _plan(config: PipelineConfig, task_fn: TaskMemoryFn | None, gpus: int | None
             f"{len(unplaced)} processes do not fit the {gpus} GPUs by their shares; Ray queues them "
             "(not in the sums)"
         )
-    return MemoryPlan(processes, placed, [p for p in processes if p.share <= 0], phases, dtype, notes)
+    task_keys = (RENDER_CHUNK_KEYS[config.method.representation],) if config.method.representation in RENDER_CHUNK_KEYS else ()
+    return MemoryPlan(processes, placed, [p for p in processes if p.share <= 0], phases, dtype, notes, task_keys)
 
 
 def _gpu_dtype(name: str) -> str:
@@ -250,6 +256,8 @@ RAISE_KEYS = {
     "task": ("resources.task_num_gpus",),
 }
 """Keys whose larger value leaves fewer processes beside it on a GPU."""
+RENDER_CHUNK_KEYS = {"nerf": "method.nerf.renderer.chunk_samples", "splats": "method.splats.chunk_views"}
+"""The key that bounds an optimiser task's deferred render chunk (its autograd graph), by representation."""
 
 
 def _actor_process(config: PipelineConfig, kind: str, actor: ActorResources, dtype: str, table: Path | None, notes: list[str]) -> Process:
@@ -324,7 +332,7 @@ def check_plan(plan: MemoryPlan, capacity: int, headroom: float, source: str = "
             continue
         groups = sorted(_groups(gpu), key=lambda g: -g[2])
         listing = ", ".join(f"{count} x {ACTOR_NAMES.get(kind, 'optimiser task')} {each / GIB:.1f} GiB" for kind, count, _, each in groups)
-        lower = [key for kind, *_ in groups for key in LOWER_KEYS[kind]]
+        lower = [key for kind, *_ in groups for key in (*LOWER_KEYS[kind], *(plan.task_keys if kind == "task" else ()))]
         more = [key for kind, *_ in groups for key in RAISE_KEYS[kind]]
         if plan.dtype == "float32":
             lower.append("models.dtype (float16)")

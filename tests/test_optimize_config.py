@@ -39,6 +39,12 @@ def test_digest_tracks_method_not_runtime_keys():
     assert a.resume_digest() == b.resume_digest()
     b.iterations = 10
     assert a.resume_digest() != b.resume_digest() and a.digest() != b.digest()
+    # render chunks only trade memory for speed: nested runtime keys leave, their siblings stay
+    c = OptimizeConfig()
+    c.nerf.renderer.chunk_samples, c.nerf.renderer.march_block_samples, c.splats.chunk_views = 4096, 1 << 16, 3
+    assert c.resume_digest() == a.resume_digest() and c.nerf.renderer.chunk_samples != a.nerf.renderer.chunk_samples
+    c.nerf.renderer.num_samples_per_ray = 64
+    assert c.resume_digest() != a.resume_digest()
 
 
 @pytest.mark.parametrize(
@@ -93,11 +99,10 @@ def test_choices_read_as_their_strings_and_match_the_guidance_names():
     import json
 
     from stages.guidance import losses
-    from stages.optimize.config import Loss, Representation, SdBranch
+    from stages.optimize.config import Backprop, Representation, SdBranch
 
-    cfg = load_optimize_config(None, ["loss=cv_same_t", "representation=splats"])
-    assert cfg.loss is Loss.cv_same_t and cfg.loss == "cv_same_t" and f"{cfg.loss}" == str(cfg.loss) == "cv_same_t"
+    cfg = load_optimize_config(None, ["backprop=direct", "representation=splats"])
+    assert cfg.backprop is Backprop.direct and cfg.backprop == "direct" and f"{cfg.backprop}" == str(cfg.backprop) == "direct"
     assert json.dumps([cfg.representation]) == '["splats"]' and {"splats": 1}[cfg.representation] == 1
     assert set(SdBranch.values()) == set(losses.SD_BRANCHES)
-    assert set(Loss.values()) == set(losses.LOSS_NAMES) | {"mvdream"}
     assert Representation.values() == ("nerf", "splats")

@@ -10,6 +10,7 @@ preset for tests and the quickstart. Build from YAML / dotlist overrides with
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from stages.config_loading import Choice, ConfigError, merge_config, read_yaml, to_object
+from stages.guidance.losses import LOSS_NAMES, check_loss_name
 from stages.guidance.schedules import ScheduleConfig
 from stages.scene.cameras import CameraConfig
 from stages.scene.nerf.config import NeRFConfig
@@ -30,21 +32,6 @@ class Representation(Choice):
 
     nerf = "nerf"
     splats = "splats"
-
-
-class Loss(Choice):
-    """The IP-side loss (α-weighted) of :data:`stages.guidance.losses.LOSS_NAMES`, or MVDream alone
-    (``mvdream``; ``sds_mvd`` is its guidance-level name)."""
-
-    isd = "isd"
-    sds = "sds"
-    ip_sds = "ip_sds"
-    cv_random = "cv_random"
-    cv_cfg100 = "cv_cfg100"
-    cv_t_delta = "cv_t_delta"
-    cv_same_t = "cv_same_t"
-    mvdream = "mvdream"
-    sds_mvd = "sds_mvd"
 
 
 class SdBranch(Choice):
@@ -59,6 +46,14 @@ class VideoFormat(Choice):
     gif = "gif"
 
 
+class Backprop(Choice):
+    """How renders are back-propagated (see ``OptimizeConfig.backprop``)."""
+
+    auto = "auto"
+    deferred = "deferred"
+    direct = "direct"
+
+
 class Preset(Choice):
     """Defaults an optimisation config starts from."""
 
@@ -66,8 +61,11 @@ class Preset(Choice):
     tiny = "tiny"
 
 
-MVDREAM_ONLY = (Loss.mvdream.value, Loss.sds_mvd.value)
+MVDREAM_ONLY = ("mvdream", "sds_mvd")
 """Loss names that use MVDream alone (no SD1.5 / IP-Adapter side)."""
+OPTIMIZE_LOSSES = tuple(n for n in LOSS_NAMES if n != "sds_mvd") + MVDREAM_ONLY
+"""``method.loss`` stays a string checked by :func:`stages.guidance.losses.check_loss_name`, which
+refuses a renamed loss naming its successors (an Enum would only list the current names)."""
 SHADINGS = ("albedo", "diffuse", "textureless")
 
 MVDREAM_NEGATIVE_PROMPT = (
@@ -89,9 +87,10 @@ class IsdConfig:
     guidance_scale: float = 7.5
     """CFG scale of the SD1.5 / IP-Adapter predictions."""
     cv_guidance_scale: float = 100.0
-    """CFG of the SD control variate in the ``cv_cfg100`` ablation."""
+    """The second CFG scale of the CFG-100 ablations: of the IP prediction in ``cv_random_cfg100``
+    (the paper's "Rand. noise (CFG 100)"), of the SD control variate in ``cv_sd_cfg100``."""
     delta_t: int = 50
-    """Timestep offset of the ``cv_t_delta`` ablation."""
+    """Timestep offset δt of the ``cv_t_delta_sd`` / ``cv_t_delta_ip`` ablations."""
     view_prompts: bool = True
     """Append threestudio's view suffix (", front view", ...) to the prompt per view."""
     negative_prompt: str = ""
@@ -185,8 +184,11 @@ class OptimizeConfig:
     splats: SplatConfig = field(default_factory=SplatConfig)
     iterations: int = 6000
     """Optimisation steps; the schedules (α/β, timesteps, milestones) are fractions of it."""
-    loss: Loss = Loss.isd
-    """IP-side loss (α-weighted), or ``mvdream`` (MVDream SDS alone; ``sds_mvd`` is the same)."""
+    loss: str = "isd"
+    """IP-side loss (α-weighted): ``isd`` | ``sds`` | ``ip_sds``; the control-variate ablations
+    ``cv_random`` | ``cv_random_cfg100`` | ``cv_t_delta_sd`` (the paper's Table 3) and
+    ``cv_t_delta_ip`` | ``cv_sd_cfg100`` | ``cv_independent_noise`` (extra); or ``mvdream``
+    (MVDream SDS alone). README "Losses" gives each formula."""
     isd: IsdConfig = field(default_factory=IsdConfig)
     mvd: MvdConfig = field(default_factory=MvdConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -212,6 +214,13 @@ class OptimizeConfig:
     """``auto`` (cuda when available) | ``cpu`` | ``cuda`` | ``cuda:N``."""
     progress: bool = False
     """Show a tqdm progress bar."""
+    backprop: Backprop = Backprop.auto
+    """How renders are back-propagated: ``deferred`` (render once without autograd, ask the
+    guidance, then render again chunk by chunk with autograd, each chunk back-propagated at once:
+    the peak graph is one chunk's, NeRF ``renderer.chunk_samples`` samples or splats
+    ``chunk_views`` views, for one extra forward), ``direct`` (one render with its whole graph
+    alive), or ``auto``: deferred for scenes that support it (NeRF, splats), else direct. Both
+    give the same gradients up to float rounding."""
 
     @staticmethod
     def tiny(representation: str = "nerf") -> "OptimizeConfig":
@@ -254,6 +263,10 @@ class OptimizeConfig:
         p = "method"
         if int(self.iterations) <= 0:
             raise ValueError(f"{p}.iterations must be > 0, got {self.iterations}")
+        try:
+            check_loss_name(self.loss, OPTIMIZE_LOSSES)
+        except ValueError as error:
+            raise ValueError(f"{p}.loss: {error}") from None
         for key, value in (
             ("isd.ip_scale", self.isd.ip_scale),
             ("isd.guidance_scale", self.isd.guidance_scale),
@@ -316,14 +329,28 @@ class OptimizeConfig:
     def resume_digest(self) -> str:
         """Hash of the fields that change the optimisation result (a checkpoint written under
         another value of these cannot be resumed); logging, export and device are left out."""
-        fields = asdict(self)
-        for key in RUNTIME_KEYS:
-            fields.pop(key, None)
-        return _digest(fields)
+        return _digest(without_runtime_keys(asdict(self)))
 
 
-RUNTIME_KEYS = ("checkpoint_every", "preview_every", "preview_resolution", "device", "progress", "export")
-"""Keys that do not change the optimised scene."""
+RUNTIME_KEYS = (
+    "checkpoint_every", "preview_every", "preview_resolution", "device", "progress", "export", "backprop",
+    "nerf.compile", "nerf.renderer.chunk_samples", "nerf.renderer.march_block_samples", "splats.chunk_views",
+)
+"""Keys (dotted: nested) that do not change the optimised scene. ``backprop``, ``compile`` and the
+render chunks only up to float rounding: they trade memory for speed, so lowering one to fit a GPU
+keeps asset ids and checkpoints."""
+
+
+def without_runtime_keys(fields: dict[str, Any]) -> dict[str, Any]:
+    """``asdict(OptimizeConfig)`` without :data:`RUNTIME_KEYS` (a copy)."""
+    out = copy.deepcopy(fields)
+    for key in RUNTIME_KEYS:
+        *parents, leaf = key.split(".")
+        node = out
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(leaf, None)
+    return out
 
 
 def _digest(fields: dict[str, Any]) -> str:
