@@ -46,7 +46,7 @@ from pipeline.config import ConfigError
 from pipeline.writer import DatasetWriter, utc_now
 from stages.evaluate.config import EvaluateConfig
 from stages.evaluate.evaluator import Evaluator, diversity_by_prompt
-from stages.evaluate.render import METHOD_FILE, VIEW_SOURCES, AssetViewsError
+from stages.evaluate.render import METHOD_FILE, AssetViewsError, ViewSource
 
 SCORES_DIR = "scores"
 TOY_COLUMNS = (
@@ -101,8 +101,8 @@ class EvaluationRunConfig:
     asset dirs) the views are cut from ``preview.png``."""
     dataset_overrides: list[str] = field(default_factory=list)
     """Dotlist overrides the dataset was made with (e.g. ``method.iterations=3000``)."""
-    views: str = "auto"
-    """``auto`` (render when the method config is known, else preview) | ``render`` | ``preview``."""
+    views: ViewSource = ViewSource.auto
+    """``auto``: render when the method config is known, else cut the views from ``preview.png``."""
     groups: dict[str, str] = field(default_factory=dict)
     """Prompt lists for the summary columns: name → prompt file (txt/jsonl/...; relative to this
     file). A prompt in none of them counts as ``other``."""
@@ -119,25 +119,10 @@ class EvaluationRunConfig:
 
 def load_evaluation_config(path: str | Path | None, overrides: Sequence[str] = ()) -> EvaluationRunConfig:
     """YAML (optional) + dotlist onto :class:`EvaluationRunConfig`; paths made absolute."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from stages.config_loading import load_structured
 
-    base_dir = Path.cwd()
-    raw: Any = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"evaluation config file not found: {path}")
-        raw = OmegaConf.load(path)
-        base_dir = path.parent
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(EvaluationRunConfig), raw, OmegaConf.from_dotlist(list(overrides)))
-        config: EvaluationRunConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        key = getattr(error, "full_key", None)
-        raise ConfigError(f"{path or 'evaluation config'}: config key '{key}': {str(error).splitlines()[0]}") from None
-    if config.views not in VIEW_SOURCES:
-        raise ConfigError(f"config key 'views' must be one of {VIEW_SOURCES}, got '{config.views}'")
+    base_dir = Path.cwd() if path is None else Path(path).parent
+    config: EvaluationRunConfig = load_structured(EvaluationRunConfig, path, overrides, what="evaluation config")
     try:
         config.evaluate.validate()
     except ValueError as error:
@@ -197,8 +182,7 @@ def latest_scores(writer: DatasetWriter) -> dict[str, dict[str, Any]]:
 # ------------------------------------------------------------------ groups and summary
 def read_groups(groups: dict[str, str]) -> dict[str, set[str]]:
     """name → set of prompts of that list."""
-    from pipeline.config import PromptsConfig, PromptSource
-    from pipeline.prompts import read_prompts
+    from pipeline.prompts import PromptsConfig, PromptSource, read_prompts
 
     out = {}
     for name, path in groups.items():
@@ -618,18 +602,18 @@ def method_from_run(client: Any, run_id: str) -> tuple[Any, str] | None:
     import tempfile
 
     from mlflow.exceptions import MlflowException
-    from omegaconf import OmegaConf
 
     from pipeline.config import build_config
     from pipeline.jobs import config_digest
+    from stages.config_loading import read_yaml, to_object
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(run_id, "config.yaml", tmp)
         except (MlflowException, OSError):
             return None
-        raw = OmegaConf.load(path)
-    pipeline_config = OmegaConf.to_object(build_config(raw, source=f"MLflow run {run_id} config.yaml"))
+        source = f"MLflow run {run_id} config.yaml"
+        pipeline_config = to_object(build_config(read_yaml(path), source=source), source)
     return pipeline_config.method, config_digest(pipeline_config)
 
 

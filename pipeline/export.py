@@ -85,15 +85,9 @@ def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def apply_export(method: Any, export_overrides: Sequence[str]) -> Any:
     """``method`` with ``export_overrides`` merged into its ``export`` section, validated."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from stages.config_loading import load_structured
 
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(method.export), OmegaConf.from_dotlist(list(export_overrides)))
-        method.export = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        key = getattr(error, "full_key", None)
-        raise ConfigError(f"config key 'method.export.{key}': {str(error).splitlines()[0]}" if key else str(error)) from None
+    method.export = load_structured(method.export, overrides=export_overrides, what="export", key_prefix="method.export.")
     try:
         method.validate()
     except ValueError as error:

@@ -24,16 +24,9 @@ from typing import Any, Sequence, TextIO
 
 import ray
 
+from pipeline.capacity import capacity_note, check_resources, cpu_fallback_notes
 from pipeline.components import Components, default_components, models_needed
-from pipeline.config import (
-    ConfigError,
-    PipelineConfig,
-    capacity_note,
-    check_resources,
-    cpu_fallback_notes,
-    load_config,
-    validate_config,
-)
+from pipeline.config import ConfigError, PipelineConfig, load_config, validate_config
 from pipeline.console import browse_lines, describe_cluster
 from pipeline.faults import (
     ModelGoneError,

@@ -84,3 +84,25 @@ def test_unknown_key_and_missing_file_are_named(tmp_path):
 def test_every_loss_name_is_accepted(loss):
     cfg = load_optimize_config(None, [f"loss={loss}"])
     assert cfg.uses_ip == (loss != "mvdream")
+
+
+def test_enum_keys_are_refused_by_omegaconf_with_the_full_key_and_the_allowed_values():
+    with pytest.raises(ValueError) as info:
+        load_optimize_config(None, ["representation=voxels"])
+    assert "method.representation" in str(info.value) and "nerf, splats" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        load_optimize_config({"isd": {"sd_branch": "both"}})
+    assert "method.isd.sd_branch" in str(info.value) and "vanilla, ip_null" in str(info.value)
+
+
+def test_choices_read_as_their_strings_and_match_the_guidance_names():
+    import json
+
+    from stages.guidance import losses
+    from stages.optimize.config import Backprop, Representation, SdBranch
+
+    cfg = load_optimize_config(None, ["backprop=direct", "representation=splats"])
+    assert cfg.backprop is Backprop.direct and cfg.backprop == "direct" and f"{cfg.backprop}" == str(cfg.backprop) == "direct"
+    assert json.dumps([cfg.representation]) == '["splats"]' and {"splats": 1}[cfg.representation] == 1
+    assert set(SdBranch.values()) == set(losses.SD_BRANCHES)
+    assert Representation.values() == ("nerf", "splats")

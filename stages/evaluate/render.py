@@ -23,13 +23,23 @@ import torch
 from PIL import Image
 from torch import nn
 
+from stages.config_loading import Choice
 from stages.evaluate.clip import to_pil
 from stages.evaluate.config import EvaluateConfig
 from stages.optimize.config import METHOD_FILE
 from stages.scene.base import Cameras
 from stages.scene.cameras import CameraConfig, orbit_cameras
 
-VIEW_SOURCES = ("auto", "render", "preview")
+class ViewSource(Choice):
+    """Where an asset's evaluation views come from: rendered from its checkpoint, cut from its
+    ``preview.png``, or ``auto`` (render when the method config is known, else preview)."""
+
+    auto = "auto"
+    render = "render"
+    preview = "preview"
+
+
+VIEW_SOURCES = ViewSource.values()
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIEW_FILE = "preview.png"
 PREVIEW_COLUMNS = 4
