@@ -14,15 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TextIO
 
 from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.evaluate import EvaluationRunConfig, evaluate_dataset, json_safe, load_evaluation_config
+from stages.atomic import atomic_write
 
 
 @dataclass
@@ -118,10 +117,8 @@ def comparison_markdown(key: str, rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 def run_sweep(

@@ -77,7 +77,7 @@ class Evaluator:
         """Render (or cut from the preview) the asset's evaluation views and score them."""
         scene = None
         if method is not None and views != "preview":
-            key = method.digest()
+            key = method.resume_digest()  # the scene depends on no runtime key
             if key not in self._scenes:
                 from stages.scene.factory import build_scene
 

@@ -10,10 +10,7 @@ preset for tests and the quickstart. Build from YAML / dotlist overrides with
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -276,26 +273,18 @@ class OptimizeConfig:
         for batch in s.batch_sizes:
             _require(int(batch) % self.cameras.n_view == 0, f"{p}.schedule.batch_sizes must be multiples of cameras.n_view={self.cameras.n_view}, got {list(s.batch_sizes)}")
 
-    def digest(self) -> str:
-        """Short stable hash of the whole config (for asset ids)."""
-        return _digest(asdict(self))
-
     def resume_digest(self) -> str:
-        """Hash of the fields that change the optimisation result (a checkpoint written under
-        another value of these cannot be resumed); logging, export and device are left out."""
-        fields = asdict(self)
-        for key in RUNTIME_KEYS:
-            fields.pop(key, None)
-        return _digest(fields)
+        """Digest of the fields that change the optimisation result (a checkpoint written under
+        another value of these cannot be resumed); logging, export and device are left out.
+        Asset ids use :func:`stages.optimize.identity.identity_digest`."""
+        from stages.digest import digest
+
+        fields = {key: value for key, value in asdict(self).items() if key not in RUNTIME_KEYS}
+        return digest(fields, 16, compact=False)
 
 
 RUNTIME_KEYS = ("checkpoint_every", "preview_every", "preview_resolution", "device", "progress", "export")
 """Keys that do not change the optimised scene."""
-
-
-def _digest(fields: dict[str, Any]) -> str:
-    text = json.dumps(fields, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -346,17 +335,15 @@ def load_optimize_config(
     return config.validate()
 
 
-METHOD_FILE = "method.yaml"
-"""Name of the file in an asset dir that holds the asset's ``OptimizeConfig`` (OmegaConf YAML)."""
-
-
 def save_method_config(config: OptimizeConfig, path: Path | str) -> Path:
-    """Write ``config`` as OmegaConf YAML (temp file + ``os.replace``); :func:`load_optimize_config`
-    reads it back, so evaluation can rebuild the scene that ``checkpoint.pt`` belongs to."""
+    """Write ``config`` as OmegaConf YAML (:func:`~stages.atomic.atomic_write`);
+    :func:`load_optimize_config` reads it back, so evaluation can rebuild the scene that
+    ``checkpoint.pt`` belongs to."""
     from omegaconf import OmegaConf
 
+    from stages.atomic import atomic_write
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)), encoding="utf-8")
     return path
