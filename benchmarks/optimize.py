@@ -2,13 +2,16 @@
 
     python -m benchmarks.optimize [--quick] [--out benchmarks/out/optimize.json] [--device auto]
                                   [--guidance excluded,included] [--representations nerf,splats]
+                                  [--backprop deferred,direct]
 
 ``excluded``: the image-target guidance (an analytic sphere, no network), so the numbers are
 the scene's render + backward + optimiser step alone. ``included``: in-process tiny SD1.5 +
 IP-Adapter and MVDream guidance (random weights, ``models=tiny``), i.e. the full loop of the
 CLI with toy models. CPU runs the tiny scene presets; CUDA runs the paper's scene configs (NeRF
 hash grid with 512 samples per ray, splats with gsplat) at the paper's resolutions and batch
-sizes (8 views at 64², 4 views at 256²). Timings are medians over the measured iterations,
+sizes (8 views at 64², 4 views at 256²). ``--backprop``: the modes of ``method.backprop`` to
+time, so the cost of deferred back-propagation (one extra render forward) shows beside direct
+mode's. Timings are medians over the measured iterations,
 after warm-up iterations; peak memory is CUDA ``max_memory_allocated`` (or the process' peak
 RSS on the CPU).
 """
@@ -34,7 +37,7 @@ from stages.optimize.loop import optimize_asset
 
 DEFAULT_OUT = Path("benchmarks/out/optimize.json")
 COLUMNS = (
-    "representation", "resolution", "batch", "guidance", "iterations_per_s", "ms_per_iteration", "ms_min",
+    "representation", "backprop", "resolution", "batch", "guidance", "iterations_per_s", "ms_per_iteration", "ms_min",
     "peak_memory_mb", "opacity_mean",
 )
 """``iterations_per_s`` / ``ms_per_iteration`` are medians, ``ms_min`` the fastest iteration (the
@@ -42,10 +45,13 @@ better estimate on a shared, contended CPU). ``opacity_mean`` of the timed rende
 depends on the occupied volume (occupancy pruning), so read speeds together with it."""
 
 
-def bench_config(representation: str, resolution: int, batch: int, iterations: int, device: torch.device) -> OptimizeConfig:
+def bench_config(
+    representation: str, resolution: int, batch: int, iterations: int, device: torch.device, backprop: str = "auto"
+) -> OptimizeConfig:
     """Tiny scene presets on the CPU, the paper's scene configs on CUDA; one fixed resolution."""
     cfg = OptimizeConfig.tiny(representation) if device.type == "cpu" else OptimizeConfig(representation=representation)
     cfg.device = str(device)
+    cfg.backprop = backprop
     cfg.iterations = iterations
     cfg.checkpoint_every = 0
     cfg.schedule.milestones = [1.0]
@@ -92,17 +98,20 @@ def run(
     guidance_kinds: Sequence[str],
     iterations: int,
     warmup: int,
+    backprops: Sequence[str] = ("auto",),
 ) -> list[dict[str, Any]]:
     rows = []
     for kind in guidance_kinds:
         guidance = build_guidance(kind, device)
         for representation in representations:
             for resolution, batch in points:
-                cfg = bench_config(representation, resolution, batch, iterations + warmup, device)
-                row = {"representation": representation, "resolution": resolution, "batch": batch, "guidance": kind}
-                row.update(measure(cfg, guidance, warmup, device))
-                rows.append(row)
-                print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+                for backprop in backprops:
+                    cfg = bench_config(representation, resolution, batch, iterations + warmup, device, backprop)
+                    row = {"representation": representation, "backprop": backprop, "resolution": resolution,
+                           "batch": batch, "guidance": kind}
+                    row.update(measure(cfg, guidance, warmup, device))
+                    rows.append(row)
+                    print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
     return rows
 
 
@@ -117,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="16² renders, 2 timed iterations (smoke test)")
     parser.add_argument("--guidance", default="excluded,included", help="comma list of excluded | included")
     parser.add_argument("--representations", default="nerf,splats", help="comma list of nerf | splats")
+    parser.add_argument("--backprop", default="deferred,direct", help="comma list of method.backprop modes")
     parser.add_argument("--iterations", type=int, default=None, help="timed iterations per point")
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations per point")
     args = parser.parse_args(argv)
@@ -129,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for representation in representations:
         if representation not in ("nerf", "splats"):
             parser.error(f"--representations: unknown representation {representation!r} (nerf | splats)")
+    backprops = [b for b in args.backprop.split(",") if b]
+    for backprop in backprops:
+        if backprop not in ("auto", "deferred", "direct"):
+            parser.error(f"--backprop: unknown mode {backprop!r} (auto | deferred | direct)")
     if args.quick:
         points, iterations, warmup = [(16, 4)], 2, 1
     elif device.type == "cuda":
@@ -138,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     iterations = args.iterations or iterations
     warmup = args.warmup if args.warmup is not None else warmup
     print("  ".join(COLUMNS), flush=True)
-    rows = run(device, representations, points, kinds, iterations, warmup)
+    rows = run(device, representations, points, kinds, iterations, warmup, backprops)
     results = {
         "benchmark": "optimize",
         "environment": environment(device),

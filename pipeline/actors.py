@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import ray
 
 from pipeline.batching import MicroBatcher
+from pipeline.clients import fetch_renders
 from stages.guidance.protocol import Guidance, GuidanceRequest, GuidanceResponse, UnknownAssetError
 
 
@@ -54,7 +55,7 @@ class GuidanceServer:
         for request in requests:
             if request.asset_id not in self.registered:
                 raise UnknownAssetError(request.asset_id)
-        return await self.batcher.submit_many(list(requests))
+        return await self.batcher.submit_many(await fetch_renders(requests))
 
     def stats(self) -> dict[str, float]:
         """Batches answered, requests, mean and max batch size."""

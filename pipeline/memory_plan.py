@@ -100,6 +100,8 @@ class MemoryPlan:
     task_phases: list[TaskPhase] | None
     dtype: str
     notes: list[str] = field(default_factory=list)
+    task_keys: tuple[str, ...] = ()
+    """Method keys that lower one optimiser task's peak (its render chunk)."""
 
     def gpu_totals(self) -> list[int]:
         """Bytes per GPU (a lower bound where a process' peak is unknown: its known parts)."""
@@ -178,7 +180,8 @@ def _plan(config: PipelineConfig, task_fn: TaskMemoryFn | None, gpus: int | None
             f"{len(unplaced)} processes do not fit the {gpus} GPUs by their shares; Ray queues them "
             "(not in the sums)"
         )
-    return MemoryPlan(processes, placed, [p for p in processes if p.share <= 0], phases, dtype, notes)
+    task_keys = (RENDER_CHUNK_KEYS[config.method.representation],) if config.method.representation in RENDER_CHUNK_KEYS else ()
+    return MemoryPlan(processes, placed, [p for p in processes if p.share <= 0], phases, dtype, notes, task_keys)
 
 
 def _gpu_dtype(name: str) -> str:
@@ -250,6 +253,8 @@ RAISE_KEYS = {
     "task": ("resources.task_num_gpus",),
 }
 """Keys whose larger value leaves fewer processes beside it on a GPU."""
+RENDER_CHUNK_KEYS = {"nerf": "method.nerf.renderer.chunk_samples", "splats": "method.splats.chunk_views"}
+"""The key that bounds an optimiser task's deferred render chunk (its autograd graph), by representation."""
 
 
 def _actor_process(config: PipelineConfig, kind: str, actor: ActorResources, dtype: str, table: Path | None, notes: list[str]) -> Process:
@@ -324,7 +329,7 @@ def check_plan(plan: MemoryPlan, capacity: int, headroom: float, source: str = "
             continue
         groups = sorted(_groups(gpu), key=lambda g: -g[2])
         listing = ", ".join(f"{count} x {ACTOR_NAMES.get(kind, 'optimiser task')} {each / GIB:.1f} GiB" for kind, count, _, each in groups)
-        lower = [key for kind, *_ in groups for key in LOWER_KEYS[kind]]
+        lower = [key for kind, *_ in groups for key in (*LOWER_KEYS[kind], *(plan.task_keys if kind == "task" else ()))]
         more = [key for kind, *_ in groups for key in RAISE_KEYS[kind]]
         if plan.dtype == "float32":
             lower.append("models.dtype (float16)")

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.clients import ActorGuidance
+import torch
+
+from pipeline.clients import ActorGuidance, RenderShare
 from pipeline.components import Components
 from pipeline.faults import ModelGoneError, RunFaultError, disk_full_cause, disk_full_message
 from pipeline.integrity import file_checksums
@@ -44,16 +46,22 @@ class GuidanceHandles:
 
     ip: list[Any] = field(default_factory=list)
     mvd: list[Any] = field(default_factory=list)
+    wire_dtype: str | None = None
+    """dtype renders travel in (``float16`` halves the object-store bytes; exact when the guidance
+    models run in fp16); None: the render's own (float32)."""
 
-    def pick(self, replicas: list[Any], asset_id: str) -> ActorGuidance | None:
+    def pick(self, replicas: list[Any], asset_id: str, renders: RenderShare | None = None) -> ActorGuidance | None:
         if not replicas:
             return None
         # Sticky by asset: its registration lives on that replica.
         index = int.from_bytes(asset_id.encode()[-4:], "little") % len(replicas)
-        return ActorGuidance(replicas[index])
+        return ActorGuidance(replicas[index], renders=renders)
 
     def guidance_set(self, asset_id: str) -> GuidanceSet:
-        return GuidanceSet(ip=self.pick(self.ip, asset_id), mvd=self.pick(self.mvd, asset_id))
+        """The asset's two clients, sharing one :class:`RenderShare`: each iteration's render is
+        put in the object store once for both guidance terms."""
+        renders = RenderShare(getattr(torch, self.wire_dtype) if self.wire_dtype else None)
+        return GuidanceSet(ip=self.pick(self.ip, asset_id, renders), mvd=self.pick(self.mvd, asset_id, renders))
 
 
 @dataclass
@@ -217,8 +225,9 @@ def run_asset(job: Job, reference: Any | None, handles: GuidanceHandles, spec: T
 
 
 OOM_HINT = (
-    "\nhint: the GPU ran out of memory. Per asset, lower method.schedule.batch_sizes or "
-    "method.schedule.resolutions (NeRF: method.nerf.hash_grid.checkpoint=true); per GPU, run fewer "
+    "\nhint: the GPU ran out of memory. Per asset, lower method.nerf.renderer.chunk_samples (with "
+    "method.backprop=auto|deferred it bounds the render's graph), method.schedule.batch_sizes or "
+    "method.schedule.resolutions; per GPU, run fewer "
     "optimisers beside the guidance actors (resources.tasks_in_flight) or give the actors their own "
     "GPUs (resources.<ip|mvd|reference>.num_gpus). --retry-failed redoes this asset."
 )

@@ -163,7 +163,7 @@ def test_ids_and_digests_of_existing_datasets_are_unchanged(overrides):
     from pipeline.export import export_digest
     from pipeline.jobs import config_digest, make_jobs
     from stages.evaluate.config import EvaluateConfig
-    from stages.optimize.config import RUNTIME_KEYS
+    from stages.optimize.config import without_runtime_keys
 
     config = load_config(REPO / "configs" / "quickstart.yaml", overrides)
     digest = config_digest(config)
@@ -172,7 +172,7 @@ def test_ids_and_digests_of_existing_datasets_are_unchanged(overrides):
         key = hashlib.sha256(f"{job.prompt}\x1f{job.variant}\x1f{digest}".encode()).hexdigest()[:10]  # the id rule of main
         assert job.asset_id == f"{job.prompt.lower().replace(' ', '_')}-v{job.variant}-{key}"
     method = config.method
-    assert method.resume_digest() == _old_spaced({k: v for k, v in asdict(method).items() if k not in RUNTIME_KEYS}, 16)
+    assert method.resume_digest() == _old_spaced(without_runtime_keys(asdict(method)), 16)
     assert export_digest(method.export) == _old_spaced(asdict(method.export), 12)
     settings = EvaluateConfig()
     assert eval_digest(settings, "auto") == _old_spaced({**{k: v for k, v in asdict(settings).items() if k != "device"}, "views": "auto"}, 12)

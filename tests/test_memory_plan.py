@@ -144,7 +144,8 @@ def test_a_plan_that_cannot_fit_names_the_keys_to_change():
         check_plan(plan, 24 * GIB, config.resources.gpu_memory_headroom, "resources.gpu_memory_gib")
     message = str(error.value)
     for key in ("resources.tasks_in_flight", "resources.ip.vae_chunk", "resources.ip.unet_rows", "resources.task_num_gpus",
-                "resources.ip.num_gpus", "resources.gpu_memory_headroom=0.1", "resources.gpu_memory_gib"):
+                "resources.ip.num_gpus", "resources.gpu_memory_headroom=0.1", "resources.gpu_memory_gib",
+                "method.nerf.renderer.chunk_samples"):
         assert key in message
     assert "16 x optimiser task 2.0 GiB" in message  # 1.5 GiB + its CUDA context
 

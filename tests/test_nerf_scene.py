@@ -50,7 +50,7 @@ def test_bad_config_names_the_key(key, value, message):
 @pytest.mark.parametrize("shading", ["albedo", "diffuse", "textureless"])
 def test_render_shapes_and_ranges(shading):
     scene = NeRFScene(NeRFConfig.tiny(), seed=0)
-    out = scene.render(orbit_cameras(2), 12, 16, shading=shading)
+    out = scene.render(orbit_cameras(2), 12, 16, shading=shading, sample_outputs=True)
     assert out["rgb"].shape == (2, 3, 12, 16)
     assert out["opacity"].shape == out["depth"].shape == (2, 1, 12, 16)
     assert 0.0 <= out["rgb"].min() and out["rgb"].max() <= 1.0
@@ -143,7 +143,7 @@ def test_occupancy_pruning_skips_samples_without_changing_the_image():
     full_cfg.renderer.grid_prune = False
     full = NeRFScene(full_cfg, seed=0).eval()
     with torch.no_grad():
-        a, b = pruned.render(cams, 16, 16), full.render(cams, 16, 16)
+        a, b = pruned.render(cams, 16, 16, sample_outputs=True), full.render(cams, 16, 16, sample_outputs=True)
     assert a["weights"].numel() < 0.6 * b["weights"].numel()
     assert (a["opacity"] - b["opacity"]).abs().max() < 0.01
 
@@ -157,14 +157,12 @@ def test_regularizers_match_their_formulas():
     out = {
         "opacity": opacity,
         "normal": normal,
-        "weights": torch.tensor([0.5, 0.25]),
-        "sample_normal": torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, -1.0]]),
-        "sample_dirs": torch.tensor([[0.0, 0.6, 0.8], [0.0, 0.6, 0.8]]),
+        "orient_sum": torch.tensor(0.5 * 0.8**2),
     }
     regs = scene.regularizers(out)
     assert regs["sparsity"].item() == pytest.approx(math.sqrt(0.25 + 0.01))
     assert regs["opaque"].item() == pytest.approx(math.log(2.0), rel=1e-5)
-    assert regs["orient"].item() == pytest.approx(0.5 * 0.8**2 / 16)  # only the back-facing sample counts
+    assert regs["orient"].item() == pytest.approx(0.5 * 0.8**2 / 16)  # orient_sum / covered pixels
     # horizontal neighbours: 4 rows × 1 changed pair of 3, squared diff 2 per pair over 3 channels
     assert regs["normal_smooth"].item() == pytest.approx(4 * 2.0 / (3 * 4 * 3))
 
@@ -233,8 +231,19 @@ def test_rays_that_miss_the_sphere_render_background_only():
     scene = NeRFScene(tiny(kind="solid", color=[0.2, 0.4, 0.6], learned=True, random_aug=False), seed=0)
     cams = orbit_cameras(1)
     cams.c2w[0, :3, :3] = -cams.c2w[0, :3, :3]  # turn around: look away from the object
-    out = scene.render(cams, 8, 8, shading="diffuse")
+    out = scene.render(cams, 8, 8, shading="diffuse", sample_outputs=True)
     assert out["weights"].numel() == 0 and out["opacity"].max() == 0.0
     assert torch.allclose(out["rgb"], torch.tensor([0.2, 0.4, 0.6])[None, :, None, None].expand(1, 3, 8, 8))
     (out["rgb"].mean() + sum(scene.regularizers(out).values())).backward()  # still differentiable
     assert scene.background.color.grad.abs().sum() > 0
+
+
+def test_orient_sum_is_the_per_sample_formula():
+    cfg = NeRFConfig.tiny()
+    cfg.renderer.chunk_samples = 300  # summed over several chunks
+    scene = NeRFScene(cfg, seed=0).eval()
+    with torch.no_grad():
+        out = scene.render(orbit_cameras(2), 10, 10, shading="diffuse", sample_outputs=True)
+    facing = (out["sample_normal"] * out["sample_dirs"]).sum(-1).clamp_min(0.0)
+    want = (out["weights"] * facing**2).sum()
+    assert want > 0 and torch.allclose(out["orient_sum"], want, rtol=1e-5)

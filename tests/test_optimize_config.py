@@ -39,6 +39,12 @@ def test_digest_tracks_method_not_runtime_keys():
     assert a.resume_digest() == b.resume_digest()
     b.iterations = 10
     assert a.resume_digest() != b.resume_digest()
+    # render chunks only trade memory for speed: nested runtime keys leave, their siblings stay
+    c = OptimizeConfig()
+    c.nerf.renderer.chunk_samples, c.nerf.renderer.march_block_samples, c.splats.chunk_views = 4096, 1 << 16, 3
+    assert c.resume_digest() == a.resume_digest() and c.nerf.renderer.chunk_samples != a.nerf.renderer.chunk_samples
+    c.nerf.renderer.num_samples_per_ray = 64
+    assert c.resume_digest() != a.resume_digest()
 
 
 @pytest.mark.parametrize(

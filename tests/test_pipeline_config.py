@@ -129,7 +129,8 @@ def test_asset_ids_are_deterministic_and_distinct(tmp_path):
     assert asset_id_for("a red apple", 0, config_digest(changed)) != a[0].asset_id
     # resources, export settings and runtime keys do not change the assets
     for unchanged in ("resources.tasks_in_flight=9", "method.export.mesh_threshold=2.5", "method.export.turntable_frames=7",
-                      "method.checkpoint_every=3", "method.preview_every=0", "method.device=cpu"):
+                      "method.checkpoint_every=3", "method.preview_every=0", "method.device=cpu",
+                      "method.backprop=direct", "method.nerf.renderer.chunk_samples=4096", "method.splats.chunk_views=2"):
         assert config_digest(load_config(path, ["variants=3", unchanged])) == a[0].config_digest, unchanged
 
 

@@ -169,6 +169,38 @@ def test_client_reregisters_after_actor_restart(head):
     ray.kill(actor)
 
 
+def test_one_render_put_serves_both_actors(head):
+    """The asset's IP and MVDream clients share one object-store copy of each render (a ref in
+    both requests, resolved by the actors), and answer as if the render had been sent inline."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.actors import MVDreamGuidanceActor
+    from pipeline.task import GuidanceHandles
+
+    ip = IPGuidanceActor.remote(pipeline_fakes.FakeGuidance, 4, 1.0)
+    mvd = MVDreamGuidanceActor.remote(pipeline_fakes.FakeGuidance, 4, 1.0)
+    local = pipeline_fakes.FakeGuidance()
+    local.register("a", "a prompt")
+    for wire_dtype, tolerance in ((None, 0.0), ("float16", 1e-3)):  # fp16: the render rounded to 11 bits
+        clients = GuidanceHandles(ip=[ip], mvd=[mvd], wire_dtype=wire_dtype).guidance_set("a")
+        for client in (clients.ip, clients.mvd):
+            client.register("a", "a prompt")
+        assert clients.ip.renders is clients.mvd.renders
+        for step in range(2):
+            rgb = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(step))
+            asks = [request("a", 10 + step), request("a", 20 + step)]
+            for r in asks:
+                r.rgb = rgb  # one render, two requests (as the optimiser sends them)
+            with ThreadPoolExecutor(2) as pool:  # asked at once, as the optimiser does
+                answers = list(pool.map(lambda pair: pair[0].grad([pair[1]])[0], zip((clients.ip, clients.mvd), asks)))
+            assert clients.ip.renders.puts == step + 1
+            for r, got in zip(asks, answers):
+                [want] = local.grad([r])  # the fake answers in fp32 whatever the render's dtype
+                torch.testing.assert_close(got.grad_rgb.float(), want.grad_rgb, rtol=0, atol=tolerance)
+    ray.kill(ip)
+    ray.kill(mvd)
+
+
 def _latest(out: Path) -> dict:
     return DatasetWriter(str(out)).latest_rows()
 

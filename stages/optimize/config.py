@@ -10,6 +10,7 @@ preset for tests and the quickstart. Build from YAML / dotlist overrides with
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ MVDREAM_ONLY = ("mvdream", "sds_mvd")
 """Loss names that use MVDream alone (no SD1.5 / IP-Adapter side)."""
 OPTIMIZE_LOSSES = tuple(n for n in LOSS_NAMES if n != "sds_mvd") + MVDREAM_ONLY
 SHADINGS = ("albedo", "diffuse", "textureless")
+BACKPROP_MODES = ("auto", "deferred", "direct")
 
 MVDREAM_NEGATIVE_PROMPT = (
     "ugly, bad anatomy, blurry, pixelated obscure, unnatural colors, poor lighting, dull, and unclear, "
@@ -170,6 +172,13 @@ class OptimizeConfig:
     """``auto`` (cuda when available) | ``cpu`` | ``cuda`` | ``cuda:N``."""
     progress: bool = False
     """Show a tqdm progress bar."""
+    backprop: str = "auto"
+    """How renders are back-propagated: ``deferred`` (render once without autograd, ask the
+    guidance, then render again chunk by chunk with autograd, each chunk back-propagated at once:
+    the peak graph is one chunk's, NeRF ``renderer.chunk_samples`` samples or splats
+    ``chunk_views`` views, for one extra forward), ``direct`` (one render with its whole graph
+    alive), or ``auto``: deferred for scenes that support it (NeRF, splats), else direct. Both
+    give the same gradients up to float rounding."""
 
     @staticmethod
     def tiny(representation: str = "nerf") -> "OptimizeConfig":
@@ -251,6 +260,7 @@ class OptimizeConfig:
             _require(value >= 0, f"{p}.shading.{name} must be >= 0, got {value}")
         _require(sum(probs) > 0, f"{p}.shading: albedo + diffuse + textureless must be > 0")
         _require(0 <= self.shading.albedo_only_fraction <= 1, f"{p}.shading.albedo_only_fraction must be in [0, 1], got {self.shading.albedo_only_fraction}")
+        _require(self.backprop in BACKPROP_MODES, f"{p}.backprop must be one of {BACKPROP_MODES}, got {self.backprop!r}")
         _require(self.checkpoint_every >= 0, f"{p}.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _require(self.preview_every >= 0, f"{p}.preview_every must be >= 0, got {self.preview_every}")
         _require(self.preview_resolution > 0, f"{p}.preview_resolution must be > 0, got {self.preview_resolution}")
@@ -279,12 +289,28 @@ class OptimizeConfig:
         Asset ids use :func:`stages.optimize.identity.identity_digest`."""
         from stages.digest import digest
 
-        fields = {key: value for key, value in asdict(self).items() if key not in RUNTIME_KEYS}
-        return digest(fields, 16, compact=False)
+        return digest(without_runtime_keys(asdict(self)), 16, compact=False)
 
 
-RUNTIME_KEYS = ("checkpoint_every", "preview_every", "preview_resolution", "device", "progress", "export")
-"""Keys that do not change the optimised scene."""
+RUNTIME_KEYS = (
+    "checkpoint_every", "preview_every", "preview_resolution", "device", "progress", "export", "backprop",
+    "nerf.compile", "nerf.renderer.chunk_samples", "nerf.renderer.march_block_samples", "splats.chunk_views",
+)
+"""Keys (dotted: nested) that do not change the optimised scene. ``backprop``, ``compile`` and the
+render chunks only up to float rounding: they trade memory for speed, so lowering one to fit a GPU
+keeps asset ids and checkpoints."""
+
+
+def without_runtime_keys(fields: dict[str, Any]) -> dict[str, Any]:
+    """``asdict(OptimizeConfig)`` without :data:`RUNTIME_KEYS` (a copy)."""
+    out = copy.deepcopy(fields)
+    for key in RUNTIME_KEYS:
+        *parents, leaf = key.split(".")
+        node = out
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(leaf, None)
+    return out
 
 
 def _require(condition: bool, message: str) -> None:

@@ -4,9 +4,10 @@ the one-asset CLI (``python -m stages.optimize``).
 An asset is identified by (prompt, variant, identity digest). The digest covers everything that
 changes the optimised scene: the method config without its runtime and export keys
 (:data:`~stages.optimize.config.RUNTIME_KEYS`: checkpoint cadence, previews, device, progress,
-export settings), the model sources, and the base seed. So an export-only change (mesh
-threshold, face count, turntable frames) keeps every asset id, and ``python -m pipeline.export``
-can redo the exports from the checkpoints instead of optimising again.
+export settings, and the memory/speed knobs: back-propagation mode, render chunks, compilation),
+the model sources, and the base seed. So an export-only change (mesh threshold, face count,
+turntable frames) or a smaller render chunk to fit a GPU keeps every asset id, and
+``python -m pipeline.export`` can redo the exports from the checkpoints instead of optimising again.
 
 The reference-image and optimiser seeds derive from (base seed, prompt, variant): the CLI with
 ``--seed S --variant K`` makes the same asset as a dataset run with ``seed: S`` does for that
@@ -21,7 +22,7 @@ from dataclasses import asdict
 from typing import Any
 
 from stages.digest import digest
-from stages.optimize.config import RUNTIME_KEYS, OptimizeConfig
+from stages.optimize.config import OptimizeConfig, without_runtime_keys
 
 DIGEST_HEX = 12
 """Hex digits of the identity digest (48 bits)."""
@@ -29,7 +30,7 @@ DIGEST_HEX = 12
 
 def method_identity(method: OptimizeConfig) -> dict[str, Any]:
     """The method keys that change the optimised scene (everything but :data:`RUNTIME_KEYS`)."""
-    return {key: value for key, value in asdict(method).items() if key not in RUNTIME_KEYS}
+    return without_runtime_keys(asdict(method))
 
 
 def identity_digest(method: OptimizeConfig, models: Any, seed: int) -> str:

@@ -4,6 +4,13 @@ Every iteration renders ONE batch of views (groups of ``cameras.n_view``) and us
 render for both terms: the IP side (one t per image) and MVDream (one t per view group). The
 renders receive ``α·grad_ip + β·grad_mvd`` (DESIGN.md), plus the weighted scene regularisers.
 
+Back-propagation (``method.backprop``): a :class:`~stages.scene.base.DeferredScene` renders from
+a per-iteration plan. In deferred mode the render runs without autograd, the guidance answers,
+and the plan is rendered again chunk by chunk with autograd, each chunk back-propagated with its
+slice of dL/d(image) at once, so the peak graph is one chunk's; direct mode keeps one graph of
+the whole render. Both give the same gradients up to float rounding. An iteration moves device
+values to the host once, at its end (the metrics, stacked).
+
 Determinism: all randomness of iteration ``i`` comes from generators seeded by ``(seed, i,
 stream)`` (cameras, shading, timesteps, the guidance noise seeds), and the global torch RNG
 (used by scene internals such as sample jitter or background augmentation) is re-seeded
@@ -25,6 +32,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from stages.guidance.losses import loss_spec
 from stages.guidance.protocol import GuidanceRequest, GuidanceResponse
@@ -33,7 +41,7 @@ from stages.guidance.set import GuidanceSet, Registration, grad_with_reregister
 from stages.models.device import resolve_device
 from stages.optimize.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from stages.optimize.config import MVDREAM_ONLY, SHADINGS, OptimizeConfig
-from stages.scene.base import Cameras
+from stages.scene.base import Cameras, DeferredScene, image_rows
 from stages.scene.cameras import preview_cameras, sample_cameras
 from stages.scene.factory import build_scene
 
@@ -120,6 +128,39 @@ def _term_weights(config: OptimizeConfig, step: int) -> tuple[float, float]:
     return float(alpha), float(beta) if config.mvd.enabled else 0.0
 
 
+def use_deferred_backprop(config: OptimizeConfig, scene: torch.nn.Module) -> bool:
+    """``method.backprop`` resolved for ``scene``: deferred needs a :class:`DeferredScene`."""
+    supported = isinstance(scene, DeferredScene)
+    if config.backprop == "deferred" and not supported:
+        raise ValueError(
+            f"method.backprop=deferred: {type(scene).__name__} cannot render in chunks (no plan_render / "
+            "render_chunks); use method.backprop=auto or direct"
+        )
+    return supported and config.backprop != "direct"
+
+
+def to_host_floats(values: dict[str, Tensor]) -> dict[str, float]:
+    """Device scalars as Python floats, moved to the host in ONE transfer (one sync)."""
+    if not values:
+        return {}
+    with record_function("d2h::metrics"):
+        host = torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()
+    return dict(zip(values, host))
+
+
+def _timestep_metrics(asks: dict[str, GuidanceRequest]) -> dict[str, float]:
+    """Mean t per slot (request timesteps live on the host)."""
+    return {f"t_{slot}": float(request.timesteps.float().mean()) for slot, request in asks.items()}
+
+
+def _response_metrics(asks: dict[str, GuidanceRequest], responses: dict[str, GuidanceResponse]) -> dict[str, float]:
+    metrics = _timestep_metrics({slot: asks[slot] for slot in responses})
+    for slot, response in responses.items():
+        metrics[f"loss_{slot}"] = float(response.loss)
+        metrics[f"grad_norm_{slot}"] = float(response.grad_norm)
+    return metrics
+
+
 def render_views(scene: torch.nn.Module, cameras: Cameras, resolution: int, chunk: int = 8, shading: str = "albedo") -> dict[str, Tensor]:
     """Eval-mode renders of ``cameras`` in chunks, no grad, on the CPU: rgb / opacity (V, C, R, R)."""
     device = next(iter(scene.parameters())).device
@@ -157,6 +198,7 @@ class _Run:
         self.ip_registration = Registration(asset_id, prompt, reference, config.isd.negative_prompt)
         self.mvd_registration = Registration(asset_id, prompt, None, config.mvd.negative_prompt)
         self.optimizer = make_optimizer(scene, config)
+        self.deferred = use_deferred_backprop(config, scene)
         self._pool: ThreadPoolExecutor | None = None
 
     def _registration(self, slot: str) -> Registration:
@@ -221,7 +263,8 @@ class _Run:
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    def _regularizer_loss(self, out: dict[str, Tensor], metrics: dict[str, float]) -> Tensor | None:
+    def _regularizer_loss(self, out: dict[str, Tensor], values: dict[str, Tensor]) -> Tensor | None:
+        """Σ weight · term over the configured regularisers; their values go to ``values``."""
         weights = {k: float(v) for k, v in self.config.regularizers.items() if float(v) > 0}
         if not weights:
             return None
@@ -236,9 +279,54 @@ class _Run:
         for name, weight in weights.items():
             if name not in terms:  # a normal-based term of a render without normals
                 continue
-            metrics[f"reg_{name}"] = float(terms[name].detach())
+            values[f"reg_{name}"] = terms[name].detach()
             total = weight * terms[name] if total is None else total + weight * terms[name]
+        if total is not None:
+            values["loss_reg"] = total.detach()
         return total
+
+    def _render(self, cameras: Cameras, resolution: int, shading: str) -> tuple[Any, dict[str, Tensor]]:
+        """(plan, render): with deferred back-propagation the render is made without autograd."""
+        if not isinstance(self.scene, DeferredScene):
+            return None, self.scene.render(cameras, resolution, resolution, shading=shading)
+        plan = self.scene.plan_render(cameras, resolution, resolution, shading)
+        if self.deferred:
+            with torch.no_grad():
+                return plan, self.scene.render_planned(plan)
+        return plan, self.scene.render_planned(plan)
+
+    def _backward_direct(self, step: int, out: dict[str, Tensor], grad: Tensor, values: dict[str, Tensor]) -> None:
+        # d/dθ of Σ rgb·grad is exactly rgb.backward(grad)
+        surrogate = (out["rgb"] * grad.to(out["rgb"].dtype)).sum()
+        regularizer = self._regularizer_loss(out, values)
+        if regularizer is not None:
+            surrogate = surrogate + regularizer
+        self.scene.step_pre_backward(step, out)
+        surrogate.backward()
+
+    def _backward_deferred(self, step: int, plan: Any, out: dict[str, Tensor], grad: Tensor, values: dict[str, Tensor]) -> None:
+        """Chunk by chunk: each chunk's maps get dL/dmap at once, L = Σ rgb·grad + regularisers.
+
+        The regularisers are differentiated on the whole (detached) render first: terms of the
+        parameters alone reach θ directly, and terms of the images leave dR/dmap on leaf copies
+        of the maps and sums, which the chunks then carry back with the guidance gradient. So
+        every regulariser, pixel-separable or not (``normal_smooth``), keeps its exact value."""
+        keys = [k for k in (*plan.map_keys, *plan.sum_keys) if k in out]
+        leaves = {k: out[k].detach().requires_grad_(True) for k in keys}
+        regularizer = self._regularizer_loss({**out, **leaves}, values)
+        self.scene.step_pre_backward(step, out)
+        if regularizer is not None and regularizer.requires_grad:
+            regularizer.backward()
+        grad_maps = {k: leaves[k].grad for k in plan.map_keys if k in leaves and leaves[k].grad is not None}
+        grad_maps["rgb"] = grad.to(out["rgb"].dtype) + grad_maps.get("rgb", 0.0)
+        rows = {k: image_rows(g) for k, g in grad_maps.items()}
+        sums = {k: leaves[k].grad for k in plan.sum_keys if k in leaves and leaves[k].grad is not None}
+        for chunk in self.scene.render_chunks(plan, out, step):
+            parts = [(chunk.maps[k] * g[chunk.start : chunk.stop]).sum() for k, g in rows.items()]
+            parts += [chunk.sums[k] * g for k, g in sums.items()]
+            loss = torch.stack(parts).sum() if len(parts) > 1 else parts[0]
+            if loss.requires_grad:
+                loss.backward()
 
     def iteration(self, step: int) -> dict[str, float]:
         cfg, total = self.config, self.config.iterations
@@ -246,15 +334,14 @@ class _Run:
         batch = cfg.schedule.batch_size(step, total)
         cameras = sample_cameras(_generator(self.seed, step, "cameras"), batch, cfg.cameras)
         shading = choose_shading(cfg, step, _generator(self.seed, step, "shading"))
-        out = self.scene.render(cameras.to(self.device), resolution, resolution, shading=shading)
-        rgb = out["rgb"]
+        plan, out = self._render(cameras.to(self.device), resolution, shading)
         alpha, beta = _term_weights(cfg, step)
         t_min, t_max = cfg.schedule.timestep_range(step, total)
         metrics: dict[str, float] = {
             "step": float(step), "alpha": alpha, "beta": beta, "t_min": t_min, "t_max": t_max,
             "resolution": float(resolution), "batch": float(batch), "shading": float(SHADINGS.index(shading)),
         }
-        rgb_detached = rgb.detach()
+        rgb_detached = out["rgb"].detach()
         asks: dict[str, GuidanceRequest] = {}
         if alpha > 0:
             timesteps = sample_timesteps(_generator(self.seed, step, "t_ip"), batch, t_min, t_max, group=1)
@@ -277,29 +364,22 @@ class _Run:
         grad = torch.zeros_like(rgb_detached, dtype=torch.float32)
         for slot, weight in (("ip", alpha), ("mvd", beta)):
             if slot in responses:
-                response = responses[slot]
-                grad += weight * response.grad_rgb.to(grad.device, torch.float32)
-                metrics.update({
-                    f"loss_{slot}": float(response.loss), f"grad_norm_{slot}": float(response.grad_norm),
-                    f"t_{slot}": float(asks[slot].timesteps.float().mean()),
-                })
+                grad += weight * responses[slot].grad_rgb.to(grad.device, torch.float32)
+        metrics.update(_response_metrics(asks, responses))
         metrics["loss"] = alpha * metrics.get("loss_ip", 0.0) + beta * metrics.get("loss_mvd", 0.0)
-        metrics["grad_norm_rgb"] = float(grad.norm())
-        # d/dθ of Σ rgb·grad is exactly rgb.backward(grad)
-        surrogate = (rgb * grad.to(rgb.dtype)).sum()
-        regularizer = self._regularizer_loss(out, metrics)
-        if regularizer is not None:
-            surrogate = surrogate + regularizer
-            metrics["loss_reg"] = float(regularizer.detach())
-        self.scene.step_pre_backward(step, out)
-        surrogate.backward()
+        values: dict[str, Tensor] = {"grad_norm_rgb": grad.norm()}
+        if plan is not None and self.deferred:
+            self._backward_deferred(step, plan, out, grad, values)
+        else:
+            self._backward_direct(step, out, grad, values)
         self.scene.step_post_backward(step, out, self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if cfg.optimizer.grad_clip > 0 and params:
-            metrics["grad_norm_params"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip))
+            values["grad_norm_params"] = torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics["opacity_mean"] = float(out["opacity"].detach().float().mean())
+        values["opacity_mean"] = out["opacity"].detach().float().mean()
+        metrics.update(to_host_floats(values))
         return metrics
 
     def state(self, iteration: int, history: list[dict[str, float]]) -> dict[str, Any]:
@@ -384,9 +464,7 @@ def optimize_asset(
             tick = time.perf_counter()
             with torch.random.fork_rng(devices=rng_devices):
                 torch.manual_seed(derive_seed(seed, step, "global"))
-                metrics = run.iteration(step)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+                metrics = run.iteration(step)  # ends with one device-to-host transfer: no extra sync needed
             elapsed = time.perf_counter() - tick
             metrics.update(seconds=elapsed, its=1.0 / max(elapsed, 1e-9), peak_memory_mb=peak_memory_mb(device))
             history.append(metrics)

@@ -8,8 +8,8 @@ protocol directly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -71,6 +71,62 @@ class Scene(Protocol):
 
     def step_post_backward(self, step: int, out: RenderOutput, optimizer: torch.optim.Optimizer) -> None:
         """Hook after ``backward`` and before ``optimizer.step`` (densify / prune)."""
+
+
+@dataclass
+class RenderChunk:
+    """One part of a planned render, recomputed with autograd by deferred back-propagation.
+
+    Chunks of a plan partition the render's pixels in their flat (B, H, W) order: this one
+    holds pixels [``start``, ``stop``). ``maps`` gives, for each of the plan's ``map_keys``,
+    those pixels' values as rows (stop − start, C); ``sums`` gives, for each of its
+    ``sum_keys``, the chunk's share of an additive scalar (the full render's value is the sum
+    over chunks)."""
+
+    start: int
+    stop: int
+    maps: dict[str, Tensor]
+    sums: dict[str, Tensor] = field(default_factory=dict)
+
+
+@runtime_checkable
+class RenderPlan(Protocol):
+    """Everything random or state-dependent of one render, drawn once (see :class:`DeferredScene`)."""
+
+    map_keys: tuple[str, ...]
+    """Per-pixel outputs (B, C, H, W) that the chunks recompute."""
+    sum_keys: tuple[str, ...]
+    """Scalar outputs that are sums over chunks."""
+
+
+@runtime_checkable
+class DeferredScene(Protocol):
+    """A scene whose render can be split for deferred back-propagation: render once without
+    autograd, then recompute it chunk by chunk with autograd and back-propagate each chunk's
+    share of the image gradient at once, so the peak graph is one chunk's. Both passes read the
+    same plan, so they compute the same function (same random draws, same samples)."""
+
+    def plan_render(self, cameras: Cameras, height: int, width: int, shading: str = "albedo") -> RenderPlan:
+        """Draw the render's randomness (and fix what depends on mutable state) once."""
+
+    def render_planned(self, plan: RenderPlan) -> RenderOutput:
+        """The whole render of ``plan`` (what :meth:`Scene.render` returns for it)."""
+
+    def render_chunks(self, plan: RenderPlan, out: RenderOutput, step: int) -> Iterator[RenderChunk]:
+        """The render again, chunk by chunk, with autograd; the caller back-propagates each chunk
+        before asking for the next. ``out`` is the plan's first render and ``step`` the
+        optimiser step: a scene may run per-chunk hooks and complete ``out`` when the last chunk
+        is done (gsplat's screen-space gradients, for ``step_post_backward``)."""
+
+
+def image_rows(image: Tensor) -> Tensor:
+    """(B, C, H, W) → (B·H·W, C): pixels in flat (B, H, W) order, as :class:`RenderChunk` rows."""
+    return image.permute(0, 2, 3, 1).reshape(-1, image.shape[1])
+
+
+def rows_image(rows: Tensor, batch: int, height: int, width: int) -> Tensor:
+    """Inverse of :func:`image_rows`: (B·H·W, C) → (B, C, H, W)."""
+    return rows.reshape(batch, height, width, rows.shape[-1]).permute(0, 3, 1, 2)
 
 
 def grid_points(radius: float, resolution: int, device: torch.device | str = "cpu") -> Tensor:

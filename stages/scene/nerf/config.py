@@ -88,7 +88,15 @@ class RendererConfig:
     grid_ema_decay: float = 0.95
     """Each refresh keeps max(previous cell value × this, new value); lower frees emptied cells faster."""
     chunk_samples: int = 1 << 21
-    """Bound on samples per ray chunk (rays are processed in chunks of chunk_samples // S)."""
+    """Bound on the kept samples of one render chunk (whole rays; a chunk holds at most
+    max(chunk_samples, num_samples_per_ray)). With deferred back-propagation the peak autograd
+    graph is one chunk's, so this bounds the optimiser's memory (~1.7 KB of graph per kept
+    sample; at 2²¹ a task peaks at ~6 GiB in phase 2); fewer, larger chunks launch fewer kernels.
+    The shipped GPU dataset configs set 2¹⁸, so that 16 tasks share one 80 GB GPU with the
+    guidance actors (``python -m benchmarks.memory CONFIG``)."""
+    march_block_samples: int = 1 << 23
+    """Candidate samples (rays × num_samples_per_ray) tested against the occupancy grid at once
+    while planning a render: bounds that step's temporary memory (~70 bytes per candidate)."""
 
 
 @dataclass
@@ -120,6 +128,12 @@ class ShadingConfig:
     ``normal_smooth`` regularisers); otherwise only for ``diffuse`` / ``textureless``."""
 
 
+def _compile_backends() -> list[str]:
+    import torch._dynamo
+
+    return torch._dynamo.list_backends(exclude_tags=())
+
+
 @dataclass
 class NeRFConfig:
     radius: float = 1.0
@@ -127,6 +141,12 @@ class NeRFConfig:
     backend: str = "auto"
     """Hash-grid backend: ``auto`` (tinycudann when importable and CUDA is available, else
     torch) | ``torch`` | ``tcnn``. Both share one parameter layout, so checkpoints move across."""
+    compile: str = "off"
+    """``torch.compile`` the pure-torch hash grid + MLPs of the render path: ``off`` | a
+    ``torch.compile`` backend (``inductor`` fuses the elementwise index/weight math; needs a C++
+    compiler on CPU, Triton on CUDA). Queries are padded to power-of-two sizes (≥ 1024 points),
+    so a run compiles one graph per size bucket (about log2(chunk_samples) at most); the first
+    call of each bucket pays the compile time. Same values as eager (1e-4 relative)."""
     density_activation: str = "softplus"
     """Raw density (MLP output + ``density_bias``) → σ: ``softplus`` | ``exp``."""
     density_bias: str = "blob_magic3d"
@@ -192,6 +212,7 @@ class NeRFConfig:
             (self.renderer.grid_resolution >= 2, "nerf.renderer.grid_resolution must be >= 2"),
             (self.renderer.grid_update_every >= 1, "nerf.renderer.grid_update_every must be >= 1"),
             (self.renderer.chunk_samples >= 1, "nerf.renderer.chunk_samples must be >= 1"),
+            (self.renderer.march_block_samples >= 1, "nerf.renderer.march_block_samples must be >= 1"),
             (self.shading.normal_type in NORMAL_TYPES, f"nerf.shading.normal_type must be one of {NORMAL_TYPES}"),
             (len(self.shading.light_distance_range) == 2, "nerf.shading.light_distance_range must be [min, max]"),
             (len(self.shading.ambient_light_color) == 3, "nerf.shading.ambient_light_color must have 3 entries"),
@@ -200,3 +221,5 @@ class NeRFConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.compile != "off" and self.compile not in _compile_backends():
+            raise ValueError(f"nerf.compile must be off or a torch.compile backend {_compile_backends()}, got {self.compile!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,14 @@ def make_mlp(n_in: int, n_out: int, n_neurons: int, n_hidden_layers: int, genera
         if i < len(dims) - 2:
             layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
+
+
+MIN_COMPILE_BUCKET = 1 << 10
+
+
+def compile_bucket(n: int) -> int:
+    """Padded size of a compiled field query of n points: the next power of two, ≥ 2¹⁰."""
+    return max(MIN_COMPILE_BUCKET, 1 << max(0, int(n) - 1).bit_length())
 
 
 def resolve_backend(backend: str) -> str:
@@ -80,11 +89,31 @@ class NeRFField(nn.Module):
 
     def forward(self, points: Tensor) -> dict[str, Tensor]:
         """points (N, 3) → ``density`` (N,) and ``albedo`` (N, 3)."""
+        if self._compiled is None or self.backend != "torch" or (points.requires_grad and torch.is_grad_enabled()):
+            density, albedo = self._density_albedo(points)
+        else:
+            # Shape buckets: pad N to a power of two (≥ 2¹⁰), so a run compiles one graph per
+            # bucket (chunks are nearly all the same size, a chunk budget's bucket). The padding
+            # points sit at the origin; their outputs are cut off, so they get no gradient.
+            n = points.shape[0]
+            size = compile_bucket(n)
+            density, albedo = self._compiled(F.pad(points, (0, 0, 0, size - n)))
+            density, albedo = density[:n], albedo[:n]
+        return {"density": density, "albedo": albedo}
+
+    def _density_albedo(self, points: Tensor) -> tuple[Tensor, Tensor]:
         enc = self.encode(points)
-        return {
-            "density": self.activate(self.raw_density(points, enc)),
-            "albedo": torch.sigmoid(self.feature_network(enc)),
-        }
+        return self.activate(self.raw_density(points, enc)), torch.sigmoid(self.feature_network(enc))
+
+    @property
+    def _compiled(self) -> Any:
+        """``torch.compile`` of the hash grid + MLPs (``nerf.compile``), built on first use."""
+        backend = self.config.compile
+        if backend == "off":
+            return None
+        if self.__dict__.get("_compiled_fn") is None:
+            self.__dict__["_compiled_fn"] = torch.compile(self._density_albedo, backend=backend, dynamic=False)
+        return self.__dict__["_compiled_fn"]
 
     def normal(self, points: Tensor) -> Tensor:
         """Outward unit normals (N, 3) at world points (N, 3), by ``shading.normal_type``."""

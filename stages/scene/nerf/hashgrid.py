@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -81,8 +83,50 @@ def corner_indices(corners: Tensor, layout: LevelLayout) -> Tensor:
     return index % layout.size
 
 
+LEVELS_PER_SCATTER = 4
+"""Levels whose table gradients are scattered at once in the hash grid's backward."""
+
+
+class HashGridLookup(torch.autograd.Function):
+    """Σ_corners w · table[row] for all levels at once, differentiable in the table only.
+
+    ``rows`` / ``weights`` are level-major (L, N, 8): each level's gathers and scatters then
+    stay inside that level's table (cache-friendly; mixing levels made the CPU backward 3×
+    slower). The forward is one ``embedding_bag`` (weighted sum per point and level, no
+    (L, N, 8, F) temporary); the backward needs just the rows and weights (saved as int32 +
+    float32: 8 bytes per corner and level, against 20 for autograd's index_select + mul) and
+    scatters with ``index_add`` a group of levels at a time (int64 indices: int32 ones take a
+    5× slower CPU path), so its temporaries stay a fraction of the saved tensors. Used when the
+    points need no gradient (every render; analytic normals take the plain autograd path)."""
+
+    @staticmethod
+    def forward(ctx: Any, table: Tensor, rows: Tensor, weights: Tensor) -> Tensor:
+        levels, n, corners = weights.shape
+        ctx.save_for_backward(rows, weights)
+        ctx.table_shape = table.shape
+        out = F.embedding_bag(
+            rows.reshape(-1, corners), table, per_sample_weights=weights.reshape(-1, corners), mode="sum"
+        )
+        return out.view(levels, n, table.shape[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None]:
+        rows, weights = ctx.saved_tensors
+        grad_table = None
+        if ctx.needs_input_grad[0]:
+            grad_table = grad_out.new_zeros(ctx.table_shape)
+            step = LEVELS_PER_SCATTER
+            for lo in range(0, rows.shape[0], step):
+                source = weights[lo : lo + step, :, :, None] * grad_out[lo : lo + step, :, None, :]
+                grad_table.index_add_(0, rows[lo : lo + step].reshape(-1).long(), source.reshape(-1, grad_out.shape[-1]))
+        return grad_table, None, None
+
+
 class TorchHashGrid(nn.Module):
-    """Pure-torch ``HashGrid``: (N, 3) in [0, 1] → (N, n_levels · F), level-major features."""
+    """Pure-torch ``HashGrid``: (N, 3) in [0, 1] → (N, n_levels · F), level-major features.
+
+    All levels are evaluated at once (a handful of (L, N, 8) tensor ops, whatever the number of
+    levels): per-axis corner terms, combined into dense or hashed table rows per level."""
 
     def __init__(self, config: HashGridConfig, generator: torch.Generator) -> None:
         super().__init__()
@@ -90,6 +134,20 @@ class TorchHashGrid(nn.Module):
         self.layout = grid_layout(config)
         self.n_output_dims = config.n_levels * config.n_features_per_level
         self.params = nn.Parameter(init_grid_params(config, generator))
+        levels = self.layout
+
+        def per_level(values: list[Any], dtype: torch.dtype, *trailing: int) -> Tensor:
+            return torch.tensor(values, dtype=dtype).reshape(len(levels), *trailing)
+
+        self.register_buffer("scales", per_level([lv.scale for lv in levels], torch.float32, 1, 1), persistent=False)
+        # per axis: [1, R, R²] for dense levels and 0 for hashed ones; the hash masks the other way round
+        strides = [[1, lv.resolution, lv.resolution**2] if lv.dense else [0, 0, 0] for lv in levels]
+        self.register_buffer("dense_strides", per_level(strides, torch.int32, 1, 1, 3), persistent=False)
+        masks = [0 if lv.dense else lv.size - 1 for lv in levels]  # hashed tables are powers of two
+        self.register_buffer("hash_masks", per_level(masks, torch.int64, 1, 1, 1), persistent=False)
+        self.register_buffer("primes", torch.tensor(PRIMES, dtype=torch.int64), persistent=False)
+        self.register_buffer("sizes", per_level([lv.size for lv in levels], torch.int32, 1, 1, 1, 1), persistent=False)
+        self.register_buffer("offsets", per_level([lv.offset for lv in levels], torch.int32, 1, 1), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (N, 3) in [0, 1] → features (N, L·F) float32."""
@@ -97,41 +155,51 @@ class TorchHashGrid(nn.Module):
             return checkpoint(self._encode, x, self.params, use_reentrant=False)
         return self._encode(x, self.params)
 
+    def corners(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Table rows (L, N, 8) int32 and trilinear weights (L, N, 8) of the 8 corners around
+        each point at every level; corner c = bx + 2·by + 4·bz. Weights are differentiable in x.
+
+        Per axis, a dense level contributes coordinate × stride and a hashed level
+        (coordinate × prime) mod table size, the other kind's term being 0 (zero strides /
+        masks); a corner's row is then (Σ dense terms mod size) + (⊕ hashed terms) + offset, in
+        int32 (every term is below 2³¹), so all levels share one set of ops. Temporaries are
+        freed as soon as used: this runs on the largest tensors of a render."""
+        pos = x.float()[None] * self.scales + 0.5  # (L, N, 3)
+        with torch.no_grad():
+            lower = torch.floor(pos)
+        frac = pos - lower
+        del pos
+        with torch.no_grad():
+            lo = lower.int()
+            del lower
+            both = torch.stack([lo, lo + 1], dim=2)  # (L, N, 2, 3): [lower, upper] per axis
+            del lo
+            dense = both * self.dense_strides
+            hashed = ((both.long() * self.primes) & self.hash_masks).int()
+            del both
+            rows = dense[..., None, None, :, 0] + dense[..., None, :, None, 1]
+            rows = rows + dense[..., :, None, None, 2]
+            del dense
+            rows.remainder_(self.sizes)
+            xored = hashed[..., None, None, :, 0] ^ hashed[..., None, :, None, 1]
+            rows.add_(xored ^ hashed[..., :, None, None, 2])
+            del xored, hashed
+            rows = rows.flatten(2).add_(self.offsets)
+        w = torch.stack([1.0 - frac, frac], dim=2)  # (L, N, 2, 3)
+        del frac
+        weights = (w[..., None, None, :, 0] * w[..., None, :, None, 1]) * w[..., :, None, None, 2]
+        return rows, weights.flatten(2)
+
     def _encode(self, x: Tensor, params: Tensor) -> Tensor:
-        n_features = self.config.n_features_per_level
-        table = params.view(-1, n_features)
-        x = x.float()
+        table = params.view(-1, self.config.n_features_per_level)
         n = x.shape[0]
-        # Corner c = bx + 2·by + 4·bz is built as a (2, 2, 2) block indexed [bz, by, bx]; index
-        # terms and weights factor per axis, so each level costs a few (N, 8) ops only.
-        index = torch.empty(n, len(self.layout), 8, dtype=torch.int64, device=x.device)
-        weights = []
-        for layout in self.layout:
-            pos = x * layout.scale + 0.5
-            grid = torch.floor(pos)
-            frac = pos - grid  # differentiable in x (analytic normals)
-            with torch.no_grad():
-                lo = grid.long()
-                both = torch.stack([lo, lo + 1], dim=1)  # (N, 2, 3): [lower, upper] per axis
-                if layout.dense:
-                    r = layout.resolution
-                    terms = both * torch.tensor([1, r, r * r], device=x.device)
-                    combined = terms[:, None, None, :, 0] + terms[:, None, :, None, 1] + terms[:, :, None, None, 2]
-                    combined = combined.reshape(n, 8) % layout.size
-                else:
-                    # size is a power of two here, so masking each term first equals masking the XOR
-                    mask = layout.size - 1
-                    terms = (both * torch.tensor(PRIMES, device=x.device)) & mask
-                    combined = terms[:, None, None, :, 0] ^ terms[:, None, :, None, 1] ^ terms[:, :, None, None, 2]
-                    combined = combined.reshape(n, 8)
-                index[:, layout.level] = combined + layout.offset
-            wx, wy, wz = (torch.stack([1.0 - frac[:, d], frac[:, d]], dim=1) for d in range(3))  # (N, 2) each
-            weights.append((wz[:, :, None, None] * wy[:, None, :, None] * wx[:, None, None, :]).reshape(n, 8))
-        w = torch.stack(weights, dim=1)  # (N, L, 8)
-        # index_select: its CPU backward (index_add) is ~10x faster than embedding's
-        feats = table.index_select(0, index.reshape(-1)).view(n, len(self.layout), 8, n_features)
-        out = (feats * w[..., None]).sum(dim=2)  # (N, L, F)
-        return out.reshape(n, self.n_output_dims)
+        rows, weights = self.corners(x)
+        if x.requires_grad and torch.is_grad_enabled():  # analytic normals: differentiable in x
+            feats = table.index_select(0, rows.reshape(-1)).view(len(self.layout), n, 8, -1)
+            out = (feats * weights[..., None]).sum(dim=2)
+        else:
+            out = HashGridLookup.apply(table, rows, weights.detach())
+        return out.transpose(0, 1).reshape(n, self.n_output_dims)
 
 
 def tcnn_available() -> bool:

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import Cameras, RenderOutput
+from ..base import Cameras, RenderChunk, RenderOutput, grid_points, rows_image
 from .background import Background
 from .config import SHADINGS, NeRFConfig
 from .field import NeRFField
-from ..base import grid_points
-from .renderer import camera_rays, march_rays, sphere_bounds
+from .renderer import SamplePlan, camera_rays, march_chunk, plan_samples, sphere_bounds
 
 DEFAULT_LR: dict[str, float] = {"encoding": 0.01, "density": 0.001, "feature": 0.001, "background": 0.001}
 """MVDream-threestudio's learning rates per parameter group."""
@@ -21,12 +21,37 @@ DEFAULT_LR: dict[str, float] = {"encoding": 0.01, "density": 0.001, "feature": 0
 REGULARIZER_NAMES = ("sparsity", "opaque", "orient", "normal_smooth")
 
 
+@dataclass
+class NeRFRenderPlan:
+    """One NeRF render fixed in advance (:meth:`NeRFScene.plan_render`): flat rays (R = B·H·W)
+    ``origins`` / ``dirs`` (R, 3), the packed ``samples``, point ``lights`` (B, 3), the
+    background ``augmentation`` colours (1 or B, 3) or None."""
+
+    batch: int
+    height: int
+    width: int
+    shading: str
+    with_normals: bool
+    origins: Tensor
+    dirs: Tensor
+    samples: SamplePlan
+    lights: Tensor
+    augmentation: Tensor | None
+    sample_outputs: bool
+    map_keys: tuple[str, ...]
+    sum_keys: tuple[str, ...]
+
+
 class NeRFScene(nn.Module):
     """Hash-grid NeRF with blob density init, sigmoid albedo, a background model, point-light
     shading and an occupancy-pruned volume renderer. Deterministic for a seed: parameters are
     drawn from ``torch.Generator().manual_seed(seed)`` and the per-render randomness (sample
-    jitter, light, background augmentation, occupancy jitter) from a second generator whose
-    state is part of ``state_dict()``."""
+    jitter seed, light, background augmentation, occupancy jitter) from a second, CPU generator
+    whose state is part of ``state_dict()``.
+
+    A render is a plan (:meth:`plan_render`: rays, packed samples, random draws) marched in
+    chunks of at most ``renderer.chunk_samples`` samples; :meth:`render_chunks` marches the same
+    plan again with autograd for deferred back-propagation (a :class:`~stages.scene.base.DeferredScene`)."""
 
     def __init__(self, config: NeRFConfig, seed: int) -> None:
         super().__init__()
@@ -70,8 +95,8 @@ class NeRFScene(nn.Module):
     # ---- rendering ----------------------------------------------------------------------------
     def sample_lights(self, cameras: Cameras, generator: torch.Generator | None) -> Tensor:
         """Point-light positions (B, 3). Training (generator given): DreamFusion's sampling,
-        direction = normalize(camera position + N(0, perturb²)), distance ~ U(light_distance_range);
-        otherwise a headlight at the camera position."""
+        direction = normalize(camera position + N(0, perturb²)), distance ~ U(light_distance_range),
+        drawn on ``generator`` (a CPU generator); otherwise a headlight at the camera position."""
         position = cameras.c2w[:, :3, 3].float()
         if generator is None:
             return position
@@ -82,6 +107,61 @@ class NeRFScene(nn.Module):
         lo, hi = c.light_distance_range
         return direction * (lo + (hi - lo) * u)
 
+    def plan_render(
+        self,
+        cameras: Cameras,
+        height: int,
+        width: int,
+        shading: str = "albedo",
+        light_positions: Tensor | None = None,
+        with_normals: bool | None = None,
+        sample_outputs: bool = False,
+    ) -> "NeRFRenderPlan":
+        """Fix one render: its rays, the packed samples that survive the occupancy grid NOW, and
+        its random draws (jitter seed, background augmentation, point light) from the scene's
+        RNG stream (training mode only). Arguments as :meth:`render`; ``sample_outputs`` keeps
+        the per-sample outputs (``weights``, ``ray_indices``, …) in :meth:`render_planned`."""
+        if shading not in SHADINGS:
+            raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
+        if height < 1 or width < 1:
+            raise ValueError(f"render size must be positive, got {height}x{width}")
+        c = self.config
+        cameras = cameras.to(self.device)
+        if with_normals is None:
+            with_normals = c.shading.compute_normals
+        with_normals = with_normals or shading != "albedo"  # lambertian shading needs them
+        seed, augmentation, lights = self._draw_render_randomness(cameras)
+        if light_positions is not None:
+            lights = light_positions.to(self.device).float()
+        with torch.no_grad():
+            origins, dirs = (v.reshape(-1, 3) for v in camera_rays(cameras, height, width))
+            near, far, hit = sphere_bounds(origins, dirs, c.radius)
+            samples = plan_samples(
+                origins, dirs, near, far, hit,
+                n_samples=c.renderer.num_samples_per_ray,
+                seed=seed if c.renderer.randomized else None,
+                occupancy=self.occupancy if c.renderer.grid_prune else None,
+                radius=c.radius,
+                chunk_samples=c.renderer.chunk_samples,
+                block_samples=c.renderer.march_block_samples,
+            )
+        maps = ("rgb", "opacity", "depth", "background") + (("normal",) if with_normals else ())
+        return NeRFRenderPlan(
+            batch=len(cameras), height=height, width=width, shading=shading, with_normals=with_normals,
+            origins=origins, dirs=dirs, samples=samples, lights=lights,
+            augmentation=None if augmentation is None else augmentation.to(self.device),
+            sample_outputs=sample_outputs, map_keys=maps, sum_keys=("orient_sum",) if with_normals else (),
+        )
+
+    def _draw_render_randomness(self, cameras: Cameras) -> tuple[int, Tensor | None, Tensor]:
+        """(jitter seed, background augmentation, lights) of a render, on the host; eval mode
+        draws nothing (seed 0 is unused then, lights are headlights)."""
+        if not self.training:
+            return 0, None, self.sample_lights(cameras, None)
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._rng))
+        augmentation = self.background.draw_augmentation(len(cameras), self._rng)
+        return seed, augmentation, self.sample_lights(cameras, self._rng)
+
     def render(
         self,
         cameras: Cameras,
@@ -90,102 +170,85 @@ class NeRFScene(nn.Module):
         shading: str = "albedo",
         light_positions: Tensor | None = None,
         with_normals: bool | None = None,
+        sample_outputs: bool = False,
     ) -> RenderOutput:
         """Render B cameras at H×W.
 
         Returns ``rgb`` (B,3,H,W) in [0,1], ``opacity`` / ``depth`` (B,1,H,W), ``background``
         (B,3,H,W), ``normal`` (B,3,H,W) unit world normals (zeros where empty) when normals are
         computed (always for non-albedo shading; for albedo when ``with_normals=True``, or when
-        it is None and ``shading.compute_normals``),
-        and per kept sample (flattened over all rays): ``weights`` (M,), ``ray_indices`` (M,)
-        into B·H·W, ``sample_dirs`` (M,3) and, with normals, ``sample_normal`` (M,3).
-        ``light_positions`` (B,3) overrides the sampled point light.
+        it is None and ``shading.compute_normals``) with ``orient_sum`` (Σ w·max(0, n·d)² over
+        the samples, the ``orient`` regulariser's numerator),
+        and with ``sample_outputs``, per kept sample (flattened over all rays): ``weights`` (M,),
+        ``ray_indices`` (M,) into B·H·W, ``sample_dirs`` (M,3) and, with normals,
+        ``sample_normal`` (M,3). ``light_positions`` (B,3) overrides the sampled point light.
         """
-        if shading not in SHADINGS:
-            raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
-        if height < 1 or width < 1:
-            raise ValueError(f"render size must be positive, got {height}x{width}")
-        c = self.config
-        device = self.device
-        cameras = cameras.to(device)
-        batch = len(cameras)
-        generator = self._generator(device) if self.training else None
-        origins, dirs = camera_rays(cameras, height, width)
-        background = self.background(dirs, generator)  # (B, H, W, 3)
-        if with_normals is None:
-            with_normals = c.shading.compute_normals
-        with_normals = with_normals or shading != "albedo"  # lambertian shading needs them
-        if light_positions is None:
-            light_positions = self.sample_lights(cameras, generator)
-        light_per_ray = light_positions.to(device).float()[:, None, :].expand(batch, height * width, 3).reshape(-1, 3)
+        return self.render_planned(
+            self.plan_render(cameras, height, width, shading, light_positions, with_normals, sample_outputs)
+        )
 
-        origins, dirs = origins.reshape(-1, 3), dirs.reshape(-1, 3)
-        n_rays = origins.shape[0]
-        near, far, hit = sphere_bounds(origins, dirs, c.radius)
-        hit_rays = hit.nonzero(as_tuple=True)[0]
-        n_samples = c.renderer.num_samples_per_ray
-        jitter = None
-        if generator is not None and c.renderer.randomized:
-            jitter = torch.rand(hit_rays.shape[0], n_samples, generator=generator, device=device)
-        occupancy = self.occupancy if c.renderer.grid_prune else None
-        chunk = max(1, c.renderer.chunk_samples // n_samples)
-
-        parts: dict[str, list[Tensor]] = {k: [] for k in ("rgb", "opacity", "depth", "normal", "w", "ray", "sn", "sd")}
-        for start in range(0, hit_rays.shape[0], chunk):
-            rays = hit_rays[start : start + chunk]
-            res = march_rays(
-                self.field,
-                origins[rays],
-                dirs[rays],
-                near[rays],
-                far[rays],
-                n_samples=n_samples,
-                jitter=None if jitter is None else jitter[start : start + chunk],
-                occupancy=occupancy,
-                radius=c.radius,
-                shading=shading,
-                with_normals=with_normals,
-                light_positions=light_per_ray[rays],
-                ambient=self.ambient,
-                diffuse=self.diffuse,
-                normal_min_weight=c.shading.normal_min_weight,
-            )
-            parts["rgb"].append(res.rgb)
-            parts["opacity"].append(res.opacity)
-            parts["depth"].append(res.depth)
-            parts["w"].append(res.weights)
-            parts["ray"].append(rays[res.ray])
-            parts["sd"].append(res.sample_dirs)
-            if with_normals:
-                parts["normal"].append(res.normal)
-                parts["sn"].append(res.sample_normal)
-
-        def scatter(key: str, channels: int) -> Tensor:
-            full = torch.zeros(n_rays, channels, device=device)
-            if parts[key]:
-                values = torch.cat(parts[key]).reshape(-1, channels)
-                full = full.index_put((hit_rays,), values)
-            return full.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
-
-        def cat(key: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
-            return torch.cat(parts[key]) if parts[key] else torch.zeros(shape, device=device, dtype=dtype)
-
-        fg = scatter("rgb", 3)
-        opacity = scatter("opacity", 1)
-        bg = background.permute(0, 3, 1, 2)
+    def render_planned(self, plan: "NeRFRenderPlan") -> RenderOutput:
+        """The render of ``plan``: its chunks, assembled into images."""
+        parts: dict[str, list[Tensor]] = {}
+        sums: dict[str, Tensor] = {}
+        for chunk, samples in self._march(plan, sample_outputs=plan.sample_outputs):
+            for key, rows in chunk.maps.items():
+                parts.setdefault(key, []).append(rows)
+            for key, value in chunk.sums.items():
+                sums[key] = value if key not in sums else sums[key] + value
+            for key, value in samples.items():
+                parts.setdefault(key, []).append(value)
         out: RenderOutput = {
-            "rgb": (fg + bg * (1.0 - opacity)).clamp(0.0, 1.0),
-            "opacity": opacity,
-            "depth": scatter("depth", 1),
-            "background": bg,
-            "weights": cat("w", (0,)),
-            "ray_indices": cat("ray", (0,), torch.long),
-            "sample_dirs": cat("sd", (0, 3)),
+            key: rows_image(torch.cat(parts[key]), plan.batch, plan.height, plan.width) for key in plan.map_keys
         }
-        if with_normals:
-            out["normal"] = scatter("normal", 3)
-            out["sample_normal"] = cat("sn", (0, 3))
+        out.update(sums)
+        if plan.sample_outputs:
+            empty = plan.origins.new_zeros(0)
+            out["weights"] = torch.cat(parts.get("weights", [empty]))
+            out["ray_indices"] = torch.cat(parts.get("ray", [empty.long()]))
+            out["sample_dirs"] = torch.cat(parts.get("sample_dirs", [empty.reshape(0, 3)]))
+            if plan.with_normals:
+                out["sample_normal"] = torch.cat(parts.get("sample_normal", [empty.reshape(0, 3)]))
         return out
+
+    def render_chunks(self, plan: "NeRFRenderPlan", out: RenderOutput, step: int) -> Iterator[RenderChunk]:
+        """Deferred back-propagation: each ray chunk of the plan rendered again with autograd."""
+        for chunk, _ in self._march(plan, sample_outputs=False):
+            yield chunk
+
+    def _march(self, plan: "NeRFRenderPlan", sample_outputs: bool) -> Iterator[tuple[RenderChunk, dict[str, Tensor]]]:
+        c = self.config
+        rays_per_view = plan.height * plan.width
+        for chunk in plan.samples.chunks:
+            r0, r1 = chunk[0], chunk[1]
+            res = march_chunk(
+                self.field, plan.samples, chunk, plan.origins, plan.dirs,
+                radius=c.radius, shading=plan.shading, with_normals=plan.with_normals,
+                light_per_view=plan.lights, rays_per_view=rays_per_view, ambient=self.ambient,
+                diffuse=self.diffuse, normal_min_weight=c.shading.normal_min_weight, sample_outputs=sample_outputs,
+            )
+            replacement = None
+            if plan.augmentation is not None:
+                views = torch.div(torch.arange(r0, r1, device=self.device), rays_per_view, rounding_mode="floor")
+                replacement = plan.augmentation[views] if plan.augmentation.shape[0] > 1 else plan.augmentation
+            background = self.background(plan.dirs[r0:r1], replacement)
+            maps = {
+                "rgb": (res.rgb + background * (1.0 - res.opacity)).clamp(0.0, 1.0),
+                "opacity": res.opacity,
+                "depth": res.depth,
+                "background": background,
+            }
+            sums = {}
+            if plan.with_normals:
+                maps["normal"] = res.normal
+                sums["orient_sum"] = res.orient_sum
+            yield RenderChunk(r0, r1, maps, sums), res.samples
+
+    @property
+    def _query_batch(self) -> int:
+        """Points per no-grad field query (occupancy refresh, export): ``chunk_samples``, the
+        render's own memory bound, but never below 2¹⁶ (tiny chunks would only add calls)."""
+        return max(self.config.renderer.chunk_samples, 1 << 16)
 
     # ---- occupancy grid --------------------------------------------------------------------------
     @torch.no_grad()
@@ -202,7 +265,7 @@ class NeRFScene(nn.Module):
         corner = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1)  # (R, R, R, 3)
         jitter = torch.rand(corner.shape, generator=generator, device=self.device)
         points = (-r + (corner + jitter) * cell).reshape(-1, 3)
-        density = torch.cat([self.field.density(p) for p in points.split(c.chunk_samples)])
+        density = torch.cat([self.field.density(p) for p in points.split(self._query_batch)])
         value = (density * (2.0 * r / c.num_samples_per_ray)).reshape(res, res, res)
         previous = self.occupancy_value
         value = torch.where(previous < 0, value, torch.maximum(previous * c.grid_ema_decay, value))
@@ -225,18 +288,18 @@ class NeRFScene(nn.Module):
     def regularizers(self, out: RenderOutput) -> dict[str, Tensor]:
         """Scalar terms (threestudio formulas): ``sparsity`` mean √(opacity² + 0.01); ``opaque``
         binary entropy of opacity; with normals, ``orient`` (DreamFusion: Σ w·max(0, n·d)² over
-        samples / #pixels with opacity > 0) and ``normal_smooth`` (mean squared difference of the
-        normal map between neighbouring pixels). Terms needing normals are absent without them."""
+        samples, the render's ``orient_sum``, / #pixels with opacity > 0) and ``normal_smooth``
+        (mean squared difference of the normal map between neighbouring pixels). Terms needing
+        normals are absent without them. Every term is a function of the render's images and
+        sums, so deferred back-propagation differentiates it on whole images."""
         opacity = out["opacity"]
         clamped = opacity.clamp(1e-3, 1.0 - 1e-3)
         terms = {
             "sparsity": torch.sqrt(opacity**2 + 0.01).mean(),
             "opaque": F.binary_cross_entropy(clamped, clamped),
         }
-        if "sample_normal" in out:
-            facing = (out["sample_normal"] * out["sample_dirs"]).sum(-1).clamp_min(0.0)
-            n_pixels = (opacity > 0).sum().clamp_min(1)
-            terms["orient"] = (out["weights"].detach() * facing**2).sum() / n_pixels
+        if "orient_sum" in out:
+            terms["orient"] = out["orient_sum"] / (opacity > 0).sum().clamp_min(1)
         if "normal" in out:
             n = out["normal"]
             terms["normal_smooth"] = (n[:, :, 1:, :] - n[:, :, :-1, :]).square().mean() + (
@@ -268,7 +331,7 @@ class NeRFScene(nn.Module):
     def density_grid(self, resolution: int) -> Tensor:
         """Activated density (R, R, R) at ``grid_points(radius, R)`` (ij order, endpoints included)."""
         points = grid_points(self.config.radius, resolution, self.device).reshape(-1, 3)
-        chunk = self.config.renderer.chunk_samples
+        chunk = self._query_batch
         density = torch.cat([self.field.density(p) for p in points.split(chunk)])
         return density.reshape(resolution, resolution, resolution)
 
@@ -276,6 +339,6 @@ class NeRFScene(nn.Module):
     def albedo_at(self, points: Tensor) -> Tensor:
         """Albedo (N, 3) in [0, 1] at world points (N, 3)."""
         points = points.to(self.device, torch.float32)
-        chunk = self.config.renderer.chunk_samples
+        chunk = self._query_batch
         parts = [torch.sigmoid(self.field.feature_network(self.field.encode(p))) for p in points.split(chunk)]
         return torch.cat(parts) if parts else torch.zeros(0, 3, device=self.device)

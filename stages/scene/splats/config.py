@@ -124,6 +124,9 @@ class SplatConfig:
     touching them (memory ~ tile_size² × Gaussians per tile; 16 as gsplat's tiles)."""
     max_scale: float = 0.5
     """The ``scale`` regulariser penalises scales above this × ``radius``."""
+    chunk_views: int = 1
+    """Views rendered per chunk by deferred back-propagation (``method.backprop``): the peak
+    autograd graph is this many views' rasterisation; each chunk costs one more rasteriser call."""
     lr: SplatLearningRates = field(default_factory=SplatLearningRates)
     densify: DensifyConfig = field(default_factory=DensifyConfig)
 
@@ -166,5 +169,7 @@ class SplatConfig:
             )
         if self.tile_size < 1:
             raise ValueError(f"splats.tile_size must be >= 1, got {self.tile_size}")
+        if self.chunk_views < 1:
+            raise ValueError(f"splats.chunk_views must be >= 1, got {self.chunk_views}")
         if not 0 < self.near_plane < self.far_plane:
             raise ValueError("splats.near_plane must be > 0 and < splats.far_plane")

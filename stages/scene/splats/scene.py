@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import Cameras, RenderOutput
+from ..base import Cameras, RenderChunk, RenderOutput, image_rows
 from . import densify as densify_ops
 from .cameras import intrinsics_from_fovy, viewmats_from_c2w
 from .config import SplatConfig
@@ -25,6 +26,23 @@ GAUSSIAN_PARAMS = ("means", "scales", "quats", "opacities", "colors", "colors_re
 AMBIENT, DIFFUSE = 0.1, 0.9  # MVDream-threestudio's point-light material colours
 
 Rasterizer = Callable[..., tuple[Tensor, Tensor, dict[str, Any]]]
+
+
+@dataclass
+class SplatRenderPlan:
+    """One splat render fixed in advance (:meth:`SplatScene.plan_render`): OpenCV ``viewmats``
+    (C, 4, 4), ``Ks`` (C, 3, 3), point ``lights`` (C, 3) for lit shading, random ``background``
+    colours (C, 3) or None (the solid colour)."""
+
+    viewmats: Tensor
+    Ks: Tensor
+    height: int
+    width: int
+    shading: str
+    lights: Tensor | None
+    background: Tensor | None
+    map_keys: tuple[str, ...]
+    sum_keys: tuple[str, ...] = ()
 
 
 def select_rasterizer(backend: str, device: torch.device) -> Rasterizer:
@@ -188,6 +206,11 @@ class SplatScene(nn.Module):
         (B,1,H,W) expected camera-space z (0 where empty), ``normal`` (B,3,H,W) for
         ``diffuse``/``textureless`` shading; plus ``means2d`` (B,N,2) and ``radii`` (B,N,2)
         for densification (gsplat's ``info``)."""
+        return self.render_planned(self.plan_render(cameras, height, width, shading))
+
+    def plan_render(self, cameras: Cameras, height: int, width: int, shading: str = "albedo") -> "SplatRenderPlan":
+        """Fix one render's random draws (point lights, background colours; training only) from
+        the scene generator, so that :meth:`render_chunks` renders the same views again."""
         if shading not in SHADINGS:
             raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
         if height < 1 or width < 1:
@@ -195,13 +218,50 @@ class SplatScene(nn.Module):
         device = self.splats["means"].device
         cameras = cameras.to(device)
         viewmats = viewmats_from_c2w(cameras.c2w.float())
-        Ks = intrinsics_from_fovy(cameras.fovy.float(), height, width)
-        g = self.gaussians()
-        n_cams = viewmats.shape[0]
+        lights = None
+        if shading != "albedo":
+            lights = self._light_positions(torch.linalg.inv(viewmats)[:, :3, 3])
+        maps = ("rgb", "opacity", "depth") + (("normal",) if shading != "albedo" else ())
+        return SplatRenderPlan(
+            viewmats=viewmats, Ks=intrinsics_from_fovy(cameras.fovy.float(), height, width), height=height,
+            width=width, shading=shading, lights=lights, background=self._draw_background(viewmats.shape[0], device),
+            map_keys=maps,
+        )
 
+    def render_planned(self, plan: "SplatRenderPlan") -> RenderOutput:
+        """All views of ``plan`` in one rasteriser call."""
+        return self._render_views(plan, slice(None))
+
+    def render_chunks(self, plan: "SplatRenderPlan", out: RenderOutput, step: int) -> Iterator[RenderChunk]:
+        """Groups of ``chunk_views`` views rendered again with autograd. gsplat's strategy hooks
+        keep their order: its pre-backward hook (retain the projected means' gradient) runs on
+        each chunk before that chunk's backward; after the last chunk the chunks' screen-space
+        gradients and radii are concatenated into ``out["means2d"]`` / ``out["radii"]``, exactly
+        what one render of every view gives, for :meth:`step_post_backward`."""
+        n_views, pixels = plan.viewmats.shape[0], plan.height * plan.width
+        means2d, radii = [], []
+        hooked = False
+        for v0 in range(0, n_views, self.config.chunk_views):
+            v1 = min(n_views, v0 + self.config.chunk_views)
+            part = self._render_views(plan, slice(v0, v1))
+            if self.strategy is not None and part["means2d"].requires_grad:
+                self.strategy.step_pre_backward(dict(self.splats), {}, self.strategy_state, step, self._strategy_info(part))
+                hooked = True
+            means2d.append(part["means2d"])
+            radii.append(part["radii"])
+            yield RenderChunk(v0 * pixels, v1 * pixels, {k: image_rows(part[k]) for k in plan.map_keys})
+        merged = torch.cat([m.detach() for m in means2d])
+        if hooked:  # each chunk's retained gradient (zeros where no gradient reached it)
+            merged.grad = torch.cat([torch.zeros_like(m) if m.grad is None else m.grad for m in means2d])
+        out["means2d"], out["radii"] = merged, torch.cat(radii)
+
+    def _render_views(self, plan: "SplatRenderPlan", views: slice) -> RenderOutput:
+        viewmats, Ks = plan.viewmats[views], plan.Ks[views]
+        device = viewmats.device
+        g = self.gaussians()
         sh_degree: Optional[int] = None
         normals = None
-        if shading == "albedo":
+        if plan.shading == "albedo":
             if self.config.color_mode == "sh":
                 colors, sh_degree = g["sh"], self.config.sh_degree
             else:
@@ -209,11 +269,10 @@ class SplatScene(nn.Module):
         else:
             campos = torch.linalg.inv(viewmats)[:, :3, 3]  # (C, 3)
             albedo = self._view_colors(g, campos)
-            if shading == "textureless":
+            if plan.shading == "textureless":
                 albedo = torch.ones_like(albedo)
             normals = self._gaussian_normals(g, campos)  # (C, N, 3) facing the camera
-            light = self._light_positions(campos)  # (C, 3)
-            to_light = F.normalize(light[:, None, :] - g["means"][None], dim=-1)
+            to_light = F.normalize(plan.lights[views][:, None, :] - g["means"][None], dim=-1)
             lambert = (normals * to_light).sum(-1, keepdim=True).clamp_min(0.0)
             colors = torch.cat([albedo * (AMBIENT + DIFFUSE * lambert), normals], dim=-1)
 
@@ -226,8 +285,8 @@ class SplatScene(nn.Module):
             colors,
             viewmats,
             Ks,
-            width,
-            height,
+            plan.width,
+            plan.height,
             sh_degree=sh_degree,
             near_plane=self.config.near_plane,
             far_plane=self.config.far_plane,
@@ -237,7 +296,7 @@ class SplatScene(nn.Module):
         fg = render[..., :3]
         if self.config.color_mode == "sh":
             fg = torch.minimum(fg, alpha)  # SH colours are unbounded above; keep rgb in [0, 1]
-        background = self._background_colors(n_cams, device)
+        background = self._background_colors(None if plan.background is None else plan.background[views])
         rgb = fg + background[:, None, None, :] * (1.0 - alpha)
         out = {
             "rgb": rgb.permute(0, 3, 1, 2),
@@ -275,16 +334,22 @@ class SplatScene(nn.Module):
         jitter = torch.randn(campos.shape, generator=self.generator).to(campos) * 0.5
         return campos + jitter * campos.norm(dim=-1, keepdim=True)
 
-    def _background_colors(self, n_cams: int, device: torch.device) -> Tensor:
-        """Background rgb per camera (C, 3): the solid colour, or random colours (training only)."""
-        colour = self.background.clamp(0.0, 1.0)[None].expand(n_cams, 3)
+    def _draw_background(self, n_cams: int, device: torch.device) -> Tensor | None:
+        """Random background colours (C, 3) of one training render, or None (the solid colour):
+        drawn on the scene generator (host), with probability ``background_random_aug_prob``."""
         cfg = self.config
         if not (self.training and cfg.background_random_aug):
-            return colour
+            return None
         if torch.rand((), generator=self.generator).item() >= cfg.background_random_aug_prob:
-            return colour
+            return None
         rows = 1 if cfg.background_random_aug_shared else n_cams
-        random = torch.rand(rows, 3, generator=self.generator).to(device).expand(n_cams, 3)
+        return torch.rand(rows, 3, generator=self.generator).to(device).expand(n_cams, 3)
+
+    def _background_colors(self, random: Tensor | None) -> Tensor:
+        """Background rgb per camera (C, 3): the solid colour, or the plan's random colours."""
+        if random is None:
+            return self.background.clamp(0.0, 1.0)[None]
+        colour = self.background.clamp(0.0, 1.0)[None].expand(random.shape[0], 3)
         return colour * 0.0 + random  # keep the parameter in the graph (zero gradient)
 
     # ------------------------------------------------------------------ optimisation
