@@ -1,7 +1,8 @@
 """The library pieces the pipeline wires together, named explicitly (no registry).
 
-:func:`default_components` returns the real ``stages`` classes for a config; tests and the
-benchmark pass their own :class:`Components` with small fakes of the same signatures.
+:func:`default_components` returns the real ``stages`` classes for a config (diffusers models or
+the toy world, chosen per model key by :mod:`stages.models.factory`); tests and the benchmark
+pass their own :class:`Components` with small fakes of the same signatures.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from stages.guidance.losses import loss_spec
 from stages.guidance.protocol import Guidance
 from stages.guidance.runtime import GuidanceRuntime
 from stages.models.config import ModelsConfig
+from stages.models.factory import build_ip_guidance, build_mvd_guidance, build_reference_sampler
 from stages.optimize.config import OptimizeConfig
+
+__all__ = ["Components", "build_ip_guidance", "build_mvd_guidance", "build_reference_sampler", "default_components", "models_needed"]
 
 
 @dataclass
@@ -42,32 +46,6 @@ def models_needed(method: OptimizeConfig) -> tuple[str, ...]:
     return tuple(needed)
 
 
-def build_reference_sampler(models: ModelsConfig) -> Any:
-    """``ReferenceSampler`` on the configured device/dtype (runs inside the reference actor)."""
-    from stages.models.device import resolve_device, resolve_dtype
-    from stages.models.reference import ReferenceSampler
-
-    device = resolve_device(models.device)
-    return ReferenceSampler(models.reference, resolve_dtype(models.dtype, device), device, seed=models.seed)
-
-
-def build_ip_guidance(models: ModelsConfig, method: OptimizeConfig, runtime: GuidanceRuntime | None = None) -> Guidance:
-    """``IPGuidance`` (renders resized to 512 for SD1.5, 32 for ``tiny``) with the method's
-    ``isd.sd_branch`` and negative prompt (runs inside the IP guidance actor)."""
-    from stages.guidance.ip_guidance import IPGuidance
-
-    return IPGuidance.from_config(
-        models, sd_branch=method.isd.sd_branch, negative_prompt=method.isd.negative_prompt, runtime=runtime
-    )
-
-
-def build_mvd_guidance(models: ModelsConfig, runtime: GuidanceRuntime | None = None) -> Guidance:
-    """``MVDreamGuidance`` (CFG, recon loss come with each request from ``method.mvd``)."""
-    from stages.guidance.mvdream_guidance import MVDreamGuidance
-
-    return MVDreamGuidance.from_config(models, runtime=runtime)
-
-
 def guidance_runtime(actor: Any) -> GuidanceRuntime:
     """The :class:`GuidanceRuntime` of a guidance actor's ``resources.<ip|mvd>`` keys."""
     return GuidanceRuntime(vae_chunk=actor.vae_chunk, unet_rows=actor.unet_rows, compile=actor.compile)
@@ -86,6 +64,6 @@ def default_components(method: OptimizeConfig, models: ModelsConfig, resources: 
         optimize=optimize_asset,
         export=export_asset,
         ip_guidance=functools.partial(build_ip_guidance, models, method, ip_runtime) if "ip" in needed else None,
-        mvd_guidance=functools.partial(build_mvd_guidance, models, mvd_runtime) if "mvd" in needed else None,
+        mvd_guidance=functools.partial(build_mvd_guidance, models, method, mvd_runtime) if "mvd" in needed else None,
         reference_sampler=functools.partial(build_reference_sampler, models) if "reference" in needed else None,
     )

@@ -219,6 +219,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), check_models: b
         raise ConfigError(f"{path}: config key {name_the_keys(str(error), PipelineConfig)}") from None
     for source in config.prompts.sources:
         source.path = _resolve_prompt_path(source.path, path.parent)
+    from pipeline.toyworld import resolve_world_path
+
+    config.models.toyworld = resolve_world_path(config.models.toyworld, path.parent)
     validate_config(config, None if check_models else ())
     return config
 
@@ -247,6 +250,7 @@ def validate_config(config: PipelineConfig, actors: Sequence[str] | None = None)
     from pipeline.components import models_needed
     from pipeline.preflight import preflight  # local: these import this module
     from pipeline.prompts import read_prompts
+    from pipeline.toyworld import check_toyworld
 
     _require(config.variants >= 1, "variants", f"must be >= 1, got {config.variants}")
     _require(config.progress_every_s > 0, "progress_every_s", "must be > 0")
@@ -284,6 +288,7 @@ def validate_config(config: PipelineConfig, actors: Sequence[str] | None = None)
     needed = models_needed(config.method) if actors is None else tuple(actors)
     check_gpu_visibility(config, needed)
     read_prompts(config.prompts)
+    check_toyworld(config, needed)
     preflight(config, needed)
 
 

@@ -26,7 +26,7 @@ class Job:
 
 def config_digest(config: PipelineConfig) -> str:
     """The identity digest of ``config``'s assets (:func:`stages.optimize.identity.identity_digest`):
-    method (without runtime and export keys), models, seed. Prompts, resources, output,
+    method (without runtime and export keys), models (and the toy world's content), seed. Prompts, resources, output,
     tracking and export settings do not change an asset and are left out."""
     return identity_digest(config.method, config.models, config.seed)
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, TextIO
 
 from pipeline.components import models_needed
 from pipeline.config import ActorResources, ConfigError, PipelineConfig
+from stages.models.factory import uses_toyworld
 from stages.optimize.config import OptimizeConfig
 
 if TYPE_CHECKING:  # stages.guidance.memory imports diffusers: loaded when a plan is made, not with pipeline.run
@@ -145,10 +146,12 @@ def _plan(config: PipelineConfig, task_fn: TaskMemoryFn | None, gpus: int | None
         if kind not in needed:
             continue
         actor: ActorResources = getattr(res, kind)
-        process = _actor_process(config, kind, actor, dtype, table_path, notes) if actor.num_gpus > 0 else None
+        toy = uses_toyworld(config.models, kind)  # exact closed forms over renders: no weights to plan
+        process = _actor_process(config, kind, actor, dtype, table_path, notes) if actor.num_gpus > 0 and not toy else None
         for replica in range(actor.replicas):
             if process is None:
-                processes.append(Process(f"{kind} {replica}", kind, 0.0, None, detail="on the CPU (num_gpus 0)"))
+                detail = "the toy world (no model weights)" if toy else "on the CPU (num_gpus 0)"
+                processes.append(Process(f"{kind} {replica}", kind, 0.0, None, detail=detail))
             else:
                 processes.append(replace(process, name=f"{kind} {replica}"))
 

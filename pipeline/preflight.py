@@ -2,8 +2,8 @@
 
 Run when the config loads (so ``--dry-run`` runs them too); none loads a weight.
 
-- Models: every ``models.*`` key the method uses resolves to a source (``tiny``, hub id,
-  directory, file); a local directory holds what its loader reads first; with
+- Models: every ``models.*`` key the method uses resolves to a source (``tiny``, ``toyworld``,
+  hub id, directory, file; for ``toyworld`` the world file ``models.toyworld`` must load); a local directory holds what its loader reads first; with
   ``HF_HUB_OFFLINE`` set, a hub id is in the local cache. ``models.dtype`` and the device
   keys parse. Checks are per source kind in :data:`SOURCE_CHECKS` (a new kind is one entry;
   a kind without an entry is only resolved). Paths and the hub cache are looked up on the
@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 from pipeline.config import ConfigError, PipelineConfig
 from stages.models.config import ModelsConfig
+from stages.models.factory import TOYWORLD
 from stages.models.sources import ModelSource, ModelSourceError, hub_offline, resolve_source
 
 SUPPORTED_DEVICE_TYPES = ("cpu", "cuda", "mps")
@@ -114,11 +115,31 @@ def _nothing(src: ModelSource, need: ModelKey, models: ModelsConfig) -> str | No
     return None
 
 
+def _check_toyworld(src: ModelSource, need: ModelKey, models: ModelsConfig) -> str | None:
+    """The world file loads (it is cached: every toy-world key reads it once)."""
+    from stages.toyworld.world import WORLD_KEY, WorldError, load_world
+
+    try:
+        load_world(src.location)
+    except WorldError as error:
+        return f"'{WORLD_KEY}' (the world of {src.key}=toyworld): {str(error).removeprefix(WORLD_KEY + ': ')}"
+    return None
+
+
+def resolve_model_source(value: str, key: str, models: ModelsConfig) -> ModelSource:
+    """:func:`~stages.models.sources.resolve_source`, plus the ``toyworld`` kind: the exact toy
+    world of ``models.toyworld`` (built by :mod:`stages.models.factory`, no weights)."""
+    if value == TOYWORLD:
+        return ModelSource(key, TOYWORLD, models.toyworld)  # type: ignore[arg-type]
+    return resolve_source(value, key)
+
+
 SOURCE_CHECKS: dict[str, Callable[[ModelSource, ModelKey, ModelsConfig], str | None]] = {
     "tiny": _nothing,
     "hub": _check_hub,
     "directory": _check_directory,
     "file": _nothing,  # resolve_source checked that it exists and has a checkpoint suffix
+    TOYWORLD: _check_toyworld,
 }
 """Source kind -> its cheap check (None: fine; else the message)."""
 
@@ -153,7 +174,7 @@ def check_models(models: ModelsConfig, actors: Sequence[str], method_device: str
             continue
         value = getattr(models, need.key.removeprefix("models."))
         try:
-            src = resolve_source(value, need.key)
+            src = resolve_model_source(value, need.key, models)
         except ModelSourceError as error:
             raise PreflightError(f"config key {error}") from None
         check = SOURCE_CHECKS.get(src.kind, _nothing)

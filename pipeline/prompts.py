@@ -100,10 +100,11 @@ class PromptList:
         return f"prompts: {len(self.prompts)} distinct; " + ", ".join(parts) if parts else None
 
 
-def _read_source(source: PromptSource) -> tuple[list[str], int]:
-    """(prompts of one file in file order, stripped; blank entries skipped), #blank."""
+def _read_source(source: PromptSource) -> tuple[list[tuple[str, str]], int]:
+    """((prompt, where) of one file in file order, stripped; blank entries skipped), #blank.
+    ``where`` names the file and line (row, item) the prompt came from."""
     kind = _format_of(source)
-    entries: list[str] = []
+    entries: list[tuple[str, str]] = []
     if kind == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -118,13 +119,14 @@ def _read_source(source: PromptSource) -> tuple[list[str], int]:
         if source.column not in table.column_names:
             raise ConfigError(f"{source.path}: no '{source.column}' column (has {table.column_names})")
         for row, value in enumerate(table.column(source.column).to_pylist()):
-            entries.append("" if value is None else _checked(value, f"{source.path} row {row}"))
+            where = f"{source.path} row {row}"
+            entries.append(("" if value is None else _checked(value, where), where))
     else:
         text = _open_text(source.path)
         if kind == "txt":
-            for line in _lines(text):
+            for line_no, line in enumerate(_lines(text), start=1):
                 if not line.lstrip().startswith("#"):
-                    entries.append(line.strip())
+                    entries.append((line.strip(), f"{source.path}:{line_no}"))
         elif kind == "jsonl":
             for line_no, line in enumerate(_lines(text), start=1):
                 if not line.strip():
@@ -134,7 +136,7 @@ def _read_source(source: PromptSource) -> tuple[list[str], int]:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise ConfigError(f"{where}: invalid JSON ({error.msg})") from None
-                entries.append(_from_record(record, source.column, where))
+                entries.append((_from_record(record, source.column, where), where))
         elif kind == "json":
             try:
                 data = json.loads(text)
@@ -144,17 +146,17 @@ def _read_source(source: PromptSource) -> tuple[list[str], int]:
                 raise ConfigError(f"{source.path}: expected a JSON list of prompts")
             for index, item in enumerate(data):
                 where = f"{source.path} item {index}"
-                entries.append(_checked(item, where) if isinstance(item, str) else _from_record(item, source.column, where))
+                entries.append((_checked(item, where) if isinstance(item, str) else _from_record(item, source.column, where), where))
         elif kind == "csv":
             reader = csv.DictReader(io.StringIO(text))
             if reader.fieldnames is None or source.column not in reader.fieldnames:
                 raise ConfigError(f"{source.path}: no '{source.column}' column (header {reader.fieldnames})")
             for record in reader:
-                value = record[source.column]
-                entries.append("" if value is None else _checked(value, f"{source.path}:{reader.line_num}"))
+                value, where = record[source.column], f"{source.path}:{reader.line_num}"
+                entries.append(("" if value is None else _checked(value, where), where))
         else:  # validate_config already rejected other names
             raise ConfigError(f"prompt file {source.path}: unknown format '{kind}'")
-    prompts = [entry for entry in entries if entry]
+    prompts = [entry for entry in entries if entry[0]]
     if not prompts:
         raise ConfigError(f"{source.path}: the prompt list is empty")
     return (prompts[: source.limit] if source.limit is not None else prompts), len(entries) - len(prompts)
@@ -163,7 +165,7 @@ def _read_source(source: PromptSource) -> tuple[list[str], int]:
 def read_source(source: PromptSource) -> list[str]:
     """The prompts of one file, in file order, stripped, blank entries skipped; raises
     ConfigError naming file:line."""
-    return _read_source(source)[0]
+    return [prompt for prompt, _ in _read_source(source)[0]]
 
 
 def read_prompt_list(config: PromptsConfig) -> PromptList:
@@ -173,7 +175,7 @@ def read_prompt_list(config: PromptsConfig) -> PromptList:
     blank = 0
     for source in config.sources:
         found, skipped = _read_source(source)
-        prompts.extend(found)
+        prompts.extend(prompt for prompt, _ in found)
         blank += skipped
     for index, prompt in enumerate(config.inline):
         prompt = _checked(prompt, f"config key 'prompts.inline[{index}]'")
@@ -190,3 +192,18 @@ def read_prompt_list(config: PromptsConfig) -> PromptList:
 def read_prompts(config: PromptsConfig) -> list[str]:
     """All prompts: every source in order, then the inline list. Duplicates are kept once."""
     return read_prompt_list(config).prompts
+
+
+def read_prompts_with_origin(config: PromptsConfig) -> list[tuple[str, str]]:
+    """(prompt, where it first appeared) for every prompt of :func:`read_prompts`, in its order."""
+    prompts: list[tuple[str, str]] = []
+    for source in config.sources:
+        prompts.extend(_read_source(source)[0])
+    for index, prompt in enumerate(config.inline):
+        where = f"config key 'prompts.inline[{index}]'"
+        prompts.append((_checked(prompt, where), where))
+    first: dict[str, str] = {}
+    for prompt, where in prompts:
+        if prompt:
+            first.setdefault(prompt, where)
+    return list(first.items())

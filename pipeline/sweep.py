@@ -12,6 +12,7 @@ work → for each value: ``pipeline.run`` (resumes: committed assets are skipped
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -21,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence, TextIO
 
 from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.evaluate import EvaluationRunConfig, evaluate_dataset, json_safe, load_evaluation_config
+from pipeline.toyworld import toyworld_groups
 from stages.atomic import atomic_write
 
 
@@ -101,6 +103,7 @@ def comparison_rows(key: str, results: Sequence[tuple[Any, str, Any]]) -> list[d
         summary = evaluation.summary
         row: dict[str, Any] = {key: value, "output": output}
         row.update({name: summary["all"][name] for name in ("alignment", "quality", "diversity", "assets")})
+        row.update({name: value for name, value in summary["all"].items() if name.startswith("toy_")})
         for group, values in summary.items():
             if group != "all":
                 row[f"{group}/alignment"] = values["alignment"]
@@ -141,7 +144,10 @@ def run_sweep(
     for item in runs:
         print(f"[sweep] {config.key}={item.value} → {item.config.output}", file=stream, flush=True)
         run(item.config)
-        result = evaluate_dataset(item.config.output, evaluation, evaluator=evaluator, method=item.config.method, stream=stream)
+        scoring = evaluation
+        if evaluation.toyworld == "auto" and toyworld_groups(item.config):  # score against the run's own world
+            scoring = dataclasses.replace(evaluation, toyworld=item.config.models.toyworld)
+        result = evaluate_dataset(item.config.output, scoring, evaluator=evaluator, method=item.config.method, stream=stream)
         results.append((item.value, item.config.output, result))
     rows = comparison_rows(config.key, results)
     out = Path(config.output)

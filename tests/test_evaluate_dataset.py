@@ -340,3 +340,40 @@ def test_cli_scores_a_dataset_and_fails_cleanly_without_one(dataset, tmp_path, c
     assert "4 scored" in capsys.readouterr().err
     assert main([str(tmp_path / "empty"), "evaluate.clip=tiny", "tracking.enabled=false"]) == 2
     assert "no succeeded assets" in capsys.readouterr().err
+
+
+def test_toy_world_summary_counts_recovered_and_distinct_objects():
+    import math
+
+    from pipeline.evaluate import summarise, summary_markdown, toy_diversity
+
+    def row(prompt, identity, reference, psnr):
+        return {"prompt": prompt, "config_digest": "d", "alignment": math.nan, "quality": None, "toy_identity": identity,
+                "toy_reference": reference, "toy_identity_correct": float(identity == reference),
+                "toy_psnr_reference": psnr, "toy_consistency": 1.0, "toy_iou": 0.5}
+
+    rows = [row("a ring", 1, 1, 24.0), row("a ring", 2, 2, 20.0), row("a pebble", 0, 3, 12.0), row("a pebble", 0, 0, 28.0)]
+    diversity = {d["prompt"]: d for d in toy_diversity(rows)}
+    assert diversity["a ring"]["distinct"] == 2 and diversity["a pebble"]["distinct"] == 1
+    assert diversity["a pebble"]["distinct_references"] == 2
+    table = summarise(rows, [], {})
+    assert table["all"]["toy_recovered"] == 0.75 and table["all"]["toy_psnr_reference"] == 21.0
+    assert table["all"]["toy_distinct"] == 1.5
+    text = summary_markdown(table, "# t")
+    assert "| toy_recovered | 0.7500 | 0.7500 |" in text and "toy_distinct" in text
+    # datasets without toy scores keep the old table
+    plain = summarise([{"prompt": "x", "alignment": 20.0, "quality": None}], [], {})
+    assert "toy_recovered" not in plain["all"] and "toy_" not in summary_markdown(plain, "# t")
+
+
+def test_clip_none_scores_no_clip_and_refuses_a_quality_head():
+    from stages.evaluate.config import EvaluateConfig
+    from stages.evaluate.evaluator import Evaluator, diversity_by_prompt
+
+    evaluator = Evaluator.from_config(EvaluateConfig(clip="none", device="cpu"))
+    scores = evaluator.score_images("a ring", [])
+    assert math.isnan(scores.alignment) and scores.image_features.shape == (0, 0)
+    (div,) = diversity_by_prompt([("a ring", "d", torch.zeros(4, 0)), ("a ring", "d", torch.zeros(4, 0))])
+    assert math.isnan(div.diversity)
+    with pytest.raises(ValueError, match="aesthetic_head.*evaluate.clip is 'none'"):
+        EvaluateConfig(clip="none", aesthetic_head="tiny").validate()

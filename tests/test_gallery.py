@@ -496,3 +496,65 @@ def test_browser_gallery_of_a_generated_dataset(tmp_path, browser):
     assert _wait(browser, "return document.body.dataset.modelState || null") == "loaded"
     _screenshot(browser, "generated-asset.png")
     assert console_errors(browser) == []
+
+
+def _toy_scored_dataset(tmp_path: Path) -> Path:
+    """The synthetic dataset plus evaluation shards with toy-world scores: recovered and faithful,
+    recovered but below the faithful PSNR, another object; an older score row that loses."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.evaluate import SCORES_SCHEMA, TOY_COLUMNS
+    from stages.toyworld.fidelity import FAITHFUL_PSNR
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    make_dataset(root)
+    rows = [
+        {"asset_id": "boxa0", "status": "succeeded", "evaluated_at": "2", "toy_identity": 3.0, "toy_reference": 3.0,
+         "toy_identity_correct": 1.0, "toy_psnr_reference": FAITHFUL_PSNR + 5, "toy_consistency": 1.0, "toy_iou": 0.8},
+        {"asset_id": "boxa0", "status": "succeeded", "evaluated_at": "1", "toy_identity": 4.0, "toy_reference": 3.0,
+         "toy_identity_correct": 0.0, "toy_psnr_reference": 11.0, "toy_consistency": 0.5, "toy_iou": 0.1},
+        {"asset_id": "retry0", "status": "succeeded", "evaluated_at": "1", "toy_identity": 5.0, "toy_reference": 5.0,
+         "toy_identity_correct": 1.0, "toy_psnr_reference": FAITHFUL_PSNR - 2, "toy_consistency": 1.0, "toy_iou": 0.3},
+        {"asset_id": "late0", "status": "succeeded", "evaluated_at": "1", "toy_identity": 0.0, "toy_reference": 7.0,
+         "toy_identity_correct": 0.0, "toy_psnr_reference": 12.0, "toy_consistency": 0.25, "toy_iou": 0.0},
+    ]
+    (root / "scores").mkdir()
+    columns = {name: [row.get(name) for row in rows] for name in ("asset_id", "status", "evaluated_at", *TOY_COLUMNS)}
+    schema = pa.schema([SCORES_SCHEMA.field(name) for name in columns])
+    pq.write_table(pa.table(columns, schema=schema), root / "scores" / "part-1.parquet")
+    return root
+
+
+def test_toy_world_scores_put_a_verdict_on_each_card(tmp_path):
+    """✓ recovered and faithful, ≈ recovered but below the faithful PSNR, ✗ another object; the
+    latest succeeded score row wins; one line over the page counts them."""
+    gallery = build_gallery(_toy_scored_dataset(tmp_path))
+    index = (gallery / "index.html").read_text()
+    assert "Toy world: 2 of 3 scored assets became their reference's object, 1 faithfully" in index
+    assets = {item["id"]: item for item in _data(gallery)["assets"]}
+    verdicts = {asset_id: assets[asset_id]["verdict"] for asset_id in ("boxa0", "retry0", "late0")}
+    assert verdicts["boxa0"]["kind"] == "ok" and "became its reference's object (3)" in verdicts["boxa0"]["text"]
+    assert "mesh IoU 0.80" in verdicts["boxa0"]["text"]
+    assert verdicts["retry0"]["kind"] == "weak" and "nearest to its reference's object (5) but below" in verdicts["retry0"]["text"]
+    assert verdicts["late0"]["kind"] == "bad" and "became object 0; the reference shows object 7" in verdicts["late0"]["text"]
+    assert assets["boxa0"]["scores"]["toy_psnr_reference"] > assets["retry0"]["scores"]["toy_psnr_reference"]
+    assert all(item["verdict"] is None for asset_id, item in assets.items() if asset_id not in verdicts)
+
+
+@pytest.mark.slow
+def test_browser_shows_the_toy_world_verdicts(tmp_path, browser):
+    from selenium.webdriver.common.by import By
+
+    gallery = build_gallery(_toy_scored_dataset(tmp_path))
+    _open(browser, gallery)
+    verdict = lambda asset_id: browser.find_element(By.CSS_SELECTOR, f"#asset-{asset_id} p.verdict")  # noqa: E731
+    assert "ok" in verdict("boxa0").get_attribute("class") and "reference's object (3)" in verdict("boxa0").text
+    assert "bad" in verdict("late0").get_attribute("class") and "reference shows object 7" in verdict("late0").text
+    _open(browser, gallery, "#asset=retry0")
+    detail = browser.find_element(By.ID, "detail")
+    assert "below" in detail.find_element(By.CSS_SELECTOR, "p.verdict.weak").text
+    assert "Evaluation scores" in detail.text
+    _screenshot(browser, "toy-verdicts.png")
+    assert console_errors(browser) == []

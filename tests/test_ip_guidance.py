@@ -160,7 +160,8 @@ def test_ip_null_branch_is_scale_times_ref_minus_null(components):
 
 
 def test_other_losses_match_independent_formulas(guidance, components):
-    """sds (no image prompt), cv_t_delta (t+δt, shared noise) and cv_same_t (seed+1 noise)."""
+    """sds (no image prompt), cv_t_delta_ip / cv_t_delta_sd (t+δt, shared noise),
+    cv_random_cfg100 (the IP prediction at CFG 100) and cv_independent_noise (seed+1 noise)."""
 
     def sds(eps, x_t, t, cond, uncond, ref, null, noise):
         x = x_t(t)
@@ -173,6 +174,17 @@ def test_other_losses_match_independent_formulas(guidance, components):
             eps(xd, td, cond, ref, 0.5), eps(xd, td, uncond, null, 0.5), 7.5
         )
 
+    def t_delta_sd(eps, x_t, t, cond, uncond, ref, null, noise):
+        x, td = x_t(t), (t + 30).clamp(max=999)
+        xd = x_t(td)
+        return _cfg(eps(x, t, cond, ref, 0.5), eps(x, t, uncond, null, 0.5), 7.5) - _cfg(
+            eps(xd, td, cond, null, 0.0), eps(xd, td, uncond, null, 0.0), 7.5
+        )
+
+    def random_cfg100(eps, x_t, t, cond, uncond, ref, null, noise):
+        x = x_t(t)
+        return _cfg(eps(x, t, cond, ref, 0.5), eps(x, t, uncond, null, 0.5), 100.0) - noise
+
     def same_t(eps, x_t, t, cond, uncond, ref, null, noise):
         noise2 = torch.randn(noise.shape, generator=torch.Generator().manual_seed(11 + 1))
         x, x2 = x_t(t), x_t(t, noise2)
@@ -181,13 +193,17 @@ def test_other_losses_match_independent_formulas(guidance, components):
 
     cases = [
         (_request("plain", seed=11, loss="sds"), "a tree", None, sds),
-        (_request("car", seed=11, t=(100, 980), loss="cv_t_delta", options={"delta_t": 30}), "a red car", _ref(0), t_delta),
-        (_request("car", seed=11, loss="cv_same_t"), "a red car", _ref(0), same_t),
+        (_request("car", seed=11, t=(100, 980), loss="cv_t_delta_ip", options={"delta_t": 30}), "a red car", _ref(0), t_delta),
+        (_request("car", seed=11, t=(100, 980), loss="cv_t_delta_sd", options={"delta_t": 30}), "a red car", _ref(0), t_delta_sd),
+        # CFG 100 multiplies the UNet's float rounding (batched vs alone) by 100/7.5
+        (_request("car", seed=11, loss="cv_random_cfg100"), "a red car", _ref(0), random_cfg100),
+        (_request("car", seed=11, loss="cv_independent_noise"), "a red car", _ref(0), same_t),
     ]
     responses = guidance.grad([c[0] for c in cases])
     for resp, (req, prompt, ref, residual) in zip(responses, cases):
         expected = _independent_grad(components, req, prompt, ref, residual)
-        torch.testing.assert_close(resp.grad_rgb, expected, rtol=1e-4, atol=1e-6)
+        atol = 2e-5 if req.loss == "cv_random_cfg100" else 1e-6
+        torch.testing.assert_close(resp.grad_rgb, expected, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize(
@@ -207,7 +223,7 @@ def test_a_request_does_not_depend_on_its_batch_mates(components, runtime, car_p
     mates = [
         _request("boat", batch=3, seed=5, t=(1, 500, 999), ip_scale=1.0),
         _request("plain", seed=6, loss="sds", size=32),
-        _request("boat", seed=7, loss="cv_same_t", guidance_scale=3.0),
+        _request("boat", seed=7, loss="cv_independent_noise", guidance_scale=3.0),
     ]
     batched = guidance.grad([mates[0], req, *mates[1:]])
     assert [r.asset_id for r in batched] == ["boat", "car", "plain", "boat"]
@@ -256,7 +272,7 @@ def test_bad_requests_name_the_problem(guidance, components):
     with pytest.raises(ValueError, match=r"timesteps out of range"):
         guidance.grad([bad])
     with pytest.raises(ValueError, match=r"options\['delta_t'\]"):
-        guidance.grad([_request("car", loss="cv_t_delta", options={"delta_t": -3})])
+        guidance.grad([_request("car", loss="cv_t_delta_sd", options={"delta_t": -3})])
     with pytest.raises(ValueError, match=r"view_prompts.*elevation"):
         guidance.grad([_request("car", options={"view_prompts": True})])
     bad = _request("car")

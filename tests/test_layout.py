@@ -142,9 +142,13 @@ def test_a_truncated_part_is_named_set_aside_and_its_rows_rebuilt(tmp_path):
 
 # ------------------------------------------------------------------ one digest, one asset id
 def _old_identity_digest(method, models, seed) -> str:  # stages/optimize/identity.py before the one digest
+    from stages.models.factory import TOYWORLD
     from stages.optimize.identity import method_identity
+    from stages.toyworld.world import load_world
 
     payload = {"method": method_identity(method), "models": asdict(models), "seed": int(seed)}
+    if any(value == TOYWORLD for value in payload["models"].values()):
+        payload["toyworld"] = load_world(models.toyworld).digest()
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()[:12]
 
 
@@ -153,11 +157,12 @@ def _old_spaced(fields: dict, digits: int) -> str:  # resume (16), export (12) a
 
 
 @pytest.mark.parametrize(
-    "overrides",
-    [[], ["method.iterations=300", "seed=7"], ["method.representation=splats", "method.loss=sds", "variants=3"],
-     ["method.export.mesh_resolution=64", "method.schedule.alpha_start=0.2"]],
+    "name, overrides",
+    [("quickstart", []), ("quickstart", ["method.iterations=300", "seed=7"]), ("quickstart_tiny", []),
+     ("quickstart_tiny", ["method.representation=splats", "method.loss=sds", "variants=3"]),
+     ("quickstart_tiny", ["method.export.mesh_resolution=64", "method.schedule.alpha_start=0.2"])],
 )
-def test_ids_and_digests_of_existing_datasets_are_unchanged(overrides):
+def test_ids_and_digests_of_existing_datasets_are_unchanged(name, overrides):
     from pipeline.config import load_config
     from pipeline.evaluate import eval_digest
     from pipeline.export import export_digest
@@ -165,7 +170,7 @@ def test_ids_and_digests_of_existing_datasets_are_unchanged(overrides):
     from stages.evaluate.config import EvaluateConfig
     from stages.optimize.config import without_runtime_keys
 
-    config = load_config(REPO / "configs" / "quickstart.yaml", overrides)
+    config = load_config(REPO / "configs" / f"{name}.yaml", overrides)
     digest = config_digest(config)
     assert digest == _old_identity_digest(config.method, config.models, config.seed)
     for job in make_jobs(config, ["a red apple", "a chair made of avocado"]):

@@ -44,7 +44,11 @@ def test_shifted_timesteps_clamps():
         ("cv_random", "vanilla", [("cond", "ref"), ("uncond", "null")]),
         ("isd", "vanilla", [("cond", "ref"), ("uncond", "null"), ("cond", "none"), ("uncond", "none")]),
         ("isd", "ip_null", [("cond", "ref"), ("cond", "null")]),
-        ("cv_cfg100", "vanilla", [("cond", "ref"), ("uncond", "null"), ("cond", "none"), ("uncond", "none")]),
+        ("cv_random_cfg100", "vanilla", [("cond", "ref"), ("uncond", "null")]),
+        ("cv_sd_cfg100", "vanilla", [("cond", "ref"), ("uncond", "null"), ("cond", "none"), ("uncond", "none")]),
+        ("cv_sd_cfg100", "ip_null", [("cond", "ref"), ("uncond", "null"), ("cond", "null"), ("uncond", "null")]),
+        ("cv_t_delta_sd", "vanilla", [("cond", "ref"), ("uncond", "null"), ("cond", "none"), ("uncond", "none")]),
+        ("cv_t_delta_ip", "vanilla", [("cond", "ref"), ("uncond", "null"), ("cond", "ref"), ("uncond", "null")]),
     ],
 )
 def test_spec_evaluations(name, branch, expected_evals):
@@ -63,9 +67,12 @@ def test_residuals_against_formulas():
         "sds": cfg(p[0], p[1], g) - noise,
         "ip_sds": cfg(p[0], p[1], g) - noise,
         "isd": cfg(p[0], p[1], g) - cfg(p[2], p[3], g),
-        "cv_cfg100": cfg(p[0], p[1], g) - cfg(p[2], p[3], 100.0),
-        "cv_t_delta": cfg(p[0], p[1], g) - cfg(p[2], p[3], g),
-        "cv_same_t": (cfg(p[0], p[1], g) - noise) - (cfg(p[2], p[3], g) - noise2),
+        "cv_random": cfg(p[0], p[1], g) - noise,
+        "cv_random_cfg100": cfg(p[0], p[1], 100.0) - noise,
+        "cv_sd_cfg100": cfg(p[0], p[1], g) - cfg(p[2], p[3], 100.0),
+        "cv_t_delta_sd": cfg(p[0], p[1], g) - cfg(p[2], p[3], g),
+        "cv_t_delta_ip": cfg(p[0], p[1], g) - cfg(p[2], p[3], g),
+        "cv_independent_noise": (cfg(p[0], p[1], g) - noise) - (cfg(p[2], p[3], g) - noise2),
     }
     for name, value in expected.items():
         spec = loss_spec(name)
@@ -86,12 +93,12 @@ def test_ip_null_equals_vanilla_when_uncond_is_shared():
 
 
 def test_independent_noise_and_t_delta_flags():
-    assert loss_spec("cv_same_t").needs_independent_noise
+    assert loss_spec("cv_independent_noise").needs_independent_noise
     assert not loss_spec("isd").needs_independent_noise
-    assert loss_spec("cv_t_delta").needs_t_delta
-    assert Evaluation("cond", "ref", "t_delta") in loss_spec("cv_t_delta").evaluations
+    assert loss_spec("cv_t_delta_ip").needs_t_delta
+    assert Evaluation("cond", "ref", "t_delta") in loss_spec("cv_t_delta_ip").evaluations
     with pytest.raises(ValueError, match="independent noise"):
-        loss_spec("cv_same_t").residual(_preds(4), _preds(1)[0], None, LossParams())
+        loss_spec("cv_independent_noise").residual(_preds(4), _preds(1)[0], None, LossParams())
 
 
 def test_latent_gradient_weights_per_sample_and_checks_count():
@@ -115,3 +122,31 @@ def test_unknown_names_are_rejected():
         loss_spec("isd", "zero")
     for name in losses.LOSS_NAMES:
         assert loss_spec(name).name == name
+
+
+def test_t_delta_readings_put_the_right_branch_at_t_plus_delta():
+    sd = loss_spec("cv_t_delta_sd")  # the paper's: the control variate ε_SD at t + δt
+    assert [(e.image, e.timestep) for e in sd.evaluations] == [("ref", "t"), ("null", "t"), ("none", "t_delta"), ("none", "t_delta")]
+    ip = loss_spec("cv_t_delta_ip")  # extra: the IP UNet itself at t + δt
+    assert [(e.image, e.timestep) for e in ip.evaluations] == [("ref", "t"), ("null", "t"), ("ref", "t_delta"), ("null", "t_delta")]
+    assert loss_spec("cv_independent_noise").needs_independent_noise and not sd.needs_independent_noise
+
+
+def test_table3_rows_name_existing_losses():
+    assert set(losses.TABLE3_ROWS) <= set(losses.LOSS_NAMES)
+    assert losses.TABLE3_ROWS["isd"] == "UNet (same t)"
+
+
+@pytest.mark.parametrize(
+    "old, successors",
+    [("cv_cfg100", ("cv_sd_cfg100", "cv_random_cfg100")), ("cv_t_delta", ("cv_t_delta_ip", "cv_t_delta_sd")), ("cv_same_t", ("cv_independent_noise", "isd"))],
+)
+def test_renamed_losses_are_refused_with_their_successors(old, successors):
+    from stages.optimize.config import OptimizeConfig
+
+    for call in (lambda: loss_spec(old), lambda: OptimizeConfig(loss=old).validate()):
+        with pytest.raises(ValueError, match="renamed") as error:
+            call()
+        assert all(f"'{name}'" in str(error.value) for name in successors)
+    with pytest.raises(ValueError, match=r"method\.loss"):
+        OptimizeConfig(loss=old).validate()

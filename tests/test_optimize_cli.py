@@ -16,8 +16,11 @@ SMALL = [
 
 
 def test_split_overrides():
-    method, models, tiny = split_overrides(["models=tiny", "models.device=cpu", "method.iterations=3", "loss=sds"])
-    assert (method, models, tiny) == (["iterations=3", "loss=sds"], ["device=cpu"], True)
+    method, models, shortcut = split_overrides(["models=tiny", "models.device=cpu", "method.iterations=3", "loss=sds"])
+    assert (method, models, shortcut) == (["iterations=3", "loss=sds"], ["device=cpu"], "tiny")
+    assert split_overrides(["models=toyworld"])[2] == "toyworld"
+    with pytest.raises(ValueError, match="models=toyworld"):
+        split_overrides(["models=huge"])
     with pytest.raises(ValueError, match="key=value"):
         split_overrides(["iterations"])
 
@@ -38,6 +41,20 @@ def test_tiny_run_writes_an_asset(tmp_path, capsys):
     assert metrics["iterations"] == 2 and metrics["loss_ip"] > 0 and metrics["loss_mvd"] > 0
     method = load_optimize_config(out / "method.yaml")
     assert method.iterations == 2 and method.nerf.renderer.num_samples_per_ray == 8
+
+
+def test_toy_world_run_uses_the_toy_models_and_its_reference(tmp_path):
+    out = tmp_path / "ring"
+    args = ["--prompt", "a ring", "--out", str(out), "--no-progress", "--seed", "3", "models=toyworld", *SMALL]
+    assert main(args) == 0
+    asset = json.loads((out / "asset.json").read_text())
+    assert asset["models"]["sd"] == "toyworld" and asset["models"]["toyworld"] == "default"
+    from stages.toyworld import ToyWorldReferenceSampler, load_world, nearest_object
+
+    sampler = ToyWorldReferenceSampler()
+    with Image.open(out / "reference.png") as ref:  # the seed's draw from the prompt's prior
+        assert nearest_object(load_world(), "a ring", ref)[0] == sampler.object_index("a ring", 3)
+    assert main(["--prompt", "a chair", "--out", str(tmp_path / "x"), "models=toyworld", *SMALL]) != 0
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ output: {out}
 
 
 def test_shipped_configs_load_and_overrides_apply(tmp_path):
-    for name in ("quickstart.yaml", "dataset.yaml", "t3bench_single.yaml", "t3bench_multi.yaml", "t3bench_surr.yaml", "gpteval3d.yaml"):
+    for name in ("quickstart.yaml", "quickstart_tiny.yaml", "dataset.yaml", "t3bench_single.yaml", "t3bench_multi.yaml", "t3bench_surr.yaml", "gpteval3d.yaml"):
         config = load_config(REPO / "configs" / name, [f"output={tmp_path}"])
         assert isinstance(config, PipelineConfig)
     config = load_config(REPO / "configs" / "dataset.yaml", ["variants=4", "method.iterations=3000", f"output={tmp_path}"])
@@ -249,7 +249,7 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys):
     assert main([QUICKSTART, f"output={out}", "--dry-run"]) == 0
     err = capsys.readouterr().err
     assert "dry run: 4 prompts x 2 variants = 8 assets" in err
-    assert err.count("would run ") == 8 and "'a small cactus in a pot'" in err
+    assert err.count("would run ") == 8 and "'a spinning top'" in err
     assert not out.exists() and ray.is_initialized() == ray_was_up
 
     # an asset recorded as failed is kept unless --retry-failed
@@ -291,3 +291,50 @@ def test_parts_left_on_the_cpu_of_a_gpu_cluster_are_noted(tmp_path):
     assert keys == ["resources.mvd.num_gpus", "resources.reference.num_gpus", "resources.task_num_gpus"]
     assert all("although the cluster has 2 GPUs" in note for note in notes)
     assert cpu_fallback_notes(config, {"CPU": 8.0}, needed) == []  # no GPUs: nothing to say
+
+
+TOY_MODELS = [f"models.{k}=toyworld" for k in ("sd", "ip_adapter", "image_encoder", "mvdream", "mvdream_text", "reference")]
+
+
+def test_a_prompt_the_toy_world_lacks_is_refused_with_its_line(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a ring\n# a comment\n\na purple chair\n")
+    path = write_config(tmp_path, f"prompts:\n  sources: [{{path: {prompts}}}]\noutput: {tmp_path / 'out'}\n")
+    with pytest.raises(ConfigError, match=r"prompts\.txt:4: prompt 'a purple chair' is not in the toy world"):
+        load_config(path, TOY_MODELS)
+    path = write_config(tmp_path, BASE.format(out=tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"prompts\.inline\[0\]'?: prompt 'a red apple' is not in the toy world"):
+        load_config(path, TOY_MODELS)
+    # the same prompts are fine for real models (nothing checks them against a world)
+    load_config(path, ["models.sd=tiny"])
+
+
+def test_toy_world_keys_of_one_model_go_together_and_the_world_file_is_named(tmp_path):
+    path = write_config(tmp_path, 'prompts:\n  inline: ["a ring"]\n' + f"output: {tmp_path / 'out'}\n")
+    with pytest.raises(ConfigError, match=r"models\.ip_adapter='h94/IP-Adapter' but models\.sd=toyworld"):
+        load_config(path, ["models.sd=toyworld"])
+    with pytest.raises(ConfigError, match=r"models\.toyworld.*world file not found: nowhere\.yaml"):
+        load_config(path, [*TOY_MODELS, "models.toyworld=nowhere.yaml"])
+    world = tmp_path / "world.yaml"
+    world.write_text("prompts:\n  a ring:\n    objects: [{parts: [{shape: torus, radius: 0.3, thickness: 0.1}]}]\n")
+    config = load_config(path, [*TOY_MODELS, "models.toyworld=world.yaml"])  # relative to the config file
+    assert config.models.toyworld == str(world.resolve())
+    # the world's content is part of the assets' config digest
+    before = make_jobs(config, ["a ring"])[0].asset_id
+    world.write_text("prompts:\n  a ring:\n    objects: [{parts: [{shape: torus, radius: 0.35, thickness: 0.1}]}]\n")
+    assert make_jobs(config, ["a ring"])[0].asset_id != before
+
+
+def test_preflight_takes_toyworld_as_a_model_source_and_names_a_bad_world_file(tmp_path):
+    """``pipeline.preflight.check_models`` (also run by tools that skip the prompt check) resolves
+    ``toyworld`` without weights and loads the world file, naming it when it does not load."""
+    from pipeline.preflight import PreflightError, check_models
+    from stages.models.config import ModelsConfig
+
+    toy = {k.split("=")[0].removeprefix("models."): "toyworld" for k in TOY_MODELS}
+    check_models(ModelsConfig(**toy), ("reference", "ip", "mvd"))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("prompts:\n  a ring:\n    objects: [{parts: [{shape: pyramid}]}]\n")
+    with pytest.raises(PreflightError, match=r"'models\.toyworld' \(the world of models\.reference=toyworld\): .*broken\.yaml"):
+        check_models(ModelsConfig(**toy, toyworld=str(broken)), ("reference", "ip", "mvd"))
+    check_models(ModelsConfig(**toy, toyworld=str(broken)), ())  # no model of this tool loads it

@@ -27,7 +27,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTED_ADDRESS = "http://127.0.0.1:8265"
-SHORTER = ["method.iterations=4", "variants=1", "prompts.inline=[a red apple]"]
+SHORTER = ["method.iterations=4", "variants=1", "prompts.inline=[a ring]"]  # a prompt of the toy world (the quickstart's)
 
 
 def readme_commands(marker: str = "<!-- cluster-commands -->") -> list[list[str]]:

@@ -66,3 +66,11 @@ def test_shipped_ip_scale_sweep_plans_the_paper_values(monkeypatch):
     assert [r.config.method.isd.ip_scale for r in runs] == [0.0, 0.2, 0.5, 0.7, 1.0]
     assert len({r.config.output for r in runs}) == 5
     assert Path(config.evaluate).is_file()
+
+
+def test_shipped_toyworld_sweep_plans_the_quickstart_per_scale_and_scores_without_clip():
+    config = load_sweep_config(REPO / "configs" / "sweep_ip_scale_toyworld.yaml")
+    runs = plan_sweep(config)
+    assert [r.config.method.isd.ip_scale for r in runs] == [0.0, 0.2, 0.5, 0.7, 1.0]
+    assert all(r.config.models.sd == "toyworld" and r.config.method.iterations == 150 for r in runs)
+    assert config.evaluate is None and "evaluate.clip=none" in config.evaluate_overrides

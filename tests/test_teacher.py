@@ -186,7 +186,19 @@ def test_t_delta_and_independent_noise_are_used():
         teacher.eps(x, tt, "cond", "ref", s) - teacher.eps(x, tt, "uncond", "null", s)
     )
     w = (1 - acp[t]).float().view(-1, 1, 1, 1)
-    got = teacher.latent_gradient(loss_spec("cv_t_delta"), x0, t, noise, LossParams(g), s, delta_t=40)
+    got = teacher.latent_gradient(loss_spec("cv_t_delta_ip"), x0, t, noise, LossParams(g), s, delta_t=40)
     assert torch.allclose(got, w * (cfg(x_t, t) - cfg(x_t2, t2)), atol=1e-5)
+    # the paper's reading: the control variate ε_SD (IP scale 0) at t + δt
+    sd = lambda x, tt: teacher.eps(x, tt, "uncond", "none") + g * (  # noqa: E731
+        teacher.eps(x, tt, "cond", "none") - teacher.eps(x, tt, "uncond", "none")
+    )
+    got = teacher.latent_gradient(loss_spec("cv_t_delta_sd"), x0, t, noise, LossParams(g), s, delta_t=40)
+    assert torch.allclose(got, w * (cfg(x_t, t) - sd(x_t2, t2)), atol=1e-5)
+    # Rand. noise (CFG 100): the IP prediction at the second CFG scale, minus the noise
+    cfg100 = teacher.eps(x_t, t, "uncond", "null", s) + 100.0 * (
+        teacher.eps(x_t, t, "cond", "ref", s) - teacher.eps(x_t, t, "uncond", "null", s)
+    )
+    got = teacher.latent_gradient(loss_spec("cv_random_cfg100"), x0, t, noise, LossParams(g, 100.0), s)
+    assert torch.allclose(got, w * (cfg100 - noise), atol=1e-4)
     with pytest.raises(ValueError, match="independent noise"):
-        teacher.latent_gradient(loss_spec("cv_same_t"), x0, t, noise)
+        teacher.latent_gradient(loss_spec("cv_independent_noise"), x0, t, noise)

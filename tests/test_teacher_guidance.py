@@ -70,10 +70,10 @@ def test_options_select_sd_branch_and_delta_t():
     vanilla = guidance.grad([_request()])[0].grad_rgb
     ip_null = guidance.grad([_request(options={"sd_branch": "ip_null"})])[0].grad_rgb
     assert not torch.allclose(vanilla, ip_null, atol=1e-4)
-    d20 = guidance.grad([_request(loss="cv_t_delta")])[0].grad_rgb
-    d80 = guidance.grad([_request(loss="cv_t_delta", options={"delta_t": 80})])[0].grad_rgb
+    d20 = guidance.grad([_request(loss="cv_t_delta_sd")])[0].grad_rgb
+    d80 = guidance.grad([_request(loss="cv_t_delta_sd", options={"delta_t": 80})])[0].grad_rgb
     assert not torch.allclose(d20, d80, atol=1e-4)
-    same_t = guidance.grad([_request(loss="cv_same_t")])[0]
+    same_t = guidance.grad([_request(loss="cv_independent_noise")])[0]
     assert torch.isfinite(same_t.grad_rgb).all()
 
 
@@ -135,12 +135,12 @@ def test_isd_image_reaches_each_references_mode():
     assert len(set(reached)) == 2
 
 
-def test_cv_same_t_draws_its_independent_noise_from_seed_plus_one():
+def test_cv_independent_noise_draws_its_independent_noise_from_seed_plus_one():
     guidance = _guidance()
-    request = _request(loss="cv_same_t", seed=11)
+    request = _request(loss="cv_independent_noise", seed=11)
     latents = request.rgb * 2 - 1
     expected = guidance.teacher("a").latent_gradient(
-        losses.loss_spec("cv_same_t"), latents, request.timesteps,
+        losses.loss_spec("cv_independent_noise"), latents, request.timesteps,
         request_noise(11, latents.shape), losses.LossParams(7.5), 0.5,
         independent_noise=request_noise(12, latents.shape),
     )

@@ -42,6 +42,9 @@ class EvaluationRunConfig:
     method_from_mlflow: bool = True
     """Without ``dataset_config``: rebuild scenes from the ``config.yaml`` the pipeline logged on
     the dataset's parent MLflow run (found through each asset's child run)."""
+    toyworld: str = "auto"
+    """Score against a toy world's known objects: ``auto`` (when ``dataset_config``'s models are the
+    toy world, with its ``models.toyworld``), ``none``, or a world (``default`` / a world YAML)."""
     tracking: EvalTrackingConfig = field(default_factory=EvalTrackingConfig)
 
 
@@ -77,8 +80,10 @@ def load_evaluation_config(path: str | Path | None, overrides: Sequence[str] = (
     return config
 
 
-def eval_digest(config: EvaluateConfig, views: str) -> str:
-    """12 hex digits over the settings that change a score."""
+def eval_digest(config: EvaluateConfig, views: str, world: Any | None = None) -> str:
+    """12 hex digits over the settings that change a score (and the toy world scored against)."""
     payload = {k: v for k, v in asdict(config).items() if k != "device"}
     payload["views"] = views
+    if world is not None:
+        payload["toyworld"] = world.digest()
     return digest(payload, 12, compact=False)

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from typing import Any, Sequence
 
 from pipeline.config import ConfigError
+from pipeline.evaluate.toyworld import TOY_SUMMARY, toy_diversity
 from pipeline.writer import DatasetWriter
 from stages.asset_layout import REPORTS_DIR
 from stages.atomic import atomic_write
@@ -44,7 +45,9 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def summarise(scores: Sequence[dict[str, Any]], diversity: Sequence[Any], groups: dict[str, set[str]]) -> dict[str, dict[str, float]]:
-    """Means per prompt list (plus ``all``): alignment, quality, diversity, assets, prompts."""
+    """Means per prompt list (plus ``all``): alignment, quality, diversity, assets, prompts; and
+    for toy-world scores: recovered fraction, PSNR to the reference, consistency, IoU, distinct
+    objects per prompt."""
     names = [*groups, "other", "all"]
     table: dict[str, dict[str, float]] = {}
     for name in names:
@@ -59,6 +62,15 @@ def summarise(scores: Sequence[dict[str, Any]], diversity: Sequence[Any], groups
             "assets": float(len(rows)),
             "prompts": float(len({r["prompt"] for r in rows})),
         }
+        toy = [r for r in rows if r.get("toy_identity") is not None]
+        if toy:
+            table[name].update({
+                "toy_recovered": _mean([r.get("toy_identity_correct") for r in toy]),
+                "toy_psnr_reference": _mean([r.get("toy_psnr_reference") for r in toy]),
+                "toy_consistency": _mean([r.get("toy_consistency") for r in toy]),
+                "toy_iou": _mean([r.get("toy_iou") for r in toy]),
+                "toy_distinct": _mean([float(d["distinct"]) for d in toy_diversity(toy)]),
+            })
     return table
 
 
@@ -66,10 +78,11 @@ def summary_markdown(table: dict[str, dict[str, float]], header: str) -> str:
     """Metrics as rows, prompt lists as columns (the paper's Table 1 layout)."""
     columns = list(table)
     lines = [header, "", "| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for metric in ("alignment", "quality", "diversity", "assets", "prompts"):
+    toy = [m for m in TOY_SUMMARY if any(m in table[c] for c in columns)]
+    for metric in ("alignment", "quality", "diversity", "assets", "prompts", *toy):
         cells = []
         for c in columns:
-            value = table[c][metric]
+            value = table[c].get(metric, math.nan)
             cells.append("n/a" if not math.isfinite(value) else (f"{value:.0f}" if metric in ("assets", "prompts") else f"{value:.4f}"))
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     lines += [
@@ -77,6 +90,12 @@ def summary_markdown(table: dict[str, dict[str, float]], header: str) -> str:
         "alignment: 100 · mean cosine(CLIP view, prompt); quality: mean aesthetic-head score (n/a: no head);",
         "diversity: mean pairwise cosine distance of the variants' same-view CLIP features, per prompt, averaged.",
     ]
+    if toy:
+        lines.append(
+            "toy world (held-out views against the prompt's known objects): toy_recovered = fraction whose nearest object is "
+            "the reference's; toy_psnr_reference = dB to it; toy_consistency = fraction of views agreeing; toy_iou = mesh "
+            "solid vs the object's voxels; toy_distinct = distinct objects per prompt."
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,9 @@ asset → the method config each asset was made with (``method.yaml`` in its dir
 MLflow dataset run) → views of each asset (rendered from its checkpoint with that config, or
 cut from its preview when no config is known) → CLIP alignment and quality per asset → one
 new ``scores/part-*.parquet`` shard → diversity per prompt across its variants → ``evaluation/<run>/`` (summary.json, summary.md, diversity.csv)
-→ MLflow (the dataset's parent run when the manifest names its child runs, else a new run).
+→ MLflow (the dataset's parent run when the manifest names its child runs, else a new run) → the
+dataset's gallery, rebuilt when it exists, so it shows the scores. A toy-world dataset is also
+scored against its prompts' known objects (:mod:`~pipeline.evaluate.toyworld`).
 
 The rooms: the config (:mod:`~pipeline.evaluate.config`), score shards
 (:mod:`~pipeline.evaluate.scores`), the report (:mod:`~pipeline.evaluate.report`), MLflow
@@ -27,9 +29,11 @@ from pipeline.config import ConfigError
 from pipeline.evaluate.config import EvaluationRunConfig, eval_digest
 from pipeline.evaluate.report import read_groups, summarise, summary_markdown, write_report
 from pipeline.evaluate.scores import latest_scores, write_scores
+from pipeline.evaluate.toyworld import toy_diversity, toy_scores, toyworld_of
 from pipeline.evaluate.tracking import log_to_mlflow, methods_from_mlflow, mlflow_client_for_reading
 from pipeline.manifest import utc_now
 from pipeline.writer import DatasetWriter
+from stages.asset_layout import GALLERY_DIR
 from stages.evaluate.evaluator import Evaluator, diversity_by_prompt
 from stages.evaluate.render import METHOD_FILE, AssetViewsError
 
@@ -44,14 +48,22 @@ def expected_view_source(views: str, method: Any | None, asset_dir: Path | None)
 
 
 # ------------------------------------------------------------------ method config of the dataset
+def dataset_pipeline_config(config: EvaluationRunConfig) -> Any | None:
+    """The ``PipelineConfig`` of ``dataset_config`` (+ overrides), or None."""
+    if not config.dataset_config:
+        return None
+    from pipeline.config import load_config
+
+    return load_config(config.dataset_config, config.dataset_overrides)
+
+
 def dataset_method(config: EvaluationRunConfig) -> tuple[Any | None, str | None]:
     """(OptimizeConfig, config digest) of ``dataset_config``, or (None, None)."""
-    if not config.dataset_config:
+    pipeline_config = dataset_pipeline_config(config)
+    if pipeline_config is None:
         return None, None
-    from pipeline.config import load_config
     from pipeline.jobs import config_digest
 
-    pipeline_config = load_config(config.dataset_config, config.dataset_overrides)
     return pipeline_config.method, config_digest(pipeline_config)
 
 
@@ -96,9 +108,10 @@ def evaluate_dataset(
     if method is None and config.method_from_mlflow and config.tracking.enabled:
         by_asset = methods_from_mlflow(mlflow_client or mlflow_client_for_reading(output, config), manifest, stream)
     groups = read_groups(config.groups)
+    world = toyworld_of(config, dataset_pipeline_config(config) if config.toyworld == "auto" else None)
     evaluator = evaluator or Evaluator.from_config(config.evaluate)
     settings = evaluator.config  # the evaluator's settings are the ones that score
-    edigest = eval_digest(settings, config.views)
+    edigest = eval_digest(settings, config.views, world)
     previous = latest_scores(writer) if config.skip_scored else {}
     local = writer.local_root()
     new_rows, result_rows = [], []
@@ -141,6 +154,7 @@ def evaluate_dataset(
             if asset_dir is None:
                 raise AssetViewsError(f"{output}: evaluating remote datasets needs a local copy (pyarrow fs download not implemented)")
             scored = evaluator.score_asset(asset_dir, row["prompt"], asset_method, config.views)
+            toy = {} if world is None else toy_scores(asset_dir, row["prompt"], asset_method, world, evaluator.device)
         except AssetViewsError as error:
             failed += 1
             print(f"[evaluate] {row['asset_id']}: {error}", file=stream, flush=True)
@@ -155,13 +169,14 @@ def evaluate_dataset(
             "view_source": scored.view_source,
             "image_features": scored.image_features.tolist(),
             "evaluated_at": utc_now(),
+            **{k: (v if math.isfinite(v) else None) for k, v in toy.items()},
         }
         new_rows.append(scored_row)
         result_rows.append(scored_row)
     scores_path = write_scores(writer, new_rows)
 
     diversity = diversity_by_prompt(
-        (r["prompt"], r["config_digest"], torch.tensor(r["image_features"], dtype=torch.float32)) for r in result_rows
+        (r["prompt"], r["config_digest"], _features(r["image_features"])) for r in result_rows
     )
     summary = summarise(result_rows, diversity, groups)
     header = f"# Evaluation of {output}\n\nclip: `{settings.clip}`, quality head: `{settings.aesthetic_head}`, views: `{config.views}`"
@@ -173,6 +188,7 @@ def evaluate_dataset(
         "eval_digest": edigest,
         "summary": summary,
         "diversity": [asdict(d) for d in diversity],
+        "toy_diversity": toy_diversity(result_rows),
         "assets": {"scored": len(new_rows) - failed, "reused": reused, "failed": failed},
     }
     report_dir = write_report(writer, markdown, payload, diversity, groups)
@@ -181,4 +197,24 @@ def evaluate_dataset(
     if config.tracking.enabled:
         result.mlflow_run_id = log_to_mlflow(output, config, result, manifest, markdown, mlflow_client)
     print(markdown, file=stream, flush=True)
+    _refresh_gallery(writer, output, stream)
     return result
+
+
+def _features(values: Any) -> torch.Tensor:
+    """A score row's (V, D) CLIP features (``evaluate.clip: none`` leaves them empty)."""
+    features = torch.tensor(values or [], dtype=torch.float32)
+    return features if features.ndim == 2 else features.reshape(len(values or []), 0)
+
+
+def _refresh_gallery(writer: DatasetWriter, output: str, stream: TextIO) -> None:
+    """Rebuild ``<output>/gallery`` when the dataset has one, so its pages show the new scores."""
+    local = writer.local_root()
+    if local is None or not (local / GALLERY_DIR / "index.html").is_file():
+        return
+    from pipeline.gallery import build_gallery
+
+    try:
+        print(f"[evaluate] gallery with scores: {build_gallery(output) / 'index.html'}", file=stream, flush=True)
+    except Exception as error:  # noqa: BLE001 - the scores are written; the gallery is a view of them
+        print(f"[evaluate] gallery not rebuilt: {type(error).__name__}: {error}", file=stream, flush=True)

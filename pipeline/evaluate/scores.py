@@ -16,6 +16,12 @@ from pipeline.shards import read_shards, write_shard
 from pipeline.writer import DatasetWriter
 from stages.asset_layout import SCORES_DIR
 
+TOY_COLUMNS = (
+    "toy_identity", "toy_reference", "toy_identity_correct", "toy_psnr_reference", "toy_psnr_identity",
+    "toy_consistency", "toy_iou",
+)
+"""Toy-world fidelity scores (:meth:`stages.toyworld.fidelity.Fidelity.metrics`); null otherwise."""
+
 SCORES_SCHEMA = pa.schema(
     [
         ("asset_id", pa.string()),
@@ -35,6 +41,7 @@ SCORES_SCHEMA = pa.schema(
         ("aesthetic_head", pa.string()),
         ("image_features", pa.list_(pa.list_(pa.float32()))),
         ("evaluated_at", pa.string()),
+        *((name, pa.float64()) for name in TOY_COLUMNS),
     ]
 )
 SCORE_COLUMNS = tuple(SCORES_SCHEMA.names)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
 from pipeline.evaluate.config import EvaluationRunConfig
+from pipeline.evaluate.scores import TOY_COLUMNS
 
 if TYPE_CHECKING:
     from pipeline.evaluate.run import EvaluationResult
@@ -99,7 +100,11 @@ def log_to_mlflow(
         child = children.get(row["asset_id"])
         if child is None:
             continue
-        per_asset = [Metric(f"eval/{k}", float(row[k]), now, 0) for k in ("alignment", "quality") if row.get(k) is not None]
+        per_asset = [
+            Metric(f"eval/{k}", float(row[k]), now, 0)
+            for k in ("alignment", "quality", *TOY_COLUMNS)
+            if row.get(k) is not None and math.isfinite(float(row[k]))
+        ]
         try:
             client.log_batch(child, metrics=per_asset)
         except MlflowException:

@@ -1,7 +1,8 @@
 """Static gallery of a dataset: one page that lists every asset and opens each one in place.
 
-``python -m pipeline.gallery OUTPUT`` (:mod:`pipeline.gallery.cli`; also run at the end of every dataset run) reads the dataset
-layout (``manifest/part-*.parquet`` + ``assets/<asset_id>/``) and writes ``OUTPUT/gallery/``:
+``python -m pipeline.gallery OUTPUT`` (:mod:`pipeline.gallery.cli`; also run at the end of every
+dataset run) reads the dataset layout (``manifest/part-*.parquet`` + ``assets/<asset_id>/``, and
+the evaluation's ``scores/part-*.parquet`` when present) and writes ``OUTPUT/gallery/``:
 
 - ``index.html``: the whole gallery in one file: its own CSS and script and the table of every
   asset (prompt, variant, status, metrics, error, its files); the script shows one page of cards
@@ -12,6 +13,10 @@ layout (``manifest/part-*.parquet`` + ``assets/<asset_id>/``) and writes ``OUTPU
   classic script, because browsers refuse ``fetch`` on ``file://``;
 - ``static/``: the 3D viewers, shared by every asset and loaded only when a 3D view opens:
   Google's ``<model-viewer>`` (Apache-2.0) for meshes and the project's own WebGL splat viewer.
+
+A toy-world dataset's scores put a verdict on every card (did the asset become its reference's
+object, how close from views it never trained on) and one line over the page
+(:mod:`~pipeline.gallery.verdicts`).
 
 Media load lazily: only the visible page's thumbnails, turntables when a card is hovered or
 clicked. Everything is reached with relative URLs, so the gallery works from ``file://``, from any
@@ -34,6 +39,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -41,6 +47,8 @@ import pyarrow.fs as pafs
 from pipeline.gallery.derived import DerivedFiles
 from pipeline.gallery.page import STATIC_DIR, STATIC_FILES, asset_item, group_order, render_index
 from pipeline.gallery.records import GalleryDataset, read_manifest
+from pipeline.gallery.verdicts import latest_scores, toy_summary
+from pipeline.writer import DatasetWriter
 from stages.asset_layout import GALLERY_DIR
 from stages.atomic import atomic_write
 
@@ -67,7 +75,8 @@ def build_gallery(output_dir: str | os.PathLike, gallery_dir: str | os.PathLike 
     """
     dataset = GalleryDataset(output_dir)
     _repair(output_dir)
-    records = read_manifest(output_dir)
+    scores = latest_scores(DatasetWriter(os.fspath(output_dir)))
+    records = [replace(r, scores=scores.get(r.asset_id, {})) for r in read_manifest(output_dir)]
     unsafe = [r.asset_id for r in records if not SAFE_ASSET_ID.match(r.asset_id)]
     if unsafe:
         raise ValueError(f"manifest asset_id(s) {unsafe[:5]} are not safe file names ([A-Za-z0-9._-]+)")
@@ -93,7 +102,7 @@ def build_gallery(output_dir: str | os.PathLike, gallery_dir: str | os.PathLike 
         base = ".."
     else:
         base = Path(os.path.relpath(dataset.root, target.resolve())).as_posix()
-    _write_page(target / "index.html", render_index(items, base))
+    _write_page(target / "index.html", render_index(items, base, summary=toy_summary(records)))
     if remote:
         pafs.copy_files(str(target), dataset.path(GALLERY_DIR), destination_filesystem=dataset.fs)
     return target

@@ -10,6 +10,7 @@ from typing import Any
 from pipeline.gallery.derived import DerivedFiles, camera, model_script, thumbnail
 from pipeline.gallery.escape import inline_script, json_for_script, visible_controls
 from pipeline.gallery.records import AssetRecord, GalleryDataset, find_role_files, record_dir
+from pipeline.gallery.verdicts import verdict
 
 STATIC_DIR = Path(__file__).parent.parent / "gallery_static"
 """The page's CSS and script and the shared 3D viewers (package data of ``pipeline``)."""
@@ -59,6 +60,8 @@ def asset_item(dataset: GalleryDataset, outputs: DerivedFiles, record: AssetReco
         "files": roles,
         "thumbs": {role: path for role, path in thumbs.items() if path},
         "details": {k: v for k, v in record.details.items() if v is not None},
+        "scores": record.scores,
+        "verdict": verdict(record.scores),
     }
     kind, source = ("splat", roles["splats"]) if "splats" in roles else (("glb", roles["mesh"]) if "mesh" in roles else (None, None))
     if kind is not None:
@@ -72,8 +75,9 @@ def asset_item(dataset: GalleryDataset, outputs: DerivedFiles, record: AssetReco
     return item
 
 
-def render_index(items: list[dict[str, Any]], dataset_base: str, *, page_cards: int = PAGE_CARDS) -> str:
-    """HTML of ``gallery/index.html`` for the asset ``items`` (:func:`asset_item`, in page order)."""
+def render_index(items: list[dict[str, Any]], dataset_base: str, *, page_cards: int = PAGE_CARDS, summary: str = "") -> str:
+    """HTML of ``gallery/index.html`` for the asset ``items`` (:func:`asset_item`, in page order);
+    ``summary``: extra HTML under the header's counts (:func:`~pipeline.gallery.verdicts.toy_summary`)."""
     failed = sum(item["status"] != "succeeded" for item in items)
     data = json_for_script({
         "dataset": dataset_base,
@@ -93,6 +97,7 @@ def render_index(items: list[dict[str, Any]], dataset_base: str, *, page_cards: 
         '<header class="page"><h1>Dataset gallery</h1>'
         f'<p class="summary">{len(items)} assets: {len(items) - failed} succeeded, {failed} not succeeded; '
         f'{len({item["prompt"] for item in items})} prompts. Hover or tap a card to play its turntable; open it for the 3D view and downloads.</p>'
+        f"{summary}"
         '<div class="filters"><label>Prompt <input id="filter-text" type="search" placeholder="filter by prompt text"></label>'
         f'<label>Status <select id="filter-status"><option value="">all</option>{options}</select></label>'
         '<span id="shown-count" class="muted"></span><span id="mlflow-note" class="muted hidden"></span></div>'

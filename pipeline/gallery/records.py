@@ -33,6 +33,7 @@ class AssetRecord:
     files: dict[str, str] = field(default_factory=dict)  # name -> relative path
     metrics: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)  # other manifest columns, shown as-is
+    scores: dict[str, Any] = field(default_factory=dict)  # latest evaluation scores (scores/ shards)
 
 
 class GalleryDataset:

@@ -144,6 +144,10 @@
     return slot;
   }
 
+  function verdictLine(asset) {
+    return asset.verdict ? el("p", { "class": "verdict " + asset.verdict.kind }, asset.verdict.text) : null;
+  }
+
   function card(asset) {
     var media = [];
     ["reference", "preview"].forEach(function (role) {
@@ -166,6 +170,7 @@
         el("a", { "class": "asset-link", href: "#asset=" + encodeURIComponent(asset.id) }, IN_MLFLOW ? "details" : "3D view, downloads"), " ",
         el("code", { "class": "muted" }, asset.id),
       ]),
+      verdictLine(asset),
       media.length ? el("div", { "class": "media" }, media) : null,
       missing.length ? el("p", { "class": "missing" }, "missing: " + missing.join(", ")) : null,
       asset.error || asset.status !== "succeeded" ? el("pre", { "class": "error" }, asset.error || "failed without an error message") : null,
@@ -330,11 +335,14 @@
       el("p", {}, el("a", { href: listHash(state.page), id: "close-detail" }, "\u2190 all assets")),
       el("h1", { "class": "prompt" }, asset.prompt),
       el("p", {}, [variantLabel(asset), " ", badge(asset.status)]),
+      verdictLine(asset),
       asset.error ? el("pre", { "class": "error" }, asset.error) : null,
       asset.status === "succeeded" ? viewerSection(asset) : null,
       fullMedia(asset),
       downloads(asset),
       el("h2", {}, "Metrics"), table(asset.metrics) || el("p", { "class": "missing" }, "none"),
+      Object.keys(asset.scores || {}).length ? el("h2", {}, "Evaluation scores") : null,
+      Object.keys(asset.scores || {}).length ? table(asset.scores) : null,
       el("h2", {}, "Details"), table(details),
     ]));
     detail.classList.remove("hidden");

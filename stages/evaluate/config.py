@@ -9,7 +9,8 @@ from dataclasses import dataclass
 class EvaluateConfig:
     clip: str = "openai/clip-vit-large-patch14"
     """CLIP for text alignment, diversity and the aesthetic head's features: ``tiny``, a hub id or a
-    local directory (``CLIPModel`` layout)."""
+    local directory (``CLIPModel`` layout); ``none`` skips the CLIP scores (e.g. a toy-world
+    dataset, scored against its known objects instead)."""
     aesthetic_head: str = "none"
     """Quality head on L2-normalised CLIP image features: ``none`` (quality not scored),
     ``tiny`` (random head, tests), or a ``.safetensors``/``.pth`` file of the LAION improved
@@ -29,3 +30,5 @@ class EvaluateConfig:
             raise ValueError(f"evaluate.num_views must be >= 1, got {self.num_views}")
         if self.resolution < 8:
             raise ValueError(f"evaluate.resolution must be >= 8, got {self.resolution}")
+        if self.clip == "none" and self.aesthetic_head != "none":
+            raise ValueError(f"evaluate.aesthetic_head={self.aesthetic_head!r} scores CLIP features, but evaluate.clip is 'none'")

@@ -34,9 +34,13 @@ class AssetScores:
 class Evaluator:
     """CLIP (+ optional aesthetic head) with a per-prompt text-feature cache."""
 
-    def __init__(self, config: EvaluateConfig, clip: ClipFeatures, head: torch.nn.Module | None) -> None:
+    def __init__(
+        self, config: EvaluateConfig, clip: ClipFeatures | None, head: torch.nn.Module | None, device: torch.device | None = None
+    ) -> None:
         self.config = config
         self.clip = clip
+        """None: ``evaluate.clip: none`` (no CLIP scores; the toy world's scores need none)."""
+        self._device = device or (clip.device if clip is not None else torch.device("cpu"))
         self.head = head
         self._text: dict[str, Tensor] = {}
         self._scenes: dict[str, torch.nn.Module] = {}
@@ -49,16 +53,18 @@ class Evaluator:
 
         config.validate()
         device = resolve_device(config.device)
+        if config.clip == "none":
+            return cls(config, None, None, device)
         clip = load_clip(config.clip, device, seed=config.seed)
         dim = int(clip.model.config.projection_dim)
         head = load_aesthetic_head(config.aesthetic_head, dim, seed=config.seed)
         if head is not None:
             head = head.to(device)
-        return cls(config, clip, head)
+        return cls(config, clip, head, device)
 
     @property
     def device(self) -> torch.device:
-        return self.clip.device
+        return self._device
 
     def text_feature(self, prompt: str) -> Tensor:
         """(D,) unit-norm CLIP text feature of ``prompt`` (cached)."""
@@ -68,6 +74,8 @@ class Evaluator:
 
     def score_images(self, prompt: str, images: Sequence[Image.Image], view_source: str = "images") -> AssetScores:
         """Alignment and quality of the views ``images`` of one asset made for ``prompt``."""
+        if self.clip is None:
+            return AssetScores(math.nan, math.nan, torch.zeros(len(images), 0), view_source, len(images))
         features = self.clip.images(list(images))  # (V, D)
         alignment = clip_alignment(features, self.text_feature(prompt))
         quality = math.nan if self.head is None else quality_score(self.head, features.to(self.device))
@@ -75,6 +83,8 @@ class Evaluator:
 
     def score_asset(self, asset_dir: Path, prompt: str, method: Any | None = None, views: str = "auto") -> AssetScores:
         """Render (or cut from the preview) the asset's evaluation views and score them."""
+        if self.clip is None:  # nothing to score the views with: do not render them
+            return AssetScores(math.nan, math.nan, torch.zeros(0, 0), "none", 0)
         scene = None
         if method is not None and views != "preview":
             key = method.resume_digest()  # the scene depends on no runtime key
@@ -106,6 +116,7 @@ def diversity_by_prompt(items: Iterable[tuple[str, str, Tensor]]) -> list[Prompt
     out = []
     for (prompt, method), features in sorted(grouped.items()):
         shapes = {tuple(f.shape) for f in features}
-        value = pairwise_diversity(features) if len(shapes) == 1 else math.nan
+        scored = all(f.ndim == 2 and f.shape[1] > 0 for f in features)  # no CLIP features: no CLIP diversity
+        value = pairwise_diversity(features) if len(shapes) == 1 and scored else math.nan
         out.append(PromptDiversity(prompt, method, len(features), value))
     return out

@@ -40,7 +40,7 @@ from stages.models.sd import SDComponents, load_sd
 from stages.scene.cameras import VIEW_DIRECTIONS, view_directions, view_prompt
 
 DEFAULT_DELTA_T = 50
-"""δt of ``cv_t_delta`` when the request's ``options["delta_t"]`` is not set."""
+"""δt of ``cv_t_delta_sd`` / ``cv_t_delta_ip`` when the request's ``options["delta_t"]`` is not set."""
 
 
 @dataclass
@@ -266,8 +266,10 @@ class IPGuidance:
         validate_request(req)
         if req.asset_id not in self._assets:
             raise UnknownAssetError(req.asset_id)
-        if req.loss not in losses.LOSS_NAMES:
-            raise ValueError(f"GuidanceRequest.loss: unknown loss {req.loss!r}; expected one of {losses.LOSS_NAMES}")
+        try:
+            losses.check_loss_name(req.loss)
+        except ValueError as error:
+            raise ValueError(f"GuidanceRequest.loss: {error}") from None
         spec = losses.loss_spec(req.loss, self.sd_branch)
         if spec.uses_image_prompt and self._assets[req.asset_id].reference is None:
             raise ValueError(

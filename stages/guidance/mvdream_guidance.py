@@ -32,6 +32,7 @@ from stages.guidance.losses import (
     cfg,
     latent_gradient,
     loss_spec,
+    recon_latent_gradient,
     sds_weight,
     surrogate_loss,
 )
@@ -66,39 +67,6 @@ class _Asset:
     cond: Tensor
     """(1, L, D) text embedding on the model's device/dtype."""
     uncond: Tensor
-
-
-def recon_latent_gradient(
-    latents: Tensor,
-    noisy: Tensor,
-    alphas: Tensor,
-    eps_cond: Tensor,
-    eps_uncond: Tensor,
-    guidance_scale: float,
-    std_rescale: float,
-    num_frames: int,
-) -> Tensor:
-    """latents − x̂0 (MVDream-threestudio ``recon_loss``), all (B, C, h, w), B = groups·num_frames.
-
-    ``alphas`` is ᾱ_t per sample (B,). x̂0 = (x_t − √(1−ᾱ)·ε_cfg)/√ᾱ; with ``std_rescale`` > 0
-    it is scaled per group by std(x̂0_nocfg)/std(x̂0) and blended:
-    x̂0 ← s·(x̂0·factor) + (1 − s)·x̂0.
-    """
-    a = alphas.view(-1, 1, 1, 1).float()
-    x_t = noisy.float()
-
-    def x0_from(eps: Tensor) -> Tensor:
-        return (x_t - (1 - a).sqrt() * eps.float()) / a.sqrt()
-
-    x0 = x0_from(cfg(eps_cond.float(), eps_uncond.float(), guidance_scale))
-    if std_rescale > 0:
-        x0_nocfg = x0_from(eps_cond)
-        grouped = (num_frames, *x0.shape[1:])
-        std_nocfg = x0_nocfg.reshape(-1, *grouped).std(dim=(1, 2, 3, 4), keepdim=True)
-        std_cfg = x0.reshape(-1, *grouped).std(dim=(1, 2, 3, 4), keepdim=True)
-        factor = ((std_nocfg + 1e-8) / (std_cfg + 1e-8)).repeat_interleave(num_frames, dim=0).squeeze(1)
-        x0 = std_rescale * (x0 * factor) + (1 - std_rescale) * x0
-    return latents.float() - x0
 
 
 class MVDreamGuidance:

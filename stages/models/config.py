@@ -1,5 +1,6 @@
-"""Where each model comes from. Every field takes ``tiny`` (random seeded weights, no download),
-a Hugging Face hub id, a local diffusers directory, or a single checkpoint file."""
+"""Where each model comes from. Every model field takes ``tiny`` (random seeded weights, no
+download), ``toyworld`` (the exact toy world of ``toyworld``; see ``stages.models.factory``), a
+Hugging Face hub id, a local diffusers directory, or a single checkpoint file."""
 
 from __future__ import annotations
 
@@ -32,3 +33,7 @@ class ModelsConfig:
     """``auto`` (cuda when available) | ``cpu`` | ``cuda`` | ``cuda:N``."""
     seed: int = 0
     """Seed of the random weights of ``tiny`` models."""
+    toyworld: str = "default"
+    """The toy world (prompts, objects, model parameters) that every model key set to
+    ``toyworld`` uses: ``default`` (``stages/toyworld/worlds/default.yaml``) or a world YAML
+    file (docs/TOYWORLD.md describes the format)."""

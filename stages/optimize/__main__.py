@@ -2,13 +2,15 @@
 
     python -m stages.optimize --prompt "a red apple" models=tiny --out outputs/apple
     python -m stages.optimize --prompt "a red apple" --reference apple.png --out outputs/apple
-    python -m stages.optimize --prompt "a chair" --config configs/quickstart.yaml iterations=300
+    python -m stages.optimize --prompt "a ring" --config configs/quickstart.yaml   # the toy world
+    python -m stages.optimize --prompt "a chair" --config configs/quickstart_tiny.yaml iterations=300
 
 Positional ``key=value`` overrides go to the method config (``iterations=300``,
 ``representation=splats``, ``schedule.resolutions=[32,64]``; a ``method.`` prefix is
 accepted), ``models.<key>=...`` to the model sources, ``models=tiny`` makes every model a
-tiny random one on the CPU (and starts the method from the ``tiny`` preset unless
-``preset=paper`` is given). A YAML ``--config`` may hold ``method:`` / ``models:`` /
+tiny random one on the CPU and ``models=toyworld`` every model the toy world (both start the
+method from the ``tiny`` preset unless ``preset=paper`` is given; for the toy world's tuned
+settings pass ``--config configs/quickstart.yaml``). A YAML ``--config`` may hold ``method:`` / ``models:`` /
 ``method_preset:`` sections (a pipeline config works) or method keys at top level.
 
 The asset id and seeds follow the pipeline's rule (:mod:`stages.optimize.identity`): with the
@@ -31,7 +33,8 @@ from stages.asset_layout import ASSET_RECORD, METRICS_FILE
 from stages.atomic import atomic_write
 from stages.models.config import ModelsConfig
 
-TINY_MODEL_KEYS = ("sd", "ip_adapter", "image_encoder", "mvdream", "mvdream_text", "reference")
+MODEL_KEYS = ("sd", "ip_adapter", "image_encoder", "mvdream", "mvdream_text", "reference")
+MODEL_SHORTCUTS = ("tiny", "toyworld")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -50,38 +53,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference-steps", type=int, default=30, help="sampling steps of the reference image")
     parser.add_argument("--asset-id", default=None, help="asset id (default: the pipeline's <slug>-v<variant>-<hash>)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides (method keys, models.<key>, models=tiny, preset=tiny)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (method keys, models.<key>, models=tiny|toyworld, preset=tiny)")
     return parser.parse_intermixed_args(argv)
 
 
-def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str], bool]:
-    """(method overrides, models overrides, models=tiny given) from ``key=value`` tokens."""
-    method, models, tiny = [], [], False
+def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str], str | None]:
+    """(method overrides, models overrides, ``models=`` shortcut given: tiny / toyworld / None)."""
+    method, models, shortcut = [], [], None
     for token in overrides:
         if "=" not in token:
             raise ValueError(f"override {token!r} is not key=value")
         key, value = token.split("=", 1)
         if key == "models":
-            if value != "tiny":
-                raise ValueError(f"models={value!r}: only models=tiny is a shortcut; set models.<key>=... otherwise")
-            tiny = True
+            if value not in MODEL_SHORTCUTS:
+                raise ValueError(f"models={value!r}: the shortcuts are models=tiny and models=toyworld; set models.<key>=... otherwise")
+            shortcut = value
         elif key.startswith("models."):
             models.append(token[len("models."):])
         elif key in ("method_preset", "method.preset"):
             method.append(f"preset={value}")
         else:
             method.append(token[len("method."):] if key.startswith("method.") else token)
-    return method, models, tiny
+    return method, models, shortcut
 
 
-def build_models_config(file_section: Any, overrides: Sequence[str], tiny: bool) -> ModelsConfig:
-    """ModelsConfig ← ``models=tiny`` shortcut ← YAML ``models:`` section ← ``models.<key>`` overrides."""
+def build_models_config(file_section: Any, overrides: Sequence[str], shortcut: str | None) -> ModelsConfig:
+    """ModelsConfig ← ``models=tiny|toyworld`` shortcut ← YAML ``models:`` section ← ``models.<key>`` overrides."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     base = ModelsConfig()
-    if tiny:
-        base = ModelsConfig(**{k: "tiny" for k in TINY_MODEL_KEYS}, device="cpu", dtype="float32")
+    if shortcut:
+        base = ModelsConfig(**{k: shortcut for k in MODEL_KEYS}, device="cpu", dtype="float32")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(base), file_section or {}, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as error:
@@ -96,7 +99,7 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, ModelsConfig]:
 
     from stages.optimize.config import load_optimize_config
 
-    method_overrides, model_overrides, tiny = split_overrides(args.overrides)
+    method_overrides, model_overrides, shortcut = split_overrides(args.overrides)
     if args.config and not Path(args.config).is_file():
         raise ValueError(f"--config file not found: {args.config}")
     file_cfg = OmegaConf.load(args.config) if args.config else OmegaConf.create({})
@@ -110,39 +113,31 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, ModelsConfig]:
         method_section = file_cfg
     if preset is not None and "preset" not in method_section:
         method_section["preset"] = preset
-    if tiny and "preset" not in method_section and not any(o.startswith("preset=") for o in method_overrides):
+    if shortcut and "preset" not in method_section and not any(o.startswith("preset=") for o in method_overrides):
         method_overrides = ["preset=tiny", *method_overrides]
     config = load_optimize_config(method_section, method_overrides)
-    return config, build_models_config(models_section, model_overrides, tiny)
+    return config, build_models_config(models_section, model_overrides, shortcut)
 
 
 def build_guidance(config: Any, models: ModelsConfig) -> Any:
-    """In-process guidance for the configured loss: IPGuidance and/or MVDreamGuidance."""
+    """In-process guidance for the configured loss: IP and/or multi-view side (diffusers models
+    or the toy world, per ``models``)."""
     from stages.guidance.set import GuidanceSet
+    from stages.models.factory import build_ip_guidance, build_mvd_guidance
 
-    ip = mvd = None
-    if config.uses_ip:
-        from stages.guidance.ip_guidance import IPGuidance
-
-        ip = IPGuidance.from_config(models, sd_branch=config.isd.sd_branch, negative_prompt=config.isd.negative_prompt)
-    if config.uses_mvd:
-        from stages.guidance.mvdream_guidance import MVDreamGuidance
-
-        mvd = MVDreamGuidance.from_config(models)
+    ip = build_ip_guidance(models, config) if config.uses_ip else None
+    mvd = build_mvd_guidance(models, config) if config.uses_mvd else None
     return GuidanceSet(ip=ip, mvd=mvd)
 
 
 def load_or_sample_reference(args: argparse.Namespace, config: Any, models: ModelsConfig, seed: int) -> Any:
     """The ``--reference`` image (validated), or one sampled with ``models.reference``."""
     from stages.export.preview import as_rgb_image
+    from stages.models.factory import build_reference_sampler
 
     if args.reference is not None:
         return as_rgb_image(args.reference)
-    from stages.models.device import resolve_device, resolve_dtype
-    from stages.models.reference import ReferenceSampler
-
-    device = resolve_device(models.device)
-    sampler = ReferenceSampler(models.reference, dtype=resolve_dtype(models.dtype, device), device=device, seed=models.seed)
+    sampler = build_reference_sampler(models)
     return sampler.sample(args.prompt, seed=seed, num_inference_steps=args.reference_steps)
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from stages.guidance.losses import LOSS_NAMES, SD_BRANCHES
+from stages.guidance.losses import LOSS_NAMES, SD_BRANCHES, check_loss_name
 from stages.guidance.schedules import ScheduleConfig
 from stages.scene.cameras import CameraConfig
 from stages.scene.nerf.config import NeRFConfig
@@ -48,9 +48,10 @@ class IsdConfig:
     guidance_scale: float = 7.5
     """CFG scale of the SD1.5 / IP-Adapter predictions."""
     cv_guidance_scale: float = 100.0
-    """CFG of the SD control variate in the ``cv_cfg100`` ablation."""
+    """The second CFG scale of the CFG-100 ablations: of the IP prediction in ``cv_random_cfg100``
+    (the paper's "Rand. noise (CFG 100)"), of the SD control variate in ``cv_sd_cfg100``."""
     delta_t: int = 50
-    """Timestep offset of the ``cv_t_delta`` ablation."""
+    """Timestep offset δt of the ``cv_t_delta_sd`` / ``cv_t_delta_ip`` ablations."""
     view_prompts: bool = True
     """Append threestudio's view suffix (", front view", ...) to the prompt per view."""
     negative_prompt: str = ""
@@ -145,8 +146,10 @@ class OptimizeConfig:
     iterations: int = 6000
     """Optimisation steps; the schedules (α/β, timesteps, milestones) are fractions of it."""
     loss: str = "isd"
-    """IP-side loss (α-weighted): ``isd`` | ``sds`` | ``ip_sds`` | ``cv_random`` | ``cv_cfg100`` |
-    ``cv_t_delta`` | ``cv_same_t``; or ``mvdream`` (MVDream SDS alone)."""
+    """IP-side loss (α-weighted): ``isd`` | ``sds`` | ``ip_sds``; the control-variate ablations
+    ``cv_random`` | ``cv_random_cfg100`` | ``cv_t_delta_sd`` (the paper's Table 3) and
+    ``cv_t_delta_ip`` | ``cv_sd_cfg100`` | ``cv_independent_noise`` (extra); or ``mvdream``
+    (MVDream SDS alone). README "Losses" gives each formula."""
     isd: IsdConfig = field(default_factory=IsdConfig)
     mvd: MvdConfig = field(default_factory=MvdConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -223,8 +226,10 @@ class OptimizeConfig:
             raise ValueError(f"{p}.representation must be one of {REPRESENTATIONS}, got {self.representation!r}")
         if int(self.iterations) <= 0:
             raise ValueError(f"{p}.iterations must be > 0, got {self.iterations}")
-        if self.loss not in OPTIMIZE_LOSSES:
-            raise ValueError(f"{p}.loss: unknown loss {self.loss!r}; expected one of {OPTIMIZE_LOSSES}")
+        try:
+            check_loss_name(self.loss, OPTIMIZE_LOSSES)
+        except ValueError as error:
+            raise ValueError(f"{p}.loss: {error}") from None
         if self.isd.sd_branch not in SD_BRANCHES:
             raise ValueError(f"{p}.isd.sd_branch must be one of {SD_BRANCHES}, got {self.isd.sd_branch!r}")
         for key, value in (

@@ -5,7 +5,7 @@ An asset is identified by (prompt, variant, identity digest). The digest covers 
 changes the optimised scene: the method config without its runtime and export keys
 (:data:`~stages.optimize.config.RUNTIME_KEYS`: checkpoint cadence, previews, device, progress,
 export settings, and the memory/speed knobs: back-propagation mode, render chunks, compilation),
-the model sources, and the base seed. So an export-only change (mesh threshold, face count,
+the model sources (with the toy world's content when a model is the toy world), and the base seed. So an export-only change (mesh threshold, face count,
 turntable frames) or a smaller render chunk to fit a GPU keeps every asset id, and
 ``python -m pipeline.export`` can redo the exports from the checkpoints instead of optimising again.
 
@@ -22,6 +22,7 @@ from dataclasses import asdict
 from typing import Any
 
 from stages.digest import digest
+from stages.models.factory import TOYWORLD
 from stages.optimize.config import OptimizeConfig, without_runtime_keys
 
 DIGEST_HEX = 12
@@ -34,8 +35,14 @@ def method_identity(method: OptimizeConfig) -> dict[str, Any]:
 
 
 def identity_digest(method: OptimizeConfig, models: Any, seed: int) -> str:
-    """``DIGEST_HEX`` hex digits over (method identity, model sources, base seed)."""
+    """``DIGEST_HEX`` hex digits over (method identity, model sources, base seed, and the toy
+    world's content when a model is the toy world: the file's content, not just its name, makes
+    those assets)."""
     payload = {"method": method_identity(method), "models": asdict(models), "seed": int(seed)}
+    if any(value == TOYWORLD for value in payload["models"].values()):
+        from stages.toyworld.world import load_world
+
+        payload["toyworld"] = load_world(models.toyworld).digest()
     return digest(payload, DIGEST_HEX)
 
 

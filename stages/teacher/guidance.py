@@ -78,9 +78,10 @@ class AnalyticGuidance:
     """Guidance protocol over :class:`AnalyticTeacher` (identity VAE, D = 3 colours).
 
     Request ``options`` read here: ``sd_branch`` ("vanilla" | "ip_null", default the
-    field below), ``delta_t`` (int, for ``cv_t_delta``), ``cv_guidance_scale`` (float, for
-    ``cv_cfg100``). Noise: ``request_noise(seed, shape)`` (and ``seed + 1`` for the independent
-    draw of ``cv_same_t``). ``info`` of a response holds ``residual_norm``.
+    field below), ``delta_t`` (int, for ``cv_t_delta_sd`` / ``cv_t_delta_ip``),
+    ``cv_guidance_scale`` (float, for ``cv_random_cfg100`` / ``cv_sd_cfg100``). Noise:
+    ``request_noise(seed, shape)`` (and ``seed + 1`` for the independent draw of
+    ``cv_independent_noise``). ``info`` of a response holds ``residual_norm``.
     """
 
     config: TeacherConfig = field(default_factory=TeacherConfig)
@@ -158,7 +159,7 @@ class AnalyticGuidance:
             )
         latents = request.rgb.detach().cpu().float() * 2.0 - 1.0
         noise = request_noise(request.seed, latents.shape)
-        # the independent draw of cv_same_t comes from seed + 1, as in IPGuidance
+        # the independent draw of cv_independent_noise comes from seed + 1, as in IPGuidance
         independent = request_noise(request.seed + 1, latents.shape) if spec.needs_independent_noise else None
         params = losses.LossParams(
             guidance_scale=float(request.guidance_scale),
@@ -171,11 +172,18 @@ class AnalyticGuidance:
         )
         weight = losses.sds_weight(asset.teacher.alphas_cumprod, timesteps).float()
         residual_norm = float((grad_latent / weight.clamp_min(1e-12).view(-1, 1, 1, 1)).norm())
-        return GuidanceResponse(
-            asset_id=request.asset_id,
-            grad_rgb=(2.0 * grad_latent).to(request.rgb.dtype),
-            loss=float(losses.surrogate_loss(grad_latent)),
-            grad_norm=float(grad_latent.norm()),
-            timesteps=timesteps,
-            info={"residual_norm": residual_norm},
-        )
+        return identity_vae_response(request, grad_latent, timesteps, {"residual_norm": residual_norm})
+
+
+def identity_vae_response(
+    request: GuidanceRequest, grad_latent: Tensor, timesteps: Tensor, info: dict[str, float]
+) -> GuidanceResponse:
+    """The response of a guidance whose "VAE" is latent = 2·rgb − 1: grad_rgb = 2·grad_latent."""
+    return GuidanceResponse(
+        asset_id=request.asset_id,
+        grad_rgb=(2.0 * grad_latent).to(request.rgb.dtype),
+        loss=float(losses.surrogate_loss(grad_latent)),
+        grad_norm=float(grad_latent.norm()),
+        timesteps=timesteps,
+        info=info,
+    )

@@ -133,6 +133,34 @@ def reference_component(mixture: GaussianMixture, reference: Tensor) -> int:
     return int(torch.bincount(votes, minlength=mixture.num_components).argmax())
 
 
+def branch_log_weights(
+    log_weights: Tensor,
+    image: str,
+    ip_scale: float,
+    reference_index: int | None,
+    tilt: float,
+    null_flatten: float,
+) -> Tensor:
+    """Log-weights (K,) of a mixture under image branch ``image`` at IP scale s (module table).
+
+    ``none``: unchanged; ``null``: normalised, raised to the power 1 − ν·s; ``ref``: as ``null``
+    plus s·τ on ``reference_index``. Shared by the analytic teacher and the toy world.
+    """
+    if image == "none":
+        return log_weights
+    if image not in ("ref", "null"):
+        raise ValueError(f"unknown image branch {image!r}; expected 'ref', 'null' or 'none'")
+    if ip_scale < 0:
+        raise ValueError(f"ip_scale must be >= 0, got {ip_scale}")
+    log_w = (1.0 - null_flatten * ip_scale) * (log_weights - log_weights.logsumexp(0))
+    if image == "ref":
+        if reference_index is None:
+            raise ValueError("image branch 'ref' needs a reference component")
+        log_w = log_w.clone()
+        log_w[reference_index] += ip_scale * tilt
+    return log_w
+
+
 class AnalyticTeacher:
     """Closed-form ε-predictions for every :class:`~stages.guidance.losses.Evaluation`.
 
@@ -190,17 +218,11 @@ class AnalyticTeacher:
             raise ValueError(f"unknown text branch {text!r}; expected 'cond' or 'uncond'")
         if image == "none":
             return base
-        if image not in ("ref", "null"):
-            raise ValueError(f"unknown image branch {image!r}; expected 'ref', 'null' or 'none'")
-        if ip_scale < 0:
-            raise ValueError(f"ip_scale must be >= 0, got {ip_scale}")
-        log_w = base.log_weights - base.log_weights.logsumexp(0)
-        log_w = (1.0 - self.null_flatten * ip_scale) * log_w
-        if image == "ref":
-            if self.reference is None:
-                raise ValueError("image branch 'ref' needs a reference; this teacher has none")
-            log_w = log_w.clone()
-            log_w[self._ref_index[text]] += ip_scale * self.tilt
+        if image == "ref" and self.reference is None:
+            raise ValueError("image branch 'ref' needs a reference; this teacher has none")
+        log_w = branch_log_weights(
+            base.log_weights, image, ip_scale, self._ref_index.get(text), self.tilt, self.null_flatten
+        )
         return base.with_log_weights(log_w)
 
     def eps(
