@@ -15,9 +15,7 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TextIO
@@ -26,6 +24,7 @@ from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.evaluate import EvaluationRunConfig, evaluate_dataset, json_safe, load_evaluation_config
 from pipeline.toyworld import toyworld_groups
 from stages.config_loading import load_structured
+from stages.atomic import atomic_write
 
 
 @dataclass
@@ -110,10 +109,8 @@ def comparison_markdown(key: str, rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 def run_sweep(

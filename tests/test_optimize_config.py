@@ -38,7 +38,7 @@ def test_digest_tracks_method_not_runtime_keys():
     b.checkpoint_every, b.progress = 7, True
     assert a.resume_digest() == b.resume_digest()
     b.iterations = 10
-    assert a.resume_digest() != b.resume_digest() and a.digest() != b.digest()
+    assert a.resume_digest() != b.resume_digest()
     # render chunks only trade memory for speed: nested runtime keys leave, their siblings stay
     c = OptimizeConfig()
     c.nerf.renderer.chunk_samples, c.nerf.renderer.march_block_samples, c.splats.chunk_views = 4096, 1 << 16, 3

@@ -200,8 +200,9 @@ def test_manifest_shards_supersede_and_read_with_pyarrow_dataset(tmp_path):
 
     table = ds.dataset(tmp_path / "manifest", format="parquet").to_table()
     assert table.num_rows == 3 and tuple(table.column_names) == MANIFEST_COLUMNS
+    assert pa.types.is_map(table.schema.field("files").type) and pa.types.is_timestamp(table.schema.field("finished_at").type)
     latest = writer.latest_rows()
-    assert latest["x"]["status"] == "succeeded" and json.loads(latest["y"]["files"]) == {"a": "b"}
+    assert latest["x"]["status"] == "succeeded" and latest["y"]["files"] == {"a": "b"}
 
 
 def test_commit_is_atomic_first_wins_and_reconcile_restores_rows(tmp_path):
@@ -212,18 +213,18 @@ def test_commit_is_atomic_first_wins_and_reconcile_restores_rows(tmp_path):
         writer.commit("a1", staged)  # no record: not an asset
     staged = writer.staging_dir("a1")
     (staged / "x.txt").write_text("first")
-    (staged / "asset.json").write_text(json.dumps(_row("a1", "succeeded", "t1")))
+    (staged / "asset.json").write_text(json.dumps(_row("a1", "succeeded", "2026-01-01T00:00:01")))
     assert writer.commit("a1", staged) and not staged.exists()
     second = writer.staging_dir("a1")
     (second / "x.txt").write_text("second")
-    (second / "asset.json").write_text(json.dumps(_row("a1", "succeeded", "t2")))
+    (second / "asset.json").write_text(json.dumps(_row("a1", "succeeded", "2026-01-01T00:00:02")))
     assert not writer.commit("a1", second) and not second.exists()
     assert (tmp_path / "assets/a1/x.txt").read_text() == "first"
     assert writer.committed_ids() == {"a1"}
     # the driver died before writing the row: reconcile writes it from asset.json, once
     assert [r["asset_id"] for r in writer.reconcile()] == ["a1"]
     assert writer.reconcile() == []
-    assert writer.latest_rows()["a1"]["finished_at"] == "t1"
+    assert writer.latest_rows()["a1"]["finished_at"] == "2026-01-01T00:00:01.000000+00:00"  # naive times are UTC
 
 
 def test_run_cli_takes_overrides_around_flags():

@@ -26,7 +26,7 @@ from torch import nn
 from stages.config_loading import Choice
 from stages.evaluate.clip import to_pil
 from stages.evaluate.config import EvaluateConfig
-from stages.optimize.config import METHOD_FILE
+from stages.asset_layout import CHECKPOINT_FILE, METHOD_FILE, PREVIEW_FILE
 from stages.scene.base import Cameras
 from stages.scene.cameras import CameraConfig, orbit_cameras
 
@@ -40,8 +40,6 @@ class ViewSource(Choice):
 
 
 VIEW_SOURCES = ViewSource.values()
-CHECKPOINT_FILE = "checkpoint.pt"
-PREVIEW_FILE = "preview.png"
 PREVIEW_COLUMNS = 4
 """``preview.png`` is a grid with 4 views per row; its first row is the T3Bench views."""
 

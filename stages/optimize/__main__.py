@@ -29,6 +29,8 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Sequence
 
+from stages.asset_layout import ASSET_RECORD, METRICS_FILE
+from stages.atomic import atomic_write
 from stages.models.config import ModelDtype, ModelsConfig
 
 MODEL_KEYS = ("sd", "ip_adapter", "image_encoder", "mvdream", "mvdream_text", "reference")
@@ -164,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = optimize_asset(config, guidance, reference, seed, out / "work", args.prompt, asset_id)
     files = export_asset(result.scene, out, config, reference)
     metrics = {**result.metrics, "duration_s": time.time() - started}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    with atomic_write(out / METRICS_FILE) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
     asset = {
         "asset_id": asset_id,
         "prompt": args.prompt,
@@ -179,8 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "method_config": asdict(config),
         "files": files,
     }
-    (out / "asset.json").write_text(json.dumps(asset, indent=2, default=str))
-    extra = {"metrics": "metrics.json", "asset": "asset.json"}
+    with atomic_write(out / ASSET_RECORD) as tmp:
+        tmp.write_text(json.dumps(asset, indent=2, default=str))
+    extra = {"metrics": METRICS_FILE, "record": ASSET_RECORD}
     for kind, name in sorted({**files, **extra}.items()):
         print(f"{kind:>10}: {out / name}")
     return 0

@@ -11,10 +11,7 @@ preset for tests and the quickstart. Build from YAML / dotlist overrides with
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -321,15 +318,13 @@ class OptimizeConfig:
         for batch in s.batch_sizes:
             _require(int(batch) % self.cameras.n_view == 0, f"{p}.schedule.batch_sizes must be multiples of cameras.n_view={self.cameras.n_view}, got {list(s.batch_sizes)}")
 
-    def digest(self) -> str:
-        """Short stable hash of the whole config (a cache key for scenes built from it; asset ids
-        use :func:`stages.optimize.identity.identity_digest`)."""
-        return _digest(asdict(self))
-
     def resume_digest(self) -> str:
-        """Hash of the fields that change the optimisation result (a checkpoint written under
-        another value of these cannot be resumed); logging, export and device are left out."""
-        return _digest(without_runtime_keys(asdict(self)))
+        """Digest of the fields that change the optimisation result (a checkpoint written under
+        another value of these cannot be resumed); logging, export and device are left out.
+        Asset ids use :func:`stages.optimize.identity.identity_digest`."""
+        from stages.digest import digest
+
+        return digest(without_runtime_keys(asdict(self)), 16, compact=False)
 
 
 RUNTIME_KEYS = (
@@ -351,11 +346,6 @@ def without_runtime_keys(fields: dict[str, Any]) -> dict[str, Any]:
             node = node.get(parent, {})
         node.pop(leaf, None)
     return out
-
-
-def _digest(fields: dict[str, Any]) -> str:
-    text = json.dumps(fields, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -402,17 +392,15 @@ def load_optimize_config(
         raise ConfigError(f"{name}: config key {error}") from None
 
 
-METHOD_FILE = "method.yaml"
-"""Name of the file in an asset dir that holds the asset's ``OptimizeConfig`` (OmegaConf YAML)."""
-
-
 def save_method_config(config: OptimizeConfig, path: Path | str) -> Path:
-    """Write ``config`` as OmegaConf YAML (temp file + ``os.replace``); :func:`load_optimize_config`
-    reads it back, so evaluation can rebuild the scene that ``checkpoint.pt`` belongs to."""
+    """Write ``config`` as OmegaConf YAML (:func:`~stages.atomic.atomic_write`);
+    :func:`load_optimize_config` reads it back, so evaluation can rebuild the scene that
+    ``checkpoint.pt`` belongs to."""
     from omegaconf import OmegaConf
 
+    from stages.atomic import atomic_write
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)), encoding="utf-8")
     return path
