@@ -19,10 +19,11 @@ def test_quick_benchmark_times_the_iterations_it_says(tmp_path, capsys, monkeypa
     monkeypatch.setattr(bench, "optimize_asset", recording)
     out = tmp_path / "optimize.json"
     results = main(["--quick", "--device", "cpu", "--guidance", "excluded", "--out", str(out),
-                    "--iterations", "2", "--warmup", "1"])
+                    "--iterations", "2", "--warmup", "1", "--backprop", "deferred,direct"])
     on_disk = json.loads(out.read_text())
     assert on_disk["rows"] == results["rows"]
-    assert [r["representation"] for r in on_disk["rows"]] == ["nerf", "splats"] and len(histories) == 2
+    points = [(r["representation"], r["backprop"]) for r in on_disk["rows"]]
+    assert points == [(rep, mode) for rep in ("nerf", "splats") for mode in ("deferred", "direct")] and len(histories) == 4
     for row, history in zip(on_disk["rows"], histories):
         # every iteration ran at the row's point; the figures are those of the timed (post-warm-up) ones
         assert len(history) == 3 and {(h["resolution"], h["batch"]) for h in history} == {(16.0, 4.0)}
