@@ -23,7 +23,8 @@ class ColourScene(nn.Module):
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         self.logits = nn.Parameter(torch.randn(3, generator=torch.Generator().manual_seed(seed)))
-        self.grads: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []  # dL/dlogits of each iteration, as back-propagated
+        self.logits.register_hook(lambda grad: self.grads.append(grad.detach().clone()))
         self.hooks: list[tuple[str, int]] = []
 
     def render(self, cameras, height, width, shading="albedo"):
@@ -45,7 +46,6 @@ class ColourScene(nn.Module):
 
     def step_post_backward(self, step, out, optimizer):
         self.hooks.append(("post", step))
-        self.grads.append(self.logits.grad.detach().clone())
 
 
 class Recorder:

@@ -372,12 +372,14 @@ class _Run:
             self._backward_deferred(step, plan, out, grad, values)
         else:
             self._backward_direct(step, out, grad, values)
-        self.scene.step_post_backward(step, out, self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if cfg.optimizer.grad_clip > 0 and params:
             values["grad_norm_params"] = torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # after the step, as gsplat's trainer: refined (cloned / split / pruned) Gaussians have had
+        # this iteration's update, and their Adam moments move with them
+        self.scene.step_post_backward(step, out, self.optimizer)
         values["opacity_mean"] = out["opacity"].detach().float().mean()
         metrics.update(to_host_floats(values))
         return metrics
