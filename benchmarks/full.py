@@ -129,7 +129,7 @@ def iteration_seconds(
     ip: IPGuidance, mvd: MVDreamGuidance, full: bool, device: torch.device, iterations: int
 ) -> list[dict[str, Any]]:
     """Seconds per iteration of the real loop in both resolution phases (median after warm-up)."""
-    from stages.guidance.schedules import ScheduleConfig
+    from stages.optimize.schedules import ScheduleConfig
     from stages.guidance.set import GuidanceSet
     from stages.optimize.config import OptimizeConfig
     from stages.optimize.loop import optimize_asset

@@ -18,7 +18,7 @@ from stages.guidance.mvdream_guidance import MVDreamGuidance
 from stages.guidance.protocol import GuidanceRequest
 from stages.guidance.runtime import GuidanceRuntime, bucket_of, buckets
 from stages.models.ip_adapter import load_ip_adapter
-from stages.models.mvdream import load_mvdream
+from stages.models.mvdream_load import load_mvdream
 from stages.models.sd import build_tiny_sd
 from test_mvdream_guidance import request as mvd_request
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from stages.guidance.mvdream_guidance import MVDreamGuidance
 from stages.guidance.protocol import Guidance, GuidanceRequest, UnknownAssetError
 from stages.guidance.runtime import GuidanceRuntime
-from stages.models.mvdream import load_mvdream
+from stages.models.mvdream_load import load_mvdream
 from test_splats_helpers import look_at_c2w
 
 RES = 32  # tiny VAE (factor 8): 32² renders → 4² latents

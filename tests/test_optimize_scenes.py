@@ -8,7 +8,8 @@ from stages.guidance.image_target import ImageTargetGuidance, SphereTarget
 from stages.guidance.set import GuidanceSet
 from stages.optimize.checkpoint import load_checkpoint
 from stages.optimize.config import OptimizeConfig
-from stages.optimize.loop import optimize_asset, psnr, render_views
+from stages.optimize.loop import optimize_asset, psnr
+from stages.scene.views import render_views
 from stages.scene.cameras import t3bench_cameras
 from stages.scene.factory import build_scene
 from stages.teacher import AnalyticGuidance, reference_image

@@ -6,7 +6,7 @@ import torch
 
 from stages.guidance import losses
 from stages.guidance.protocol import Guidance, GuidanceRequest, UnknownAssetError, request_noise
-from stages.guidance.schedules import sample_timesteps, timestep_range
+from stages.optimize.schedules import sample_timesteps, timestep_range
 from stages.teacher import AnalyticGuidance, reference_image, reference_points
 from teacher_fixtures import one_thread  # noqa: F401  (autouse: one intra-op thread)
 

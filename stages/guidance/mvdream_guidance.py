@@ -44,10 +44,10 @@ from stages.models.device import resolve_device, resolve_dtype
 from stages.models.mvdream import (
     MVDreamComponents,
     encode_prompts,
-    load_mvdream,
     mvdream_forward,
     normalize_camera,
 )
+from stages.models.mvdream_load import load_mvdream
 from stages.models.tiny import TINY_RENDER_RESOLUTION
 
 MVDREAM_NEGATIVE_PROMPT = (

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from stages.guidance.losses import LOSS_NAMES, SD_BRANCHES, check_loss_name
-from stages.guidance.schedules import ScheduleConfig
+from stages.optimize.schedules import ScheduleConfig
 from stages.scene.cameras import CameraConfig
 from stages.scene.nerf.config import NeRFConfig
 from stages.scene.splats.config import SplatConfig

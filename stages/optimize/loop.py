@@ -36,14 +36,15 @@ from torch.profiler import record_function
 
 from stages.guidance.losses import loss_spec
 from stages.guidance.protocol import GuidanceRequest, GuidanceResponse
-from stages.guidance.schedules import sample_timesteps
 from stages.guidance.set import GuidanceSet, Registration, grad_with_reregister
 from stages.models.device import resolve_device
-from stages.optimize.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from stages.optimize.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, to_cpu
 from stages.optimize.config import MVDREAM_ONLY, SHADINGS, OptimizeConfig
+from stages.optimize.schedules import sample_timesteps
 from stages.scene.base import Cameras, DeferredScene, image_rows
 from stages.scene.cameras import preview_cameras, sample_cameras
 from stages.scene.factory import build_scene
+from stages.scene.views import render_views
 
 NORMAL_REGULARIZERS = ("orient", "normal_smooth")
 """Terms a scene offers only for renders with normals (non-albedo shading, or NeRF
@@ -159,34 +160,6 @@ def _response_metrics(asks: dict[str, GuidanceRequest], responses: dict[str, Gui
         metrics[f"loss_{slot}"] = float(response.loss)
         metrics[f"grad_norm_{slot}"] = float(response.grad_norm)
     return metrics
-
-
-def render_views(scene: torch.nn.Module, cameras: Cameras, resolution: int, chunk: int = 8, shading: str = "albedo") -> dict[str, Tensor]:
-    """Eval-mode renders of ``cameras`` in chunks, no grad, on the CPU: rgb / opacity (V, C, R, R)."""
-    device = next(iter(scene.parameters())).device
-    was_training = scene.training
-    scene.eval()
-    outputs: dict[str, list[Tensor]] = {"rgb": [], "opacity": []}
-    try:
-        with torch.no_grad():
-            for start in range(0, len(cameras), chunk):
-                out = scene.render(cameras[start : start + chunk].to(device), resolution, resolution, shading=shading)
-                for key in outputs:
-                    outputs[key].append(out[key].detach().float().cpu())
-    finally:
-        scene.train(was_training)
-    return {k: torch.cat(v).clamp(0, 1) for k, v in outputs.items()}
-
-
-def to_cpu(obj: Any) -> Any:
-    """Tensors (also inside dicts / lists, e.g. a module's extra state) detached onto the CPU."""
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
 
 
 class _Run:
