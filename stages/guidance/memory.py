@@ -232,10 +232,3 @@ def _measure_reference(spec: ActorSpec) -> ActorMemory:
             pipeline(prompt=["a ceramic teapot"] * spec.requests, generator=generators, num_inference_steps=1, height=size, width=size)
 
     return ActorMemory(module_bytes(sd.unet, sd.vae, sd.text_encoder), measure_peak(sample))
-
-
-def spec_fields(spec: ActorSpec) -> dict[str, Any]:
-    """The spec as plain data (architecture by name), for JSON reports."""
-    fields = asdict(spec)
-    fields["architecture"] = spec.architecture.name
-    return fields

@@ -193,15 +193,6 @@ class AnalyticTeacher:
                 "uncond": reference_component(uncond, self.reference),
             }
 
-    @classmethod
-    def from_prompt(
-        cls, prompt: str, config: TeacherConfig, reference: Tensor | None = None, negative_prompt: str = ""
-    ) -> "AnalyticTeacher":
-        return cls(
-            prompt_mixture(prompt, config), prompt_mixture(negative_prompt, config), reference,
-            config.tilt, config.null_flatten,
-        )
-
     @property
     def dim(self) -> int:
         return self.cond.dim
