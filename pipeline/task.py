@@ -31,12 +31,9 @@ from pipeline.tracking import curve_point
 from pipeline.writer import ASSET_RECORD, DatasetWriter, utc_now
 from stages.guidance.set import GuidanceSet
 from stages.optimize.config import OptimizeConfig
+from stages.optimize.loop import NonFiniteLossError
 
 REFERENCE_FILE = "reference.png"
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The optimisation produced a NaN/inf loss; the asset is recorded as failed."""
 
 
 @dataclass
@@ -119,18 +116,16 @@ def _stable_reference(work: Path, sampled: Any | None) -> Any | None:
 
 
 def _progress_callback(job: Job, spec: TaskSpec) -> Any:
-    """The optimiser's per-iteration callback: stops on a non-finite loss; batches the curve
-    points and preview images to track and sends them with the iteration count to the progress
-    actor at most once per ``report_every_s`` (one fire-and-forget call)."""
+    """The optimiser's per-iteration callback: batches the curve points and preview images to
+    track and sends them with the iteration count to the progress actor at most once per
+    ``report_every_s`` (one fire-and-forget call). (A non-finite loss already stopped the
+    optimiser: :class:`~stages.optimize.loop.NonFiniteLossError`.)"""
     total = spec.method.iterations
     last = [0.0]
     points: list[Any] = []
     previews: list[Any] = []
 
     def callback(step: int, metrics: dict[str, float], views: Any) -> None:
-        loss = metrics.get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            raise NonFiniteLossError(f"non-finite loss {loss} at iteration {step}")
         if spec.progress is None:
             return
         if spec.track:

@@ -18,6 +18,7 @@ from PIL import Image
 
 from stages.guidance.protocol import GuidanceRequest, GuidanceResponse, UnknownAssetError, request_noise
 from stages.guidance.set import GuidanceSet
+from stages.optimize.loop import check_finite_loss
 
 
 class FakeGuidance:
@@ -109,6 +110,7 @@ def fake_optimize(config, guidance: GuidanceSet, reference, seed, checkpoint_dir
         grad = sum(grads)
         scene.rgb.data -= 0.1 * grad
         loss = float((grad**2).mean())
+        check_finite_loss({"loss": loss}, step, asset_id)  # the optimiser's guard, as in optimize_asset
         history.append({"loss": loss, "step": float(step)})
         if delay:
             time.sleep(delay)

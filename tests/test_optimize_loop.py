@@ -1,5 +1,5 @@
 """The per-asset loop on a toy scene: what it asks the guidance, how it weights the answers,
-determinism, re-registration, checkpoints and exact resume after a kill."""
+determinism, re-registration, the non-finite loss guard, checkpoints and exact resume after a kill."""
 
 import math
 
@@ -12,7 +12,7 @@ from stages.guidance.protocol import GuidanceResponse, UnknownAssetError
 from stages.guidance.set import GuidanceSet
 from stages.optimize.checkpoint import CheckpointError, load_checkpoint
 from stages.optimize.config import OptimizeConfig
-from stages.optimize.loop import optimize_asset
+from stages.optimize.loop import NonFiniteLossError, optimize_asset
 
 REFERENCE = Image.new("RGB", (8, 8), (200, 30, 30))
 
@@ -51,8 +51,8 @@ class ColourScene(nn.Module):
 class Recorder:
     """A guidance returning a constant gradient and recording every request."""
 
-    def __init__(self, value: float = 0.0, forget_at: int | None = None) -> None:
-        self.value, self.forget_at = value, forget_at
+    def __init__(self, value: float = 0.0, forget_at: int | None = None, loss: float = 0.5) -> None:
+        self.value, self.forget_at, self.loss = value, forget_at, loss
         self.requests, self.registered, self.registrations = [], set(), 0
 
     def register(self, asset_id, prompt, reference=None, negative_prompt=""):
@@ -71,7 +71,7 @@ class Recorder:
             if r.asset_id not in self.registered:
                 raise UnknownAssetError(r.asset_id)
             self.requests.append(r)
-            out.append(GuidanceResponse(r.asset_id, torch.full_like(r.rgb, self.value), 0.5, 1.0, r.timesteps))
+            out.append(GuidanceResponse(r.asset_id, torch.full_like(r.rgb, self.value), self.loss, 1.0, r.timesteps))
         return out
 
 
@@ -176,6 +176,22 @@ def test_reregisters_when_the_guidance_forgot_the_asset(tmp_path):
     ip, mvd = Recorder(forget_at=2), Recorder()
     _run(_config(iterations=4), GuidanceSet(ip=ip, mvd=mvd), tmp_path)
     assert ip.registrations == 2 and len(ip.requests) == 4
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_iteration(tmp_path):
+    """The guard is the optimiser's (so the one-asset CLI stops too); the NaN iteration is not
+    checkpointed."""
+    cfg = _config(iterations=4)
+    cfg.checkpoint_every = 1
+
+    class NaNAt(Recorder):
+        def grad(self, requests):
+            self.loss = float("nan") if len(self.requests) == 2 else 0.5
+            return super().grad(requests)
+
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at iteration 2 .*loss_ip=nan"):
+        _run(cfg, GuidanceSet(ip=NaNAt(), mvd=Recorder()), tmp_path)
+    assert load_checkpoint(tmp_path)["iteration"] == 2
 
 
 def test_deterministic_for_a_seed(tmp_path):

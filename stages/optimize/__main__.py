@@ -161,12 +161,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from stages.export import export_asset
-    from stages.optimize.loop import optimize_asset
+    from stages.optimize.loop import NonFiniteLossError, optimize_asset
 
     started = time.time()
     guidance = build_guidance(config, models)
     print(f"optimising {asset_id!r}: {config.representation}, loss {config.loss}, {config.iterations} iterations -> {out}", file=sys.stderr)
-    result = optimize_asset(config, guidance, reference, seed, out / "work", args.prompt, asset_id)
+    try:
+        result = optimize_asset(config, guidance, reference, seed, out / "work", args.prompt, asset_id)
+    except NonFiniteLossError as error:
+        print(f"error: {error}; the last checkpoint is in {out / 'work'}", file=sys.stderr)
+        return 1
     files = export_asset(result.scene, out, config, reference)
     metrics = {**result.metrics, "duration_s": time.time() - started}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))

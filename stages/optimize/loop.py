@@ -56,6 +56,11 @@ Callback = Callable[[int, dict[str, float], "Tensor | None"], None]
 checkpoint stays valid)."""
 
 
+class NonFiniteLossError(FloatingPointError):
+    """An iteration's loss is NaN or infinite: the run stops before checkpointing it (the last
+    checkpoint stays valid)."""
+
+
 @dataclass
 class OptimizeResult:
     scene: torch.nn.Module
@@ -414,7 +419,8 @@ def optimize_asset(
     ``reference`` is the PIL reference image for the IP side (``None`` for losses without
     image prompt). ``scene`` overrides the scene built from ``config`` (tests, benchmarks).
     Registers the asset with the guidance, and re-registers when a guidance answers
-    :class:`~stages.guidance.protocol.UnknownAssetError`.
+    :class:`~stages.guidance.protocol.UnknownAssetError`. Stops with :class:`NonFiniteLossError`
+    (naming the iteration) when the loss is NaN or infinite, before that iteration is checkpointed.
     """
     config.validate()
     check_guidance(config, guidance, reference)
@@ -440,6 +446,7 @@ def optimize_asset(
             with torch.random.fork_rng(devices=rng_devices):
                 torch.manual_seed(derive_seed(seed, step, "global"))
                 metrics = run.iteration(step)  # ends with one device-to-host transfer: no extra sync needed
+            check_finite_loss(metrics, step, asset_id)
             elapsed = time.perf_counter() - tick
             metrics.update(seconds=elapsed, its=1.0 / max(elapsed, 1e-9), peak_memory_mb=peak_memory_mb(device))
             history.append(metrics)
@@ -467,6 +474,15 @@ def optimize_asset(
         seconds=seconds,
         resumed_from=start,
     )
+
+
+def check_finite_loss(metrics: dict[str, float], step: int, asset_id: str) -> None:
+    """Raise :class:`NonFiniteLossError` naming the iteration and the loss terms when the loss is NaN / inf."""
+    loss = metrics.get("loss")
+    if loss is None or math.isfinite(loss):
+        return
+    terms = ", ".join(f"{k}={v}" for k, v in sorted(metrics.items()) if k.startswith("loss_"))
+    raise NonFiniteLossError(f"asset {asset_id!r}: non-finite loss {loss} at iteration {step} ({terms})")
 
 
 def _progress_bar(enabled: bool, start: int, total: int, asset_id: str) -> Any:
