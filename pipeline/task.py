@@ -179,9 +179,7 @@ def run_asset(job: Job, reference: Any | None, handles: GuidanceHandles, spec: T
                 _progress_callback(job, spec),
             )
         finally:  # free the actors' embeddings (and their count of active callers)
-            for model in (guidance.ip, guidance.mvd):
-                if model is not None:
-                    model.release(job.asset_id)
+            guidance.release(job.asset_id)
         bad = {k: v for k, v in result.metrics.items() if isinstance(v, float) and math.isnan(v)}
         if bad:
             raise NonFiniteLossError(f"non-finite final metrics {sorted(bad)}")

@@ -123,8 +123,8 @@ def build_guidance(config: Any, models: ModelsConfig) -> Any:
     from stages.guidance.set import GuidanceSet
     from stages.models.factory import build_ip_guidance, build_mvd_guidance
 
-    ip = build_ip_guidance(models, config) if config.uses_ip else None
-    mvd = build_mvd_guidance(models, config) if config.uses_mvd else None
+    ip = build_ip_guidance(models) if config.uses_ip else None
+    mvd = build_mvd_guidance(models) if config.uses_mvd else None
     return GuidanceSet(ip=ip, mvd=mvd)
 
 
