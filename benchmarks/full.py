@@ -420,7 +420,7 @@ def flops_per_asset(full: bool = True) -> dict[str, Any]:
     more forward where the render is deferred (``method.backprop``); splats: gsplat's CUDA
     rasteriser is not counted (elementwise and sort work, no matmuls)."""
     from stages.guidance.losses import SD_BRANCHES
-    from stages.optimize.config import REPRESENTATIONS
+    from stages.optimize.config import Representation
 
     device = torch.device("meta") if full else torch.device("cpu")
     method = OptimizeConfig()
@@ -436,7 +436,7 @@ def flops_per_asset(full: bool = True) -> dict[str, Any]:
         register_assets(ip, None, 1, sd_branch=branch)
         ip_calls = [guidance_call_flops(ip, "ip", views, render) for views, render, _ in phases]
         guidance = sum(its * (a + b) for (_, _, its), a, b in zip(phases, ip_calls, mvd_calls))
-        for representation in REPRESENTATIONS:
+        for representation in Representation.values():
             scene = None
             if representation == "nerf" and per_sample is not None:
                 scene = samples * (per_sample["forward_backward"] + per_sample["forward"])

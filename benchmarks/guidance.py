@@ -49,6 +49,31 @@ def _inputs(unet, batch: int, latent: int, embed_dim: int, device, dtype, seed: 
     }
 
 
+def isd_rows(unet, views: int, latent: int, embed_dim: int, device, dtype) -> tuple[dict[str, Any], torch.Tensor]:
+    """The 4·views rows of one ISD call and their IP scales: IP-cond, IP-uncond at 0.5, SD-cond,
+    SD-uncond at 0."""
+    inputs = _inputs(unet, 4 * views, latent, embed_dim, device, dtype, seed=1)
+    return inputs, torch.tensor([0.5] * (2 * views) + [0.0] * (2 * views))
+
+
+def isd_chunks(inputs: dict[str, Any], scales: torch.Tensor, views: int) -> list[tuple[dict[str, Any], torch.Tensor]]:
+    """The same rows as four forwards of ``views`` rows each (the unbatched ISD)."""
+    embeds = inputs["added_cond_kwargs"]["image_embeds"][0]
+    rows = lambda k: slice(k * views, (k + 1) * views)  # noqa: E731
+    return [
+        (
+            {
+                "sample": inputs["sample"][rows(k)],
+                "timestep": inputs["timestep"][rows(k)],
+                "encoder_hidden_states": inputs["encoder_hidden_states"][rows(k)],
+                "added_cond_kwargs": {"image_embeds": [embeds[rows(k)]]},
+            },
+            scales[rows(k)],
+        )
+        for k in range(4)
+    ]
+
+
 def _forward(unet, inputs: dict[str, Any], scales: torch.Tensor) -> None:
     with torch.no_grad(), per_sample_ip_scale(unet, scales):
         unet(**inputs)
@@ -74,23 +99,12 @@ def run(
 
     isd = []
     for views in isd_views:
-        inputs = _inputs(unet, 4 * views, latent, embed_dim, device, dtype, seed=1)
-        # ISD rows: IP-cond, IP-uncond at scale 0.5, SD-cond, SD-uncond at scale 0
-        scales = torch.tensor([0.5] * (2 * views) + [0.0] * (2 * views))
-        embeds = inputs["added_cond_kwargs"]["image_embeds"][0]
-        chunks = [
-            {
-                "sample": inputs["sample"][k * views : (k + 1) * views],
-                "timestep": inputs["timestep"][k * views : (k + 1) * views],
-                "encoder_hidden_states": inputs["encoder_hidden_states"][k * views : (k + 1) * views],
-                "added_cond_kwargs": {"image_embeds": [embeds[k * views : (k + 1) * views]]},
-            }
-            for k in range(4)
-        ]
+        inputs, scales = isd_rows(unet, views, latent, embed_dim, device, dtype)
+        chunks = isd_chunks(inputs, scales, views)
 
         def four() -> None:
-            for k, chunk in enumerate(chunks):
-                _forward(unet, chunk, scales[k * views : (k + 1) * views])
+            for chunk, chunk_scales in chunks:
+                _forward(unet, chunk, chunk_scales)
 
         one_s = time_call(lambda: _forward(unet, inputs, scales), repeats=repeats, warmup=1, device=device)
         four_s = time_call(four, repeats=repeats, warmup=1, device=device)

@@ -1,10 +1,11 @@
 """The dataset-run config: a structured OmegaConf schema with documented defaults.
 
 ``load_config(path, overrides)`` merges a YAML file and dotlist overrides
-(``variants=4 method.iterations=3000``) onto :class:`PipelineConfig`, checks every value that
-can be checked without a cluster, and raises :class:`ConfigError` naming the bad key or file.
-Prompt files named in ``prompts.sources`` are resolved relative to the config file.
-Checks that need the cluster (enough CPUs/GPUs) live in :func:`check_resources`.
+(``variants=4 method.iterations=3000``) onto :class:`PipelineConfig` with
+:mod:`stages.config_loading`, checks every value that can be checked without a cluster, and
+raises :class:`ConfigError` naming the bad key or file. Prompt files named in
+``prompts.sources`` are resolved relative to the config file. Checks that need the cluster
+(enough CPUs/GPUs) live in :mod:`pipeline.capacity`.
 """
 
 from __future__ import annotations
@@ -14,41 +15,25 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config_input import apply_overrides, check_top_level, name_the_keys
+from pipeline.capacity import check_gpu_visibility
+from pipeline.components import models_needed
+from pipeline.preflight import preflight
+from pipeline.prompts import PromptsConfig, read_prompts
+from pipeline.toyworld import check_toyworld, resolve_world_path
+from stages.config_loading import Choice, ConfigError, merge_config, read_yaml, require, to_object
 from stages.guidance.runtime import GuidanceRuntime
 from stages.models.config import ModelsConfig
 from stages.optimize.config import OptimizeConfig
 
-METHOD_PRESETS = ("paper", "tiny")
-PROMPT_FORMATS = ("auto", "txt", "jsonl", "json", "csv", "parquet")
+__all__ = ["ConfigError", "PipelineConfig", "build_config", "load_config", "validate_config"]
 
 
-class ConfigError(ValueError):
-    """A config value, prompt file or resource request is invalid; the message names it."""
+class MethodPreset(Choice):
+    """Defaults the ``method`` keys start from."""
 
-
-@dataclass
-class PromptSource:
-    """One prompt file. ``txt``: one prompt per line (blank lines and ``#`` comments skipped);
-    ``jsonl`` / ``csv`` / ``parquet``: the ``column`` field of each record; ``json``: a list of
-    strings or of records with ``column``. ``auto`` picks the format from the file suffix."""
-
-    path: str = "???"
-    """File path (relative paths are resolved against the config file's directory) or URI."""
-    format: str = "auto"
-    column: str = "prompt"
-    limit: Optional[int] = None
-    """Keep only the first ``limit`` prompts of this file."""
-
-
-@dataclass
-class PromptsConfig:
-    sources: list[PromptSource] = field(default_factory=list)
-    """Prompt files, each ``{path, format, column, limit}`` (see ``PromptSource``); read in order."""
-    inline: list[str] = field(default_factory=list)
-    """Prompts written in the config itself; they come after the files' prompts."""
+    paper = "paper"
+    tiny = "tiny"
 
 
 @dataclass
@@ -137,7 +122,7 @@ class PipelineConfig:
     """Assets per prompt; each variant has its own reference-image seed."""
     seed: int = 0
     """Base seed; every asset's reference and optimiser seeds are derived from it."""
-    method_preset: str = "paper"
+    method_preset: MethodPreset = MethodPreset.paper
     """Defaults the ``method`` keys start from: ``paper`` (OptimizeConfig()) | ``tiny``
     (OptimizeConfig.tiny(): CPU-sized scene, 32² renders, small exports)."""
     method: OptimizeConfig = field(default_factory=OptimizeConfig)
@@ -168,32 +153,16 @@ class PipelineConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-def _describe(error: OmegaConfBaseException) -> str:
-    key = getattr(error, "full_key", None)
-    first = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return f"config key '{key}': {first}" if key else first
-
-
 def build_config(
     base: Any | None = None, overrides: Sequence[str] = (), source: str = "<config>"
 ) -> DictConfig:
-    """Merge ``base`` (dict or DictConfig) and dotlist ``overrides`` onto the schema."""
+    """Merge ``base`` (dict or DictConfig) and dotlist ``overrides`` onto the schema whose
+    ``method`` starts from the ``method_preset`` they name."""
     base = base if base is not None else {}
-    dotlist = OmegaConf.from_dotlist(list(overrides))
-    preset = dotlist.get("method_preset", None) or OmegaConf.create(base).get("method_preset", None) or "paper"
-    if preset not in METHOD_PRESETS:
-        raise ConfigError(f"{source}: config key 'method_preset' must be one of {METHOD_PRESETS}, got '{preset}'")
-    method = OptimizeConfig.tiny() if preset == "tiny" else OptimizeConfig()
-    schema = OmegaConf.structured(PipelineConfig(method=method))
-    try:
-        merged = OmegaConf.merge(schema, base)
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"{source}: {_describe(error)}") from None
-    merged = apply_overrides(merged, overrides, _describe, ConfigError)
-    missing = sorted(OmegaConf.missing_keys(merged))
-    if missing:
-        raise ConfigError(f"{source}: config key '{missing[0]}' is required")
-    return merged
+    preset = OmegaConf.from_dotlist(list(overrides)).get("method_preset", None) or OmegaConf.create(base).get("method_preset", None)
+    preset = MethodPreset.parse(preset or MethodPreset.paper, "method_preset")
+    method = OptimizeConfig.tiny() if preset == MethodPreset.tiny else OptimizeConfig()
+    return merge_config(PipelineConfig(method=method), base, overrides=overrides, source=source)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = (), check_models: bool = True) -> PipelineConfig:
@@ -205,22 +174,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), check_models: b
     model beside the plan).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = OmegaConf.load(path)
-    except Exception as error:  # yaml.YAMLError and friends
-        raise ConfigError(f"{path}: cannot parse YAML: {error}") from None
-    check_top_level(raw, str(path), ConfigError)
-    merged = build_config(raw, overrides, source=str(path))
-    try:
-        config: PipelineConfig = OmegaConf.to_object(merged)
-    except (ValueError, OmegaConfBaseException) as error:  # a schema class refusing a value
-        raise ConfigError(f"{path}: config key {name_the_keys(str(error), PipelineConfig)}") from None
+    config: PipelineConfig = to_object(build_config(read_yaml(path), overrides, source=str(path)), str(path))
     for source in config.prompts.sources:
         source.path = _resolve_prompt_path(source.path, path.parent)
-    from pipeline.toyworld import resolve_world_path
-
     config.models.toyworld = resolve_world_path(config.models.toyworld, path.parent)
     validate_config(config, None if check_models else ())
     return config
@@ -232,164 +188,52 @@ def _resolve_prompt_path(value: str, base: Path) -> str:
     return str((base / value).resolve())
 
 
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"config key '{key}': {message}")
-
-
 def _check_fraction(value: float, key: str) -> None:
     # Ray accepts fractional resources only below 1; above 1 they must be whole numbers.
-    _require(value >= 0, key, f"must be >= 0, got {value}")
-    _require(value < 1 or float(value).is_integer(), key, f"must be < 1 or a whole number, got {value}")
+    require(value >= 0, key, f"must be >= 0, got {value}")
+    require(value < 1 or float(value).is_integer(), key, f"must be < 1 or a whole number, got {value}")
 
 
 def validate_config(config: PipelineConfig, actors: Sequence[str] | None = None) -> None:
     """Checks that need no cluster; reads the prompt files (so their errors surface now).
     ``actors``: the model actors whose models are checked (default: those the method uses;
     ``()`` for tools that load no model, such as ``pipeline.export``)."""
-    from pipeline.components import models_needed
-    from pipeline.preflight import preflight  # local: these import this module
-    from pipeline.prompts import read_prompts
-    from pipeline.toyworld import check_toyworld
-
-    _require(config.variants >= 1, "variants", f"must be >= 1, got {config.variants}")
-    _require(config.progress_every_s > 0, "progress_every_s", "must be > 0")
-    _require(bool(config.output.strip()), "output", "must not be empty")
+    require(config.variants >= 1, "variants", f"must be >= 1, got {config.variants}")
+    require(config.progress_every_s > 0, "progress_every_s", "must be > 0")
+    require(bool(config.output.strip()), "output", "must not be empty")
     remote = "://" in config.output and not config.output.startswith("file://")
-    _require(not remote or config.work_dir is not None, "work_dir", f"required when output is not a local path ({config.output})")
+    require(not remote or config.work_dir is not None, "work_dir", f"required when output is not a local path ({config.output})")
     try:
         config.method.validate()
     except ValueError as error:
         raise ConfigError(f"config key {error}") from None
     res = config.resources
-    _require(res.tasks_in_flight >= 1, "resources.tasks_in_flight", f"must be >= 1, got {res.tasks_in_flight}")
-    _require(res.task_max_retries >= -1, "resources.task_max_retries", "must be >= -1 (-1: forever)")
+    require(res.tasks_in_flight >= 1, "resources.tasks_in_flight", f"must be >= 1, got {res.tasks_in_flight}")
+    require(res.task_max_retries >= -1, "resources.task_max_retries", "must be >= -1 (-1: forever)")
     _check_fraction(res.task_num_cpus, "resources.task_num_cpus")
     _check_fraction(res.task_num_gpus, "resources.task_num_gpus")
-    _require(res.gpu_memory_gib is None or res.gpu_memory_gib > 0, "resources.gpu_memory_gib", f"must be > 0 or null, got {res.gpu_memory_gib}")
-    _require(0 <= res.gpu_memory_headroom < 1, "resources.gpu_memory_headroom", f"must be in [0, 1), got {res.gpu_memory_headroom}")
+    require(res.gpu_memory_gib is None or res.gpu_memory_gib > 0, "resources.gpu_memory_gib", f"must be > 0 or null, got {res.gpu_memory_gib}")
+    require(0 <= res.gpu_memory_headroom < 1, "resources.gpu_memory_headroom", f"must be in [0, 1), got {res.gpu_memory_headroom}")
     for name in ("reference", "ip", "mvd"):
         actor: ActorResources = getattr(res, name)
         key = f"resources.{name}"
-        _require(actor.replicas >= 1, f"{key}.replicas", f"must be >= 1, got {actor.replicas}")
-        _require(actor.max_batch >= 1, f"{key}.max_batch", f"must be >= 1, got {actor.max_batch}")
-        _require(actor.max_wait_ms >= 0, f"{key}.max_wait_ms", f"must be >= 0, got {actor.max_wait_ms}")
-        _require(actor.max_restarts >= -1, f"{key}.max_restarts", "must be >= -1 (-1: forever)")
-        _require(actor.max_batch_views >= 0, f"{key}.max_batch_views", f"must be >= 0 (0: no bound), got {actor.max_batch_views}")
-        _require(actor.vae_chunk >= 1, f"{key}.vae_chunk", f"must be >= 1, got {actor.vae_chunk}")
-        _require(actor.unet_rows >= 1, f"{key}.unet_rows", f"must be >= 1, got {actor.unet_rows}")
+        require(actor.replicas >= 1, f"{key}.replicas", f"must be >= 1, got {actor.replicas}")
+        require(actor.max_batch >= 1, f"{key}.max_batch", f"must be >= 1, got {actor.max_batch}")
+        require(actor.max_wait_ms >= 0, f"{key}.max_wait_ms", f"must be >= 0, got {actor.max_wait_ms}")
+        require(actor.max_restarts >= -1, f"{key}.max_restarts", "must be >= -1 (-1: forever)")
+        require(actor.max_batch_views >= 0, f"{key}.max_batch_views", f"must be >= 0 (0: no bound), got {actor.max_batch_views}")
+        require(actor.vae_chunk >= 1, f"{key}.vae_chunk", f"must be >= 1, got {actor.vae_chunk}")
+        require(actor.unet_rows >= 1, f"{key}.unet_rows", f"must be >= 1, got {actor.unet_rows}")
         _check_fraction(actor.num_cpus, f"{key}.num_cpus")
         _check_fraction(actor.num_gpus, f"{key}.num_gpus")
     for index, source in enumerate(config.prompts.sources):
-        key = f"prompts.sources[{index}]"
-        _require(source.format in PROMPT_FORMATS, f"{key}.format", f"must be one of {PROMPT_FORMATS}, got '{source.format}'")
-        _require(source.limit is None or source.limit >= 1, f"{key}.limit", "must be >= 1 or null")
-    _require(config.ray_connect_timeout_s > 0, "ray_connect_timeout_s", "must be > 0")
+        require(source.limit is None or source.limit >= 1, f"prompts.sources[{index}].limit", "must be >= 1 or null")
+    require(config.ray_connect_timeout_s > 0, "ray_connect_timeout_s", "must be > 0")
     needed = models_needed(config.method) if actors is None else tuple(actors)
     check_gpu_visibility(config, needed)
     read_prompts(config.prompts)
     check_toyworld(config, needed)
     preflight(config, needed)
-
-
-def actor_reservations(config: PipelineConfig, models_needed: Sequence[str]) -> tuple[float, float]:
-    """(CPUs, GPUs) that all replicas of the model actors this method uses reserve together."""
-    actors: list[ActorResources] = [getattr(config.resources, name) for name in models_needed]
-    return sum(a.replicas * a.num_cpus for a in actors), sum(a.replicas * a.num_gpus for a in actors)
-
-
-def check_resources(config: PipelineConfig, cluster: dict[str, float], models_needed: Sequence[str]) -> None:
-    """Raise when the cluster (``ray.cluster_resources()``) cannot ever place what the config asks.
-
-    ``models_needed`` names the actor kinds this method uses (``reference``, ``ip``, ``mvd``).
-    """
-    res = config.resources
-    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    _require(res.task_num_cpus <= cpus, "resources.task_num_cpus", f"{res.task_num_cpus} CPUs per task but the cluster has {cpus}")
-    _require(res.task_num_gpus <= gpus, "resources.task_num_gpus", f"{res.task_num_gpus} GPUs per task but the cluster has {gpus}")
-    for name in models_needed:
-        actor: ActorResources = getattr(res, name)
-        _require(actor.num_gpus <= gpus, f"resources.{name}.num_gpus", f"{actor.num_gpus} GPUs per replica but the cluster has {gpus}")
-    actor_cpus, actor_gpus = actor_reservations(config, models_needed)
-    _require(actor_cpus + res.task_num_cpus <= cpus, "resources", f"actors reserve {actor_cpus} CPUs, leaving less than one task's {res.task_num_cpus} of the cluster's {cpus}")
-    _require(actor_gpus + res.task_num_gpus <= gpus, "resources", f"actors reserve {actor_gpus} GPUs, leaving less than one task's {res.task_num_gpus} of the cluster's {gpus}")
-
-
-@dataclass(frozen=True)
-class _GpuShare:
-    """One place work runs: its GPU-share key and value, what runs there, and its device setting."""
-
-    key: str
-    share: float
-    what: str
-    device_key: str
-    device: str
-
-    @property
-    def setting(self) -> str:
-        return f"{self.device_key}={self.device}"
-
-
-def _gpu_shares(config: PipelineConfig, models_needed: Sequence[str]) -> list[_GpuShare]:
-    """The optimiser tasks and every model actor the method uses."""
-    res = config.resources
-    shares = [_GpuShare("resources.task_num_gpus", res.task_num_gpus, "the optimiser tasks", "method.device", str(config.method.device))]
-    names = {"reference": "reference sampler", "ip": "IP guidance", "mvd": "MVDream guidance"}
-    shares += [
-        _GpuShare(f"resources.{n}.num_gpus", getattr(res, n).num_gpus, f"the {names[n]} actor", "models.device", str(config.models.device))
-        for n in models_needed
-    ]
-    return shares
-
-
-def check_gpu_visibility(config: PipelineConfig, models_needed: Sequence[str]) -> None:
-    """Raise when a device setting asks for CUDA where Ray will hide every GPU: a task or actor
-    with no GPU share gets ``CUDA_VISIBLE_DEVICES=""``, so ``cuda`` would fail on every asset."""
-    for place in _gpu_shares(config, models_needed):
-        _require(
-            place.share > 0 or not place.device.startswith("cuda"),
-            place.key,
-            f"is 0, so Ray hides the GPUs from it, but {place.setting}; give it a GPU share or use device auto/cpu",
-        )
-
-
-def cpu_fallback_notes(config: PipelineConfig, cluster: dict[str, float], models_needed: Sequence[str]) -> list[str]:
-    """Lines for the driver: parts left on the CPU (``auto`` device, no GPU share) of a cluster that has GPUs."""
-    gpus = cluster.get("GPU", 0.0)
-    if gpus <= 0:
-        return []
-    return [
-        f"{place.key}=0: {place.what} will run on the CPU ({place.setting}) although the cluster has {gpus:g} GPUs"
-        for place in _gpu_shares(config, models_needed)
-        if place.share <= 0 and place.device == "auto"
-    ]
-
-
-def tasks_that_fit(config: PipelineConfig, cluster: dict[str, float], models_needed: Sequence[str]) -> int:
-    """How many optimiser tasks the cluster can run at once beside the model actors (by their
-    CPU/GPU reservations), at most ``resources.tasks_in_flight``."""
-    res = config.resources
-    reserved_cpus, reserved_gpus = actor_reservations(config, models_needed)
-    fits = res.tasks_in_flight
-    for kind, per_task, reserved in (("CPU", res.task_num_cpus, reserved_cpus), ("GPU", res.task_num_gpus, reserved_gpus)):
-        if per_task > 0:
-            # a small epsilon: Ray's fractions are decimal (1/16 GPU fits 16 times in 1 GPU)
-            fits = min(fits, int((cluster.get(kind, 0.0) - reserved) / per_task + 1e-9))
-    return max(fits, 0)
-
-
-def capacity_note(config: PipelineConfig, cluster: dict[str, float], models_needed: Sequence[str]) -> str | None:
-    """A line for the driver when fewer than ``tasks_in_flight`` tasks fit the cluster now."""
-    fits = tasks_that_fit(config, cluster, models_needed)
-    res = config.resources
-    if fits >= res.tasks_in_flight:
-        return None
-    return (
-        f"the cluster fits {fits} of resources.tasks_in_flight={res.tasks_in_flight} optimiser tasks at once "
-        f"({cluster.get('CPU', 0.0):g} CPUs, {cluster.get('GPU', 0.0):g} GPUs; per task "
-        f"resources.task_num_cpus={res.task_num_cpus:g}, resources.task_num_gpus={res.task_num_gpus:g}, "
-        f"after the model actors' reservations); the others wait for a slot or for the autoscaler"
-    )
 
 
 def to_yaml(config: PipelineConfig) -> str:
@@ -399,4 +243,4 @@ def to_yaml(config: PipelineConfig) -> str:
 
 def to_container(node: Any) -> Any:
     """A dataclass config (or part of one) as plain dicts/lists, for hashing and logging."""
-    return OmegaConf.to_container(OmegaConf.structured(node), resolve=True)
+    return OmegaConf.to_container(OmegaConf.structured(node), resolve=True, enum_to_str=True)

@@ -12,6 +12,8 @@ import dataclasses
 import inspect
 import sys
 import textwrap
+import typing
+from enum import Enum
 from functools import lru_cache
 from typing import Any, Iterator
 
@@ -55,7 +57,17 @@ def _type_name(annotation: Any) -> str:
     return text
 
 
+def _choices(cls: type, name: str) -> str | None:
+    """``one of `a`, `b``` for an Enum field, else None."""
+    kind = typing.get_type_hints(cls).get(name)
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        return "one of " + ", ".join(f"`{member.value}`" for member in kind)
+    return None
+
+
 def _default_text(value: Any) -> str:
+    if isinstance(value, Enum):
+        value = value.value
     if isinstance(value, str):
         return f"`{value!r}`" if len(value) <= 60 else f"`{value[:57]!r}…`"
     return f"`{value!r}`"
@@ -72,7 +84,7 @@ def iter_keys(instance: Any, prefix: str = "") -> Iterator[tuple[str, str, str, 
             yield from iter_keys(value, key + ".")
             continue
         doc = docs.get(f.name, "")
-        yield key, _type_name(f.type), _default_text(value), doc
+        yield key, _choices(cls, f.name) or _type_name(f.type), _default_text(value), doc
 
 
 def render_reference() -> str:

@@ -18,8 +18,6 @@ the export settings, and an asset already exported with the requested ones is sk
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import shutil
 import sys
@@ -29,6 +27,8 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from pipeline.config import ConfigError, PipelineConfig
+from stages.asset_layout import ASSETS_DIR, CHECKPOINT_FILE, METHOD_FILE, asset_path
+from stages.digest import digest
 
 EXPORT_PREFIXES = ("method.export.", "export.")
 RUN_KEYS = ("resources.", "ray_address", "local_ray.", "gallery", "job_output_root", "progress_every_s", "method.device")
@@ -58,8 +58,7 @@ class ExportPlan:
 
 def export_digest(export: Any) -> str:
     """12 hex digits over an ``ExportConfig`` (what an asset's files were exported with)."""
-    blob = json.dumps(asdict(export), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return digest(asdict(export), 12, compact=False)
 
 
 def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -85,15 +84,9 @@ def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def apply_export(method: Any, export_overrides: Sequence[str]) -> Any:
     """``method`` with ``export_overrides`` merged into its ``export`` section, validated."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from stages.config_loading import load_structured
 
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(method.export), OmegaConf.from_dotlist(list(export_overrides)))
-        method.export = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        key = getattr(error, "full_key", None)
-        raise ConfigError(f"config key 'method.export.{key}': {str(error).splitlines()[0]}" if key else str(error)) from None
+    method.export = load_structured(method.export, overrides=export_overrides, what="export", key_prefix="method.export.")
     try:
         method.validate()
     except ValueError as error:
@@ -131,17 +124,18 @@ def export_one(output: str, asset_id: str, export_overrides: list[str], device: 
     import tempfile
 
     from pipeline.integrity import file_checksums
-    from pipeline.writer import DatasetWriter, utc_now
+    from pipeline.manifest import utc_now
+    from pipeline.writer import DatasetWriter
     from stages.evaluate.render import load_asset_scene
     from stages.export import export_asset
     from stages.models.device import resolve_device
-    from stages.optimize.config import METHOD_FILE, load_optimize_config
+    from stages.optimize.config import load_optimize_config
 
     writer = DatasetWriter(output)
     record = writer.read_record(asset_id)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in (METHOD_FILE, "checkpoint.pt"):
-            with writer.fs.open_input_stream(writer.path("assets", asset_id, name)) as src, open(Path(tmp) / name, "wb") as dst:
+        for name in (METHOD_FILE, CHECKPOINT_FILE):
+            with writer.fs.open_input_stream(writer.path(ASSETS_DIR, asset_id, name)) as src, open(Path(tmp) / name, "wb") as dst:
                 shutil.copyfileobj(src, dst)
         method = apply_export(load_optimize_config(Path(tmp) / METHOD_FILE), export_overrides)
         digest = export_digest(method.export)
@@ -151,7 +145,7 @@ def export_one(output: str, asset_id: str, export_overrides: list[str], device: 
         staged = writer.staging_dir(asset_id)
         try:
             files = dict(export_asset(scene, staged, method))
-            old = json.loads(record.get("files") or "{}")
+            old = record.get("files") or {}
             for kind in KEPT_FILES:
                 if kind in old:
                     files.setdefault(kind, Path(old[kind]).name)
@@ -160,7 +154,7 @@ def export_one(output: str, asset_id: str, export_overrides: list[str], device: 
         finally:
             shutil.rmtree(staged, ignore_errors=True)
     record.update(
-        files=json.dumps({k: f"assets/{asset_id}/{v}" for k, v in sorted(files.items())}),
+        files={role: asset_path(asset_id, name) for role, name in sorted(files.items())},
         finished_at=utc_now(),
         export_digest=digest,
     )
@@ -177,9 +171,7 @@ def _replace_files(
     """Move the new files over the asset's (one atomic rename each); delete files of the old
     export that the new one does not write (e.g. the mesh when ``mesh=false``). Returns the
     names (moved, removed)."""
-    from stages.optimize.config import METHOD_FILE
-
-    target = writer.path("assets", asset_id)
+    target = writer.path(ASSETS_DIR, asset_id)
     # method.yaml (which names the export settings) last: if it is new, every other file is too
     moved, removed = [], []
     for name in sorted(set(files.values()), key=lambda n: (n == METHOD_FILE, n)):

@@ -1,4 +1,4 @@
-"""The shape of a dataset run, in one place (Ray bind/DAG API).
+"""The shape of a dataset run, in one place.
 
 ::
 
@@ -10,23 +10,21 @@
                        │
                        ▼ committed asset + manifest row
 
-The model actors are long-lived and shared by every asset, so they are created once
-(``.remote()``) and the per-asset DAG binds their *handles*: ``graph.submit(job)`` binds and
-runs the DAG of one job and returns the ObjectRef of its result. Its two Ray tasks carry the
-asset's id in their names (``reference[<asset_id>]``, ``optimise[<asset_id>]``), so the
+The model actors are long-lived and shared by every asset, so they are created once and
+each asset's two calls chain on them: ``graph.submit(job)`` asks a reference replica for the
+image and hands its ObjectRef to the optimise task, which Ray starts once the image exists, and
+returns the ObjectRef of the asset's result. The two Ray tasks carry the asset's id in their names (``reference[<asset_id>]``, ``optimise[<asset_id>]``), so the
 dashboard's task list says which asset each one is. Optimiser tasks talk to the
 guidance actors through handles passed as arguments (``GuidanceHandles``) because each task
-calls them thousands of times, which a static DAG edge cannot express.
+calls them thousands of times.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.dag import DAGNode
 
 from pipeline.actors import IPGuidanceActor, MVDreamGuidanceActor, ReferenceActor
 from pipeline.components import Components
@@ -58,7 +56,7 @@ def task_name(stage: str, job: Job) -> str:
 
 @dataclass
 class Graph:
-    """The model actors of one run and the per-asset DAG over them."""
+    """The model actors of one run and how one asset's calls chain over them."""
 
     task_options: dict[str, Any]
     """The optimiser task's resources and retries in this run."""
@@ -70,23 +68,16 @@ class Graph:
     progress: Any = None
     _submitted: int = 0
 
-    def dag(self, job: Job) -> DAGNode:
-        """reference sample → optimise task, named after the asset; reference replicas take turns."""
+    def submit(self, job: Job) -> ray.ObjectRef:
+        """Start one asset: reference sample → optimise task, both named after the asset;
+        reference replicas take turns."""
         image = None
         if self.reference:
             sampler = self.reference[self._submitted % len(self.reference)]
-            image = sampler.sample.options(name=task_name("reference", job)).bind(job.prompt, job.reference_seed)
-        task = optimise_asset.options(**self.task_options, name=task_name("optimise", job))
-        return task.bind(job, image, self.handles, self.spec)
-
-    def submit(self, job: Job) -> ray.ObjectRef:
-        """Start one asset."""
-        dag = self.dag(job)
+            image = sampler.sample.options(name=task_name("reference", job)).remote(job.prompt, job.reference_seed)
         self._submitted += 1
-        with warnings.catch_warnings():
-            # Ray 2.60 marks DAGNode.execute() deprecated (no replacement for task+actor DAGs yet).
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return dag.execute()
+        task = optimise_asset.options(**self.task_options, name=task_name("optimise", job))
+        return task.remote(job, image, self.handles, self.spec)
 
     def model_actors(self) -> dict[str, list[Any]]:
         """The model actors by kind (``reference``, ``ip``, ``mvd``)."""
@@ -110,7 +101,7 @@ def _stats(actor: Any) -> dict[str, float]:
 
 
 def build_graph(config: PipelineConfig, components: Components, work_dir: str) -> Graph:
-    """Create the model actors and the per-asset DAG for ``config``."""
+    """Create the model actors and the graph one asset runs through, for ``config``."""
     res = config.resources
 
     def replicas(actor_class: Any, factory: Any, resources: ActorResources, retry_calls: bool, *extra: Any) -> list[Any]:

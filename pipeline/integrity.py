@@ -19,7 +19,9 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipeline.writer import ASSET_RECORD, DatasetWriter
+from pipeline.writer import DatasetWriter
+from stages.asset_layout import ASSET_RECORD, ASSETS_DIR, DAMAGED_DIR, MANIFEST_DIR
+from stages.atomic import is_temporary
 
 CHECKSUM = "sha256"
 _CHUNK = 1 << 20
@@ -33,10 +35,11 @@ def _sha256(stream: Any) -> str:
 
 
 def file_checksums(directory: Path) -> dict[str, str]:
-    """``{relative POSIX path: "sha256:<hex>"}`` of every file under ``directory`` but ``asset.json``."""
+    """``{relative POSIX path: "sha256:<hex>"}`` of every file under ``directory`` but ``asset.json``
+    and temporary siblings."""
     directory = Path(directory)
     out = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != ASSET_RECORD):
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != ASSET_RECORD and not is_temporary(p.name)):
         with open(path, "rb") as stream:
             out[path.relative_to(directory).as_posix()] = f"{CHECKSUM}:{_sha256(stream)}"
     return out
@@ -72,7 +75,7 @@ def verify_asset(writer: DatasetWriter, asset_id: str) -> list[str] | None:
         return None
     problems = []
     for name, expected in sorted(checksums.items()):
-        path = writer.path("assets", asset_id, name)
+        path = writer.path(ASSETS_DIR, asset_id, name)
         try:
             with writer.fs.open_input_stream(path) as stream:
                 actual = f"{CHECKSUM}:{_sha256(stream)}"
@@ -106,8 +109,8 @@ def set_aside_assets(writer: DatasetWriter, asset_ids: list[str]) -> list[str]:
     out of the dataset), so the next plan sees them as not done. Returns where they went."""
     moved = []
     for asset_id in asset_ids:
-        source = writer.path("assets", asset_id)
-        target = writer.path("damaged", "assets", f"{asset_id}-{_stamp()}")
+        source = writer.path(ASSETS_DIR, asset_id)
+        target = writer.path(DAMAGED_DIR, ASSETS_DIR, f"{asset_id}-{_stamp()}")
         writer.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         if writer.is_local:
             Path(source).rename(target)
@@ -125,7 +128,7 @@ def requeue_damaged(writer: DatasetWriter) -> list[str]:
     moved = set_aside_assets(writer, sorted(report.damaged))
     lines = report.lines()
     if moved:
-        lines.append(f"verify: {len(moved)} damaged assets moved to {writer.path('damaged', 'assets')}; this run makes them again")
+        lines.append(f"verify: {len(moved)} damaged assets moved to {writer.path(DAMAGED_DIR, ASSETS_DIR)}; this run makes them again")
     return lines
 
 
@@ -167,7 +170,7 @@ def repair_manifest(writer: DatasetWriter, compact: bool = True) -> Repair:
 def damaged_parts_note(writer: DatasetWriter) -> list[str]:
     """Lines for a reader that must not write (``--dry-run``): shards the last read skipped."""
     return [
-        f"manifest shard {part} is damaged ({reason}); a run moves it to {writer.path('damaged', 'manifest')} "
+        f"manifest shard {part} is damaged ({reason}); a run moves it to {writer.path(DAMAGED_DIR, MANIFEST_DIR)} "
         "and rebuilds the rows of its committed assets from their asset.json"
         for part, reason in writer.damaged_parts.items()
     ]

@@ -22,12 +22,15 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-from pipeline.config import ConfigError, PipelineConfig
+from stages.config_loading import ConfigError
 from stages.models.config import ModelsConfig
 from stages.models.factory import TOYWORLD
 from stages.models.sources import ModelSource, ModelSourceError, hub_offline, resolve_source
+
+if TYPE_CHECKING:  # pipeline.config runs the preflight while it validates
+    from pipeline.config import PipelineConfig
 
 SUPPORTED_DEVICE_TYPES = ("cpu", "cuda", "mps")
 MARKER_FILE = "mvdream.json"

@@ -12,10 +12,45 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
-from pipeline.config import ConfigError, PromptsConfig, PromptSource
+from stages.config_loading import Choice, ConfigError
+
+
+class PromptFormat(Choice):
+    """How a prompt file is read; ``auto`` picks the format from the file suffix."""
+
+    auto = "auto"
+    txt = "txt"
+    jsonl = "jsonl"
+    json = "json"
+    csv = "csv"
+    parquet = "parquet"
+
+
+@dataclass
+class PromptSource:
+    """One prompt file. ``txt``: one prompt per line (blank lines and ``#`` comments skipped);
+    ``jsonl`` / ``csv`` / ``parquet``: the ``column`` field of each record; ``json``: a list of
+    strings or of records with ``column``. ``auto`` picks the format from the file suffix."""
+
+    path: str = "???"
+    """File path (relative paths are resolved against the config file's directory) or URI."""
+    format: PromptFormat = PromptFormat.auto
+    """How the file is read; ``auto``: from its suffix."""
+    column: str = "prompt"
+    limit: Optional[int] = None
+    """Keep only the first ``limit`` prompts of this file."""
+
+
+@dataclass
+class PromptsConfig:
+    sources: list[PromptSource] = field(default_factory=list)
+    """Prompt files, each ``{path, format, column, limit}`` (see ``PromptSource``); read in order."""
+    inline: list[str] = field(default_factory=list)
+    """Prompts written in the config itself; they come after the files' prompts."""
 
 
 def _decode(data: bytes, path: str) -> str:
@@ -57,10 +92,10 @@ def _lines(text: str) -> list[str]:
 
 
 def _format_of(source: PromptSource) -> str:
-    if source.format != "auto":
-        return source.format
+    if source.format != PromptFormat.auto:
+        return str(source.format)
     suffix = Path(source.path.split("?")[0]).suffix.lower().lstrip(".")
-    if suffix in ("txt", "jsonl", "json", "csv", "parquet"):
+    if suffix in PromptFormat.values() and suffix != PromptFormat.auto:
         return suffix
     raise ConfigError(f"prompt file {source.path}: cannot tell its format from the suffix; set format")
 
@@ -160,12 +195,6 @@ def _read_source(source: PromptSource) -> tuple[list[tuple[str, str]], int]:
     if not prompts:
         raise ConfigError(f"{source.path}: the prompt list is empty")
     return (prompts[: source.limit] if source.limit is not None else prompts), len(entries) - len(prompts)
-
-
-def read_source(source: PromptSource) -> list[str]:
-    """The prompts of one file, in file order, stripped, blank entries skipped; raises
-    ConfigError naming file:line."""
-    return [prompt for prompt, _ in _read_source(source)[0]]
 
 
 def read_prompt_list(config: PromptsConfig) -> PromptList:

@@ -24,16 +24,9 @@ from typing import Any, Sequence, TextIO
 
 import ray
 
+from pipeline.capacity import capacity_note, check_resources, cpu_fallback_notes
 from pipeline.components import Components, default_components, models_needed
-from pipeline.config import (
-    ConfigError,
-    PipelineConfig,
-    capacity_note,
-    check_resources,
-    cpu_fallback_notes,
-    load_config,
-    validate_config,
-)
+from pipeline.config import ConfigError, PipelineConfig, load_config, validate_config
 from pipeline.console import browse_lines, describe_cluster
 from pipeline.faults import (
     ModelGoneError,
@@ -52,8 +45,9 @@ from pipeline.jobs import Job, make_jobs
 from pipeline.preflight import wait_for_ray
 from pipeline.progress import ProgressPrinter
 from pipeline.prompts import read_prompt_list
-from pipeline.task import manifest_row
+from pipeline.manifest import ManifestRow
 from pipeline.writer import DatasetWriter, utc_now
+from stages.asset_layout import WORK_DIR
 
 MANIFEST_FLUSH_ROWS = 16
 MANIFEST_FLUSH_S = 30.0
@@ -167,7 +161,7 @@ def work_dir_of(config: PipelineConfig, writer: DatasetWriter) -> str:
         return str(Path(config.work_dir).expanduser().resolve())
     root = writer.local_root()
     assert root is not None, "validate_config requires work_dir for remote outputs"
-    return str(root / ".work")
+    return str(root / WORK_DIR)
 
 
 def run_dataset(
@@ -397,7 +391,7 @@ def _collect(ref: ray.ObjectRef, job: Job, config: PipelineConfig) -> tuple[dict
     except (ray.exceptions.RayError, Exception) as error:  # noqa: BLE001 - recorded per asset
         message = f"{type(error).__name__}: {str(error)[:2000]}"
         now = utc_now()
-        return manifest_row(job, config.method, status="failed", error=message, started_at=now, finished_at=now), []
+        return ManifestRow.for_job(job, config.method, status="failed", error=message, started_at=now, finished_at=now).to_dict(), []
 
 
 def _cause_text(error: BaseException) -> str:

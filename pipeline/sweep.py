@@ -15,9 +15,7 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TextIO
@@ -25,6 +23,8 @@ from typing import Any, Callable, Optional, Sequence, TextIO
 from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.evaluate import EvaluationRunConfig, evaluate_dataset, json_safe, load_evaluation_config
 from pipeline.toyworld import toyworld_groups
+from stages.config_loading import load_structured
+from stages.atomic import atomic_write
 
 
 @dataclass
@@ -51,20 +51,8 @@ class SweepRun:
 
 def load_sweep_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
     """Sweep YAML + dotlist onto :class:`SweepConfig`; relative paths made absolute."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep config file not found: {path}")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
-        missing = sorted(OmegaConf.missing_keys(merged))
-        if missing:
-            raise ConfigError(f"{path}: config key '{missing[0]}' is required")
-        config: SweepConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"{path}: config key '{getattr(error, 'full_key', None)}': {str(error).splitlines()[0]}") from None
+    config: SweepConfig = load_structured(SweepConfig, path, overrides, what="sweep config")
     if not config.values:
         raise ConfigError(f"{path}: config key 'values' must list at least one value")
     absolute = lambda p: p if "://" in p or Path(p).is_absolute() else str((path.parent / p).resolve())  # noqa: E731
@@ -121,10 +109,8 @@ def comparison_markdown(key: str, rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 def run_sweep(

@@ -27,13 +27,14 @@ from pipeline.components import Components
 from pipeline.faults import ModelGoneError, RunFaultError, disk_full_cause, disk_full_message
 from pipeline.integrity import file_checksums
 from pipeline.jobs import Job
+from pipeline.manifest import ManifestRow, utc_now
 from pipeline.tracking import curve_point
-from pipeline.writer import ASSET_RECORD, DatasetWriter, utc_now
+from pipeline.writer import DatasetWriter
+from stages.asset_layout import ASSET_RECORD, METRICS_FILE, REFERENCE_FILE
+from stages.atomic import atomic_write
 from stages.guidance.set import GuidanceSet
 from stages.optimize.config import OptimizeConfig
 from stages.optimize.loop import NonFiniteLossError
-
-REFERENCE_FILE = "reference.png"
 
 
 @dataclass
@@ -75,28 +76,6 @@ class TaskSpec:
     """Send curve points and preview images for MLflow along with the progress."""
 
 
-def manifest_row(job: Job, method: OptimizeConfig, **values: Any) -> dict[str, Any]:
-    """A manifest row for ``job`` with defaults for what ``values`` does not give."""
-    return {
-        "asset_id": job.asset_id,
-        "prompt": job.prompt,
-        "prompt_index": job.prompt_index,
-        "variant": job.variant,
-        "reference_seed": job.reference_seed,
-        "seed": job.seed,
-        "method": method.loss,
-        "representation": method.representation,
-        "config_digest": job.config_digest,
-        "error": None,
-        "asset_dir": f"assets/{job.asset_id}",
-        "files": "{}",
-        "metrics": "{}",
-        "iterations": 0,
-        "mlflow_run_id": job.mlflow_run_id,
-        **values,
-    }
-
-
 def _stable_reference(work: Path, sampled: Any | None) -> Any | None:
     """The reference used by the first attempt (saved in the work dir), so a resumed asset
     keeps optimising towards the same image even if sampling is not bit-reproducible."""
@@ -108,10 +87,8 @@ def _stable_reference(work: Path, sampled: Any | None) -> Any | None:
     if path.is_file():
         with Image.open(path) as image:
             return image.convert("RGB")
-    work.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{REFERENCE_FILE}.{os.getpid()}.tmp")
-    sampled.convert("RGB").save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        sampled.convert("RGB").save(tmp, format="PNG")
     return sampled.convert("RGB")
 
 
@@ -195,19 +172,19 @@ def run_asset(job: Job, reference: Any | None, handles: GuidanceHandles, spec: T
                 files.setdefault("reference", REFERENCE_FILE)
             metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
             metrics["duration_s"] = time.perf_counter() - tick
-            (staged / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-            files.setdefault("metrics", "metrics.json")
-            row = manifest_row(
+            (staged / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+            files.setdefault("metrics", METRICS_FILE)
+            row = ManifestRow.for_job(
                 job,
                 spec.method,
                 status="succeeded",
-                files=json.dumps({k: f"assets/{job.asset_id}/{v}" for k, v in sorted(files.items())}),
-                metrics=json.dumps(metrics, sort_keys=True),
+                files=files,
+                metrics=metrics,
                 iterations=int(result.iterations),
                 duration_s=metrics["duration_s"],
                 started_at=started,
                 finished_at=utc_now(),
-            )
+            ).to_dict()
             record = {**row, "checksums": file_checksums(staged)}  # what --verify checks
             (staged / ASSET_RECORD).write_text(json.dumps(record, indent=2))
             committed = writer.commit(job.asset_id, staged)
@@ -224,7 +201,7 @@ def run_asset(job: Job, reference: Any | None, handles: GuidanceHandles, spec: T
         if cause is not None:
             raise RunFaultError(disk_full_message(cause)) from None
         message = f"{type(error).__name__}: {error}{failure_hint(error)}"
-        row = manifest_row(
+        row = ManifestRow.for_job(
             job,
             spec.method,
             status="failed",
@@ -232,7 +209,7 @@ def run_asset(job: Job, reference: Any | None, handles: GuidanceHandles, spec: T
             duration_s=time.perf_counter() - tick,
             started_at=started,
             finished_at=utc_now(),
-        )
+        ).to_dict()
         return {"row": row, "history": [], "committed": False}
     finally:
         if spec.progress is not None:

@@ -8,18 +8,21 @@ the prompt and where it came from: file and line, or ``prompts.inline[i]``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from pipeline.config import ConfigError, PipelineConfig
+from pipeline.components import models_needed
+from pipeline.prompts import read_prompts_with_origin
+from stages.config_loading import ConfigError
 from stages.models.factory import check_toyworld_keys, uses_toyworld
 from stages.toyworld.world import WORLD_KEY, World, WorldError, load_world
+
+if TYPE_CHECKING:  # pipeline.config runs these checks while it validates
+    from pipeline.config import PipelineConfig
 
 
 def toyworld_groups(config: PipelineConfig, actors: Sequence[str] | None = None) -> list[str]:
     """The models of this run's method (``reference`` / ``ip`` / ``mvd``; or of ``actors``) that
     are the toy world."""
-    from pipeline.components import models_needed
-
     needed = models_needed(config.method) if actors is None else actors
     return [group for group in needed if uses_toyworld(config.models, group)]
 
@@ -45,8 +48,6 @@ def check_toyworld(config: PipelineConfig, actors: Sequence[str] | None = None) 
     except WorldError as error:
         message = str(error).removeprefix(f"{WORLD_KEY}: ")
         raise ConfigError(f"config key '{WORLD_KEY}': {message}") from None
-    from pipeline.prompts import read_prompts_with_origin  # local: prompts imports pipeline.config
-
     for prompt, where in read_prompts_with_origin(config.prompts):
         if prompt not in world.prompts:
             raise ConfigError(str(world.unknown(prompt, where)))

@@ -39,12 +39,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from pipeline.config import PipelineConfig, to_container, to_yaml
+from pipeline.manifest import parse_map
+from stages.asset_layout import PREVIEW_FILE, WORK_TRACKING, asset_dir
+from stages.atomic import atomic_write
 
 if TYPE_CHECKING:
     from pipeline.jobs import Job
     from pipeline.writer import DatasetWriter
 
-STATE_FILE = "tracking.json"
+STATE_FILE = WORK_TRACKING
 """In the run's work dir: the dataset run's parent run; in an asset's work dir: its child run."""
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -200,10 +203,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2))
 
 
 class Tracker:
@@ -376,7 +377,7 @@ class Tracker:
             self.client.delete_run(started)
             self.runs[row["asset_id"]] = run_id
         now = int(time.time() * 1000)
-        finals = [Metric(f"final/{k}", v, now, 0) for k, v in _finite(json.loads(row.get("metrics") or "{}")).items()]
+        finals = [Metric(f"final/{k}", v, now, 0) for k, v in _finite(parse_map(row.get("metrics"), "metrics")).items()]
         if row.get("duration_s") is not None:
             finals.append(Metric("duration_s", float(row["duration_s"]), now, 0))
         self._log_metrics(run_id, finals)
@@ -392,7 +393,7 @@ class Tracker:
     def _log_thumbnail(self, run_id: str, writer: "DatasetWriter", row: dict[str, Any]) -> None:
         from pipeline.thumbnails import thumbnail_jpeg
 
-        path = writer.path(*(row.get("asset_dir") or f"assets/{row['asset_id']}").split("/"), "preview.png")
+        path = writer.path(*(row.get("asset_dir") or asset_dir(row["asset_id"])).split("/"), PREVIEW_FILE)
         try:
             with writer.fs.open_input_stream(path) as stream:
                 data = thumbnail_jpeg(stream.read())
@@ -407,7 +408,7 @@ class Tracker:
         """Give every committed asset exactly one FINISHED child run: finish runs a killed driver
         left open, re-create missing ones from the asset's record. Returns the manifest rows
         whose ``mlflow_run_id`` changed (the caller writes them; ``asset.json`` is updated here)."""
-        from pipeline.writer import utc_now
+        from pipeline.manifest import utc_now
 
         latest = writer.latest_rows()
         status = {run.info.run_id: run.info.status for run in self._search(None)}

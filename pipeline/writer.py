@@ -1,11 +1,12 @@
 """The dataset on disk: atomic asset commits and Parquet manifest shards.
 
-Layout (docs/ARCHITECTURE.md "Dataset layout"): ``<output>/assets/<asset_id>/`` holds one finished asset;
+Layout (:mod:`stages.asset_layout`): ``<output>/assets/<asset_id>/`` holds one finished asset;
 ``<output>/manifest/part-<timestamp>-<uuid>.parquet`` one row per finished asset (later rows
 for an asset_id supersede earlier ones; :meth:`DatasetWriter.compact_manifest` drops the
-superseded ones). Shards that do not read are set aside in ``<output>/damaged/manifest/``. An asset is staged in ``<output>/.tmp/`` and renamed
-into place, so it is either complete or absent. Its ``asset.json`` (written last) repeats its
-manifest row, so a committed asset whose row was never written (driver died between the two)
+superseded ones). Rows are :class:`~pipeline.manifest.ManifestRow`; shards are read and written
+by :mod:`pipeline.shards`. Shards that do not read are set aside in ``<output>/damaged/manifest/``.
+An asset is staged in ``<output>/.tmp/`` and renamed into place, so it is either complete or
+absent. Its ``asset.json`` (written last) repeats its manifest row, so a committed asset whose row was never written (driver died between the two)
 gets its row back on the next run (:meth:`DatasetWriter.reconcile`).
 
 ``output`` is a local path or a pyarrow filesystem URI. On object stores a directory rename
@@ -19,48 +20,21 @@ import json
 import shutil
 import tempfile
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-ASSET_RECORD = "asset.json"
+from pipeline.manifest import MANIFEST_COLUMNS, MANIFEST_SCHEMA, ManifestRow, decode_row, manifest_table, rows_of_table, utc_now
+from pipeline.shards import DamagedPartError, read_shard, read_shards, shard_paths, write_shard
+from stages.asset_layout import ASSET_RECORD, ASSETS_DIR, DAMAGED_DIR, MANIFEST_DIR, STAGING_DIR
+from stages.atomic import atomic_write
 
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("asset_id", pa.string()),
-        ("prompt", pa.string()),
-        ("prompt_index", pa.int64()),
-        ("variant", pa.int64()),
-        ("reference_seed", pa.int64()),
-        ("seed", pa.int64()),
-        ("method", pa.string()),
-        ("representation", pa.string()),
-        ("config_digest", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("asset_dir", pa.string()),
-        ("files", pa.string()),
-        ("metrics", pa.string()),
-        ("iterations", pa.int64()),
-        ("duration_s", pa.float64()),
-        ("started_at", pa.string()),
-        ("finished_at", pa.string()),
-        ("mlflow_run_id", pa.string()),
-    ]
-)
-MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
+__all__ = [
+    "ASSET_RECORD", "MANIFEST_COLUMNS", "MANIFEST_SCHEMA", "DamagedPartError", "DatasetWriter", "dataset_filesystem", "utc_now",
+]
 
-
-def utc_now() -> str:
-    """ISO-8601 UTC timestamp with microseconds (sorts lexically in time order)."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
-
-
-def _filesystem(output: str) -> tuple[pafs.FileSystem, str, bool]:
+def dataset_filesystem(output: str) -> tuple[pafs.FileSystem, str, bool]:
     """(filesystem, root path inside it, is_local)."""
     if "://" in output:
         fs, root = pafs.FileSystem.from_uri(output)
@@ -69,21 +43,12 @@ def _filesystem(output: str) -> tuple[pafs.FileSystem, str, bool]:
     return pafs.LocalFileSystem(), root, True
 
 
-class DamagedPartError(ValueError):
-    """A manifest shard that does not read (truncated, not Parquet)."""
-
-    def __init__(self, part: str, reason: str) -> None:
-        super().__init__(f"manifest shard {part} is damaged ({reason})")
-        self.part = part
-        self.reason = reason
-
-
 class DatasetWriter:
     """Reads and writes one dataset. Safe to construct on any worker that can reach ``output``."""
 
     def __init__(self, output: str) -> None:
         self.output = output
-        self.fs, self.root, self.is_local = _filesystem(output)
+        self.fs, self.root, self.is_local = dataset_filesystem(output)
         self.damaged_parts: dict[str, str] = {}
         """Shards the last :meth:`manifest_rows` could not read: path -> why."""
         self.unreadable_records: list[str] = []
@@ -101,7 +66,7 @@ class DatasetWriter:
     def staging_dir(self, asset_id: str) -> Path:
         """A fresh local directory to write an asset into before :meth:`commit`."""
         if self.is_local:
-            tmp = Path(self.root) / ".tmp"
+            tmp = Path(self.root) / STAGING_DIR
             tmp.mkdir(parents=True, exist_ok=True)
             path = tmp / f"{asset_id}-{uuid.uuid4().hex[:8]}"
             path.mkdir()
@@ -109,7 +74,7 @@ class DatasetWriter:
         return Path(tempfile.mkdtemp(prefix=f"{asset_id}-"))
 
     def is_committed(self, asset_id: str) -> bool:
-        info = self.fs.get_file_info(self.path("assets", asset_id, ASSET_RECORD))
+        info = self.fs.get_file_info(self.path(ASSETS_DIR, asset_id, ASSET_RECORD))
         return info.type == pafs.FileType.File
 
     def commit(self, asset_id: str, staged: Path) -> bool:
@@ -121,7 +86,7 @@ class DatasetWriter:
         staged = Path(staged)
         if not (staged / ASSET_RECORD).is_file():
             raise ValueError(f"staged asset {staged} has no {ASSET_RECORD}")
-        final = self.path("assets", asset_id)
+        final = self.path(ASSETS_DIR, asset_id)
         try:
             if self.is_committed(asset_id):
                 return False
@@ -151,7 +116,7 @@ class DatasetWriter:
                 shutil.copyfileobj(src, dst)
 
     def committed_ids(self) -> set[str]:
-        selector = pafs.FileSelector(self.path("assets"), allow_not_found=True)
+        selector = pafs.FileSelector(self.path(ASSETS_DIR), allow_not_found=True)
         ids = set()
         for info in self.fs.get_file_info(selector):
             if info.type == pafs.FileType.Directory:
@@ -161,18 +126,19 @@ class DatasetWriter:
         return ids
 
     def read_record(self, asset_id: str) -> dict[str, Any]:
-        with self.fs.open_input_stream(self.path("assets", asset_id, ASSET_RECORD)) as stream:
-            return json.loads(stream.read().decode("utf-8"))
+        """A committed asset's ``asset.json``: its manifest row (:meth:`ManifestRow.to_dict` form,
+        also for records written before the columns were typed) plus its checksums."""
+        with self.fs.open_input_stream(self.path(ASSETS_DIR, asset_id, ASSET_RECORD)) as stream:
+            return decode_row(json.loads(stream.read().decode("utf-8")))
 
     def rewrite_record(self, asset_id: str, record: dict[str, Any]) -> None:
-        """Replace a committed asset's ``asset.json`` (temp file + rename where the store has one):
+        """Replace a committed asset's ``asset.json`` (atomically where the store can rename):
         its MLflow run re-created, its files re-exported."""
         data = json.dumps(record, indent=2).encode()
-        path = self.path("assets", asset_id, ASSET_RECORD)
+        path = self.path(ASSETS_DIR, asset_id, ASSET_RECORD)
         if self.is_local:
-            tmp = Path(path).with_name(f".{ASSET_RECORD}.{uuid.uuid4().hex[:8]}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            with atomic_write(path) as tmp:
+                tmp.write_bytes(data)
         else:
             with self.fs.open_output_stream(path) as stream:
                 stream.write(data)
@@ -180,61 +146,42 @@ class DatasetWriter:
     def clean_staging(self) -> None:
         """Delete leftovers of staged assets whose writer died before the rename."""
         if self.is_local:
-            shutil.rmtree(Path(self.root) / ".tmp", ignore_errors=True)
+            shutil.rmtree(Path(self.root) / STAGING_DIR, ignore_errors=True)
 
     # ---------------------------------------------------------------- manifest
-    def write_manifest(self, rows: Iterable[dict[str, Any]]) -> str | None:
-        """Write rows as one new shard (temp name, then rename); returns its path or None."""
-        rows = [normalise_row(row) for row in rows]
+    def write_manifest(self, rows: Iterable[ManifestRow | Mapping[str, Any]]) -> str | None:
+        """Write rows (:class:`ManifestRow` or its dict forms) as one new shard; returns its path or None."""
+        rows = list(rows)
         if not rows:
             return None
-        table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-        name = f"part-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
-        directory = self.path("manifest")
-        self.fs.create_dir(directory, recursive=True)
-        final = f"{directory}/{name}"
-        if self.is_local:
-            tmp = f"{directory}/.{name}.tmp"
-            try:
-                pq.write_table(table, tmp, filesystem=self.fs)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            self.fs.move(tmp, final)  # os.rename: readers never see a half-written footer
-        else:
-            pq.write_table(table, final, filesystem=self.fs)  # object stores publish on close
-        return final
+        return write_shard(self.fs, self.path(MANIFEST_DIR), manifest_table(rows), self.is_local)
 
     def manifest_parts(self) -> list[str]:
         """Paths of the manifest shards (temp files ignored), in name (= time) order."""
-        selector = pafs.FileSelector(self.path("manifest"), allow_not_found=True)
-        parts = [
-            info.path
-            for info in self.fs.get_file_info(selector)
-            if info.type == pafs.FileType.File and info.base_name.startswith("part-") and info.base_name.endswith(".parquet")
-        ]
-        return sorted(parts)
+        return shard_paths(self.fs, self.path(MANIFEST_DIR))
 
     def read_part(self, part: str) -> list[dict[str, Any]]:
         """The rows of one shard; raises :class:`DamagedPartError` naming it when it does not read."""
-        try:
-            return pq.read_table(part, filesystem=self.fs).to_pylist()
-        except (pa.ArrowException, OSError) as error:
-            if isinstance(error, OSError) and not isinstance(error, pa.ArrowException) and error.errno is not None:
-                raise  # an I/O error of the file system, not a damaged file
-            raise DamagedPartError(part, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+        return rows_of_table(read_shard(self.fs, part), part)
 
-    def manifest_rows(self) -> list[dict[str, Any]]:
-        """Every row of every readable shard, oldest first by finished_at. Shards that do not
-        read are skipped and listed in :attr:`damaged_parts` (:meth:`set_aside_damaged_parts`)."""
+    def manifest_rows(self, strict: bool = False) -> list[dict[str, Any]]:
+        """Every row of every readable shard (:meth:`ManifestRow.to_dict` form), oldest first by
+        finished_at (ties: shard, then row order). Shards that do not read raise
+        :class:`DamagedPartError` (``strict``) or are skipped and listed in :attr:`damaged_parts`
+        (:meth:`set_aside_damaged_parts`)."""
         rows: list[dict[str, Any]] = []
-        self.damaged_parts: dict[str, str] = {}
-        for part in self.manifest_parts():
+        self.damaged_parts = {}
+
+        def damaged(error: DamagedPartError) -> None:
+            self.damaged_parts[error.part] = error.reason
+
+        for part, table in read_shards(self.fs, self.path(MANIFEST_DIR), None if strict else damaged):
             try:
-                rows.extend(self.read_part(part))
+                rows.extend(rows_of_table(table, part))
             except DamagedPartError as error:
-                self.damaged_parts[part] = error.reason
+                if strict:
+                    raise
+                damaged(error)
         rows.sort(key=lambda row: row.get("finished_at") or "")
         return rows
 
@@ -245,7 +192,7 @@ class DatasetWriter:
         self.manifest_rows()
         moved = []
         for part, reason in self.damaged_parts.items():
-            directory = self.path("damaged", "manifest")
+            directory = self.path(DAMAGED_DIR, MANIFEST_DIR)
             self.fs.create_dir(directory, recursive=True)
             target = f"{directory}/{part.rsplit('/', 1)[-1]}"
             self.fs.move(part, target)
@@ -275,10 +222,10 @@ class DatasetWriter:
             self.fs.delete_file(part)
         return sum(len(by_part[part]) for part in dirty) - len(survivors)
 
-    def latest_rows(self) -> dict[str, dict[str, Any]]:
+    def latest_rows(self, strict: bool = False) -> dict[str, dict[str, Any]]:
         """asset_id → its latest row (later rows supersede earlier ones)."""
         latest: dict[str, dict[str, Any]] = {}
-        for row in self.manifest_rows():
+        for row in self.manifest_rows(strict):
             latest[row["asset_id"]] = row
         return latest
 
@@ -299,13 +246,3 @@ class DatasetWriter:
                 missing.append({**record, "mlflow_run_id": record.get("mlflow_run_id")})
         self.write_manifest(missing)
         return missing
-
-def normalise_row(row: dict[str, Any]) -> dict[str, Any]:
-    """Keep exactly the manifest columns (extra keys are dropped); JSON-encode ``files`` / ``metrics`` if given as dicts."""
-    out = {name: row.get(name) for name in MANIFEST_COLUMNS}
-    for name in ("files", "metrics"):
-        if isinstance(out[name], (dict, list)):
-            out[name] = json.dumps(out[name], sort_keys=True)
-    if out["asset_id"] is None or out["status"] not in ("succeeded", "failed"):
-        raise ValueError(f"manifest row needs asset_id and status succeeded|failed, got {row!r}")
-    return out

@@ -13,8 +13,10 @@ from typing import Sequence
 
 from pipeline.integrity import file_checksums
 from pipeline.jobs import Job
-from pipeline.task import manifest_row
-from pipeline.writer import ASSET_RECORD, DatasetWriter, utc_now
+from stages.optimize.identity import asset_id_for
+from pipeline.manifest import ManifestRow, utc_now
+from pipeline.writer import DatasetWriter
+from stages.asset_layout import ASSET_RECORD
 from stages.export import export_asset
 from stages.guidance.image_target import ImageTargetGuidance, SphereTarget
 from stages.guidance.set import GuidanceSet
@@ -74,17 +76,9 @@ def commit_asset(writer: DatasetWriter, method: OptimizeConfig, job: Job, scene,
     staged = writer.staging_dir(job.asset_id)
     files = export_asset(scene, staged, method)
     started = utc_now()
-    row = manifest_row(
-        job,
-        method,
-        status="succeeded",
-        files=json.dumps({k: f"assets/{job.asset_id}/{v}" for k, v in sorted(files.items())}),
-        metrics="{}",
-        iterations=iterations,
-        duration_s=0.0,
-        started_at=started,
-        finished_at=utc_now(),
-    )
+    row = ManifestRow.for_job(
+        job, method, status="succeeded", files=files, iterations=iterations, duration_s=0.0, started_at=started, finished_at=utc_now()
+    ).to_dict()
     (staged / ASSET_RECORD).write_text(json.dumps({**row, "checksums": file_checksums(staged)}))  # as run_asset writes it
     assert writer.commit(job.asset_id, staged)
     return row
@@ -99,7 +93,7 @@ def build_dataset(root: Path, assets: Sequence[tuple[str, int, int, float]], met
     rows = []
     for prompt, variant, seed, radius in assets:
         job = Job(
-            asset_id=f"{prompt.replace(' ', '_')}-v{variant}-{digest}",
+            asset_id=asset_id_for(prompt, variant, digest),
             prompt=prompt,
             prompt_index=prompts.index(prompt),
             variant=variant,

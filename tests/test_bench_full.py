@@ -1,4 +1,4 @@
-"""benchmarks.full: the quick CPU run, its arithmetic, the peak table and the FLOP counter's scaling."""
+"""benchmarks.full: the quick CPU run against the paper schedule, the peak table and the FLOP counter's scaling."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmarks import full
+from stages.optimize.config import OptimizeConfig
 
 
 def test_quick_run_says_tiny_cpu_and_its_derived_numbers_add_up(tmp_path, capsys):
@@ -19,15 +20,18 @@ def test_quick_run_says_tiny_cpu_and_its_derived_numbers_add_up(tmp_path, capsys
     assert results["card"] is None and results["peak_tflops"] is None and results["peak_memory_gb"] is None
     phases = results["iteration"]
     assert [(p["views"], p["render"]) for p in phases] == [(8, 16), (4, 32)]
-    per_asset = sum(3000 * p["seconds_per_iteration"] for p in phases)
-    assert results["seconds_per_asset"] == pytest.approx(per_asset)
-    assert results["assets_per_gpu_hour"] == pytest.approx(3600.0 / per_asset)
-    for row in results["batching"]:
-        assert row["gain"] == pytest.approx(row["separate_s"] / row["batched_s"])
+    # the per-asset figure weights each timed phase by its iterations in the paper schedule,
+    # counted here from OptimizeConfig's schedule step by step (not from the benchmark's constant)
+    method = OptimizeConfig()
+    views_per_step = [method.schedule.batch_size(step, method.iterations) for step in range(method.iterations)]
+    steps = [views_per_step.count(8), views_per_step.count(4)]
+    assert sum(steps) == method.iterations
+    expected = sum(n * p["seconds_per_iteration"] for n, p in zip(steps, phases))
+    assert results["seconds_per_asset"] == pytest.approx(expected)
     assert {(r["guidance"], r["assets"]) for r in results["batching"]} == {("ip", 1), ("ip", 2), ("mvd", 1), ("mvd", 2)}
+    assert all(r["batched_s"] > 0 and r["separate_s"] > 0 for r in results["batching"])
     flops = results["flops"]
-    assert flops["total_flops"] == pytest.approx(flops["ip_flops"] + flops["mvd_flops"]) and flops["total_flops"] > 0
-    assert flops["achieved_tflops"] == pytest.approx(flops["total_flops"] / phases[-1]["seconds_per_iteration"] / 1e12)
+    assert (flops["views"], flops["render"]) == (4, 32) and flops["ip_flops"] > 0 and flops["mvd_flops"] > 0
     assert flops["fraction_of_peak"] is None
 
 

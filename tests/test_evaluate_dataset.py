@@ -27,6 +27,7 @@ from pipeline.evaluate import (
     load_evaluation_config,
     write_scores,
 )
+from pipeline.manifest import utc_now
 from pipeline.writer import DatasetWriter
 from stages.evaluate.clip import to_pil
 from stages.evaluate.config import EvaluateConfig
@@ -318,7 +319,7 @@ def test_dataset_config_rebuilds_scenes_only_for_assets_of_its_digest(evaluator,
     from pipeline.config import to_yaml
 
     writer = DatasetWriter(str(root))
-    rows = [dict(r, mlflow_run_id="child", finished_at=r["finished_at"] + "Z") for r in writer.latest_rows().values()]
+    rows = [dict(r, mlflow_run_id="child", finished_at=utc_now()) for r in writer.latest_rows().values()]  # a newer row
     writer.write_manifest(rows)
     for artifact, source in ((to_yaml(pipeline_config), "render"), (to_yaml(load_config(other)), "preview")):
         fake = FakeMlflow({"child": "parent"}, {"parent": artifact})

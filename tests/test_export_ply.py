@@ -49,7 +49,7 @@ def test_ply_layout_and_values_follow_the_3dgs_convention(tmp_path):
     assert torch.allclose(column("scale_0", "scale_1", "scale_2"), p["scales"])
     quats = p["quats"] / p["quats"].norm(dim=-1, keepdim=True)
     assert torch.allclose(column("rot_0", "rot_1", "rot_2", "rot_3"), quats, atol=1e-6)
-    assert not list(path.parent.glob("*.tmp"))  # atomic write leaves no temporary file
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # atomic write leaves no temporary file
 
 
 def test_sh_coefficients_are_written_channel_major(tmp_path):

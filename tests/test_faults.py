@@ -251,14 +251,14 @@ def test_duplicates_after_stripping_are_merged_and_counted(tmp_path):
 
 
 def test_txt_splits_on_newlines_only(tmp_path):
-    from pipeline.prompts import read_source
+    from pipeline.prompts import read_prompts
 
     (tmp_path / "p.txt").write_text("one\u2028two\nthree\x1cfour\r\nfive\x0bsix\n", encoding="utf-8")
     config = quick(tmp_path, f"prompts.sources=[{{path: {tmp_path / 'p.txt'}}}]", "prompts.inline=[]")
-    assert read_source(config.prompts.sources[0]) == ["one\u2028two", "three\x1cfour", "five\x0bsix"]
+    assert read_prompts(config.prompts) == ["one\u2028two", "three\x1cfour", "five\x0bsix"]
     (tmp_path / "p.jsonl").write_text('{"prompt": "one\u2028two"}\n{"prompt": "three"}\n', encoding="utf-8")
     config = quick(tmp_path, f"prompts.sources=[{{path: {tmp_path / 'p.jsonl'}}}]", "prompts.inline=[]")
-    assert read_source(config.prompts.sources[0]) == ["one\u2028two", "three"]
+    assert read_prompts(config.prompts) == ["one\u2028two", "three"]
 
 
 def test_blank_entries_are_skipped_and_counted_in_every_format(tmp_path):

@@ -472,8 +472,8 @@ def test_browser_gallery_of_a_generated_dataset(tmp_path, browser):
     from selenium.webdriver.common.by import By
 
     from pipeline.jobs import Job
-    from pipeline.task import manifest_row
-    from pipeline.writer import DatasetWriter, utc_now
+    from pipeline.manifest import ManifestRow, utc_now
+    from pipeline.writer import DatasetWriter
 
     method = tiny_method(iterations=2)
     method.export.mesh, method.export.mesh_resolution = True, 24  # the 3D view needs mesh.glb
@@ -481,7 +481,7 @@ def test_browser_gallery_of_a_generated_dataset(tmp_path, browser):
     failed_job = Job("a_red_box-v0-x", "a red <b>box</b>", 1, 0, 3, 3, "tinydigest01")
     now = utc_now()
     DatasetWriter(str(tmp_path)).write_manifest(
-        [manifest_row(failed_job, method, status="failed", error="NonFiniteLossError: nan at 7", started_at=now, finished_at=now)]
+        [ManifestRow.for_job(failed_job, method, status="failed", error="NonFiniteLossError: nan at 7", started_at=now, finished_at=now)]
     )
     gallery = build_gallery(tmp_path)
 
@@ -491,7 +491,7 @@ def test_browser_gallery_of_a_generated_dataset(tmp_path, browser):
     assert "NonFiniteLossError: nan at 7" in cards[failed_job.asset_id].find_element(By.CSS_SELECTOR, "pre.error").text
     _wait(browser, "return [...document.images].every(i => i.complete && i.naturalWidth > 0)", 30)
     _screenshot(browser, "generated-index.png")
-    assert all("mesh" in json.loads(r["files"]) for r in rows)
+    assert all("mesh" in r["files"] for r in rows)
     _open(browser, gallery, f"#asset={rows[0]['asset_id']}")
     assert _wait(browser, "return document.body.dataset.modelState || null") == "loaded"
     _screenshot(browser, "generated-asset.png")

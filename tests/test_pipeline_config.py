@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError, PipelineConfig, capacity_note, check_resources, load_config, tasks_that_fit
+from pipeline.capacity import capacity_note, check_resources, tasks_that_fit
+from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.jobs import asset_id_for, config_digest, make_jobs
-from pipeline.prompts import read_prompts
+from pipeline.prompts import PromptsConfig, read_prompts
 from pipeline.writer import MANIFEST_COLUMNS, DatasetWriter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,9 +111,7 @@ def test_prompt_formats_read_back(tmp_path):
     path = write_config(tmp_path, f"prompts:\n  sources:\n{sources}\n  inline: ['extra one']\noutput: {tmp_path}/o\n")
     config = load_config(path)
     for source in config.prompts.sources:
-        from pipeline.prompts import read_source
-
-        assert read_source(source) == prompts, source.path
+        assert read_prompts(PromptsConfig(sources=[source])) == prompts, source.path
     assert read_prompts(config.prompts) == prompts + ["extra one"]
 
 
@@ -201,8 +200,9 @@ def test_manifest_shards_supersede_and_read_with_pyarrow_dataset(tmp_path):
 
     table = ds.dataset(tmp_path / "manifest", format="parquet").to_table()
     assert table.num_rows == 3 and tuple(table.column_names) == MANIFEST_COLUMNS
+    assert pa.types.is_map(table.schema.field("files").type) and pa.types.is_timestamp(table.schema.field("finished_at").type)
     latest = writer.latest_rows()
-    assert latest["x"]["status"] == "succeeded" and json.loads(latest["y"]["files"]) == {"a": "b"}
+    assert latest["x"]["status"] == "succeeded" and latest["y"]["files"] == {"a": "b"}
 
 
 def test_commit_is_atomic_first_wins_and_reconcile_restores_rows(tmp_path):
@@ -213,18 +213,18 @@ def test_commit_is_atomic_first_wins_and_reconcile_restores_rows(tmp_path):
         writer.commit("a1", staged)  # no record: not an asset
     staged = writer.staging_dir("a1")
     (staged / "x.txt").write_text("first")
-    (staged / "asset.json").write_text(json.dumps(_row("a1", "succeeded", "t1")))
+    (staged / "asset.json").write_text(json.dumps(_row("a1", "succeeded", "2026-01-01T00:00:01")))
     assert writer.commit("a1", staged) and not staged.exists()
     second = writer.staging_dir("a1")
     (second / "x.txt").write_text("second")
-    (second / "asset.json").write_text(json.dumps(_row("a1", "succeeded", "t2")))
+    (second / "asset.json").write_text(json.dumps(_row("a1", "succeeded", "2026-01-01T00:00:02")))
     assert not writer.commit("a1", second) and not second.exists()
     assert (tmp_path / "assets/a1/x.txt").read_text() == "first"
     assert writer.committed_ids() == {"a1"}
     # the driver died before writing the row: reconcile writes it from asset.json, once
     assert [r["asset_id"] for r in writer.reconcile()] == ["a1"]
     assert writer.reconcile() == []
-    assert writer.latest_rows()["a1"]["finished_at"] == "t1"
+    assert writer.latest_rows()["a1"]["finished_at"] == "2026-01-01T00:00:01.000000+00:00"  # naive times are UTC
 
 
 def test_run_cli_takes_overrides_around_flags():
@@ -281,7 +281,7 @@ def test_cuda_device_without_a_gpu_share_names_the_key(tmp_path):
 
 
 def test_parts_left_on_the_cpu_of_a_gpu_cluster_are_noted(tmp_path):
-    from pipeline.config import cpu_fallback_notes
+    from pipeline.capacity import cpu_fallback_notes
 
     config = load_config(write_config(tmp_path, BASE.format(out=tmp_path)), ["resources.ip.num_gpus=0.5"])
     needed = ("reference", "ip", "mvd")
@@ -290,6 +290,18 @@ def test_parts_left_on_the_cpu_of_a_gpu_cluster_are_noted(tmp_path):
     assert keys == ["resources.mvd.num_gpus", "resources.reference.num_gpus", "resources.task_num_gpus"]
     assert all("although the cluster has 2 GPUs" in note for note in notes)
     assert cpu_fallback_notes(config, {"CPU": 8.0}, needed) == []  # no GPUs: nothing to say
+
+
+def test_choice_keys_name_the_full_key_and_the_allowed_values(tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    path = write_config(tmp_path, f"prompts:\n  sources: [{{path: p.txt, format: docx}}]\noutput: {tmp_path}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and "prompts.sources[0].format" in message and "txt, jsonl" in message
+    for override, key in (("method_preset=huge", "method_preset"), ("models.dtype=int8", "models.dtype"), ("method.export.video_format=avi", "method.export.video_format")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(write_config(tmp_path, BASE.format(out=tmp_path)), [override])
 
 
 TOY_MODELS = [f"models.{k}=toyworld" for k in ("sd", "ip_adapter", "image_encoder", "mvdream", "mvdream_text", "reference")]

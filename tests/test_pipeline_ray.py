@@ -234,11 +234,11 @@ def test_dataset_run_failed_assets_resume_and_retry_failed(head, tmp_path):
         else:
             asset = out / row["asset_dir"]
             assert row["status"] == "succeeded" and row["iterations"] == 12
-            for rel in json.loads(row["files"]).values():
+            for rel in row["files"].values():
                 assert (out / rel).is_file(), rel
             record = json.loads((asset / "asset.json").read_text())
             assert record["asset_id"] == row["asset_id"] and record["variant"] == row["variant"]
-            assert json.loads((asset / "metrics.json").read_text())["loss"] == pytest.approx(json.loads(row["metrics"])["loss"])
+            assert json.loads((asset / "metrics.json").read_text())["loss"] == pytest.approx(row["metrics"]["loss"])
     assert sorted(os.listdir(out / "assets")) == sorted(r["asset_id"] for r in rows.values() if r["status"] == "succeeded")
     assert not any((out / ".work").glob("*/fake.pt")) or all(
         "NaN" in rows[p.parent.name]["prompt"] for p in (out / ".work").glob("*/fake.pt")
@@ -400,7 +400,7 @@ def test_quickstart_through_ray_job_submit(head, tmp_path):
     from PIL import Image
 
     for row in rows.values():
-        files = json.loads(row["files"])
+        files = row["files"]
         for rel in files.values():
             assert (out / rel).is_file(), rel
         with Image.open(out / row["asset_dir"] / "reference.png") as image:
@@ -528,8 +528,8 @@ def test_reexport_without_retraining_updates_rows_in_place_and_resumes(head, tmp
     for before in rows:
         after = latest[before["asset_id"]]
         assert after["finished_at"] > before["finished_at"] and after["config_digest"] == before["config_digest"]
-        files = json.loads(after["files"])
-        assert "mesh" in files and "mesh" not in json.loads(before["files"])
+        files = after["files"]
+        assert "mesh" in files and "mesh" not in before["files"]
         for rel in files.values():
             assert (tmp_path / rel).is_file(), rel
         assert iio.imread(tmp_path / files["turntable"], index=None).shape[0] == 3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -36,7 +35,7 @@ def test_task_commits_and_empties_the_cuda_cache_only_where_cuda_ran(tmp_path, m
     monkeypatch.setattr(handles, "guidance_set", lambda asset_id: GuidanceSet(ip=components.ip_guidance()))
     result = run_asset(job, None, handles, spec)
     assert result["row"]["status"] == "succeeded" and DatasetWriter(config.output).is_committed(job.asset_id)
-    assert json.loads(result["row"]["files"])["preview"].endswith("preview.png")
+    assert result["row"]["files"]["preview"].endswith("preview.png")
     assert emptied == ([True] if cuda_in_use else [])
 
 

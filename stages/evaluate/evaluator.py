@@ -87,7 +87,7 @@ class Evaluator:
             return AssetScores(math.nan, math.nan, torch.zeros(0, 0), "none", 0)
         scene = None
         if method is not None and views != "preview":
-            key = method.digest()
+            key = method.resume_digest()  # the scene depends on no runtime key
             if key not in self._scenes:
                 from stages.scene.factory import build_scene
 

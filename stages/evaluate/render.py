@@ -23,15 +23,23 @@ import torch
 from PIL import Image
 from torch import nn
 
+from stages.config_loading import Choice
 from stages.evaluate.clip import to_pil
 from stages.evaluate.config import EvaluateConfig
-from stages.optimize.config import METHOD_FILE
+from stages.asset_layout import CHECKPOINT_FILE, METHOD_FILE, PREVIEW_FILE
 from stages.scene.base import Cameras
 from stages.scene.cameras import CameraConfig, orbit_cameras
 
-VIEW_SOURCES = ("auto", "render", "preview")
-CHECKPOINT_FILE = "checkpoint.pt"
-PREVIEW_FILE = "preview.png"
+class ViewSource(Choice):
+    """Where an asset's evaluation views come from: rendered from its checkpoint, cut from its
+    ``preview.png``, or ``auto`` (render when the method config is known, else preview)."""
+
+    auto = "auto"
+    render = "render"
+    preview = "preview"
+
+
+VIEW_SOURCES = ViewSource.values()
 PREVIEW_COLUMNS = 4
 """``preview.png`` is a grid with 4 views per row; its first row is the T3Bench views."""
 

@@ -1,4 +1,4 @@
-"""Write the files a user opens for one asset (names fixed by docs/ARCHITECTURE.md "Dataset layout").
+"""Write the files a user opens for one asset (names and roles: :mod:`stages.asset_layout`).
 
 :func:`export_asset` renders the preview grid and the turntable, saves the reference image and
 the final scene state, and calls the representation's exporters: a 3DGS PLY for splat scenes
@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from stages.asset_layout import CHECKPOINT_FILE, MESH_STEM, METHOD_FILE, PREVIEW_FILE, REFERENCE_FILE, SPLATS_FILE, TURNTABLE_STEM
 from stages.export.preview import as_rgb_image, image_grid, save_png
 from stages.export.video import write_video
 from stages.scene.cameras import CameraConfig, preview_cameras, turntable_cameras
@@ -42,7 +43,7 @@ def export_asset(scene: torch.nn.Module, out_dir: Path | str, config: Any, refer
     before any file is written.
     """
     from stages.optimize.checkpoint import save_scene_state
-    from stages.optimize.config import METHOD_FILE, save_method_config
+    from stages.optimize.config import save_method_config
 
     ex = config.export
     cameras: CameraConfig = config.cameras
@@ -57,13 +58,13 @@ def export_asset(scene: torch.nn.Module, out_dir: Path | str, config: Any, refer
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
-    files["preview"] = save_png(image_grid(views["rgb"], columns=4), out_dir / "preview.png").name
+    files["preview"] = save_png(image_grid(views["rgb"], columns=4), out_dir / PREVIEW_FILE).name
     frames = _render(scene, turntable_cameras(cameras, ex.turntable_frames), ex.turntable_resolution, ex.render_chunk)["rgb"]
-    files["turntable"] = write_video(frames, out_dir, "turntable", fps=ex.turntable_fps, video_format=ex.video_format).name
+    files["turntable"] = write_video(frames, out_dir, TURNTABLE_STEM, fps=ex.turntable_fps, video_format=ex.video_format).name
     if reference_image is not None:
-        files["reference"] = save_png(reference_image, out_dir / "reference.png").name
-    save_scene_state(scene, out_dir / "checkpoint.pt")
-    files["checkpoint"] = "checkpoint.pt"
+        files["reference"] = save_png(reference_image, out_dir / REFERENCE_FILE).name
+    save_scene_state(scene, out_dir / CHECKPOINT_FILE)
+    files["checkpoint"] = CHECKPOINT_FILE
     files["method"] = save_method_config(config, out_dir / METHOD_FILE).name
     files.update(_export_geometry(scene, out_dir, config))
     return files
@@ -86,13 +87,13 @@ def _export_geometry(scene: torch.nn.Module, out_dir: Path, config: Any) -> dict
     if hasattr(scene, "to_ply_dict"):
         from stages.export.ply import export_splats_ply
 
-        files["splats"] = Path(export_splats_ply(scene, out_dir / "splats.ply")).name
+        files["splats"] = Path(export_splats_ply(scene, out_dir / SPLATS_FILE)).name
     if ex.mesh and hasattr(scene, "density_grid"):
         from stages.export.mesh import export_mesh
 
         written = export_mesh(
             scene, out_dir, resolution=ex.mesh_resolution, threshold=_mesh_threshold(str(ex.mesh_threshold)),
-            target_faces=ex.mesh_target_faces or None,
+            target_faces=ex.mesh_target_faces or None, name=MESH_STEM,
         )
         names = {"glb": "mesh", "obj": "mesh_obj", "mtl": "mesh_mtl"}
         files.update({names.get(kind, kind): Path(path).name for kind, path in written.items()})

@@ -3,8 +3,6 @@ albedo field, optional decimation, GLB + OBJ/MTL via trimesh (written atomically
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 from typing import Protocol
 
@@ -13,6 +11,8 @@ import torch
 import trimesh
 from skimage import measure
 from torch import Tensor
+
+from stages.atomic import atomic_write
 
 
 class DensityScene(Protocol):
@@ -128,18 +128,12 @@ def export_mesh(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     final = {kind: out_dir / f"{name}.{kind}" for kind in ("glb", "obj", "mtl")}
-    tmp = {kind: path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp") for kind, path in final.items()}
-    try:
-        tmp["glb"].write_bytes(mesh.export(file_type="glb"))
+    # nested: all three are written before any is renamed (the MTL first, the GLB last)
+    with atomic_write(final["glb"]) as glb, atomic_write(final["obj"]) as obj, atomic_write(final["mtl"]) as mtl:
+        glb.write_bytes(mesh.export(file_type="glb"))
         obj_text = trimesh.exchange.obj.export_obj(
             mesh, include_normals=False, include_color=True, include_texture=False
         )
-        header = f"mtllib {final['mtl'].name}\nusemtl material_0\n"
-        tmp["obj"].write_text(header + obj_text)
-        tmp["mtl"].write_text(_MTL)
-        for kind in ("mtl", "obj", "glb"):
-            os.replace(tmp[kind], final[kind])
-    finally:
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
+        obj.write_text(f"mtllib {final['mtl'].name}\nusemtl material_0\n" + obj_text)
+        mtl.write_text(_MTL)
     return final

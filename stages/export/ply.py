@@ -12,14 +12,14 @@ rot as a unit quaternion w x y z. Normals are zero, as the reference implementat
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from stages.atomic import atomic_write
 
 
 def ply_property_names(num_rest: int) -> list[str]:
@@ -71,15 +71,8 @@ def export_splats_ply(scene: Any, path: str | Path, pad_sh_degree: Optional[int]
 def _write_atomic(path: Path, records: np.ndarray) -> Path:
     from plyfile import PlyData, PlyElement
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            PlyData([PlyElement.describe(records, "vertex")], text=False, byte_order="<").write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+        PlyData([PlyElement.describe(records, "vertex")], text=False, byte_order="<").write(handle)
     return path
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from stages.atomic import atomic_write
 from stages.export.video import frames_to_uint8
 
 
@@ -27,16 +27,10 @@ def image_grid(images: Tensor, columns: int) -> Image.Image:
 
 
 def save_png(image: Image.Image, path: Path) -> Path:
-    """Save ``image`` as PNG under a temporary name, then rename into place."""
+    """Save ``image`` as PNG (:func:`~stages.atomic.atomic_write`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.png")
-    try:
+    with atomic_write(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from stages.atomic import atomic_write
 
 
 def frames_to_uint8(frames: Tensor) -> np.ndarray:
@@ -43,29 +43,19 @@ def write_video(frames: Tensor, out_dir: Path, stem: str = "turntable", fps: int
     if video_format == "mp4" and ffmpeg_available():
         # H.264 with yuv420p needs even sizes; macro_block_size=2 pads at most one pixel
         path = out_dir / f"{stem}.mp4"
-        tmp = out_dir / f".{stem}.{uuid.uuid4().hex}.mp4"
         try:
-            with imageio.get_writer(
+            with atomic_write(path) as tmp, imageio.get_writer(
                 tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
                 macro_block_size=2, ffmpeg_log_level="error", output_params=["-crf", "18"],
             ) as writer:
                 for image in images:
                     writer.append_data(image)
-            os.replace(tmp, path)
             return path
         except Exception:  # noqa: BLE001 - fall back to GIF below
             pass
-        finally:
-            if tmp.exists():
-                tmp.unlink()
     elif video_format not in ("mp4", "gif"):
         raise ValueError(f"export.video_format must be 'mp4' or 'gif', got {video_format!r}")
     path = out_dir / f"{stem}.gif"
-    tmp = out_dir / f".{stem}.{uuid.uuid4().hex}.gif"
-    try:
+    with atomic_write(path) as tmp:
         imageio.mimsave(tmp, list(images), format="GIF", duration=1000.0 / fps, loop=0)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

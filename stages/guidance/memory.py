@@ -146,10 +146,10 @@ def _write_entries(path: Path, entries: dict[str, dict[str, int]]) -> None:
         "diffusers": diffusers.__version__,
         "entries": dict(sorted(entries.items())),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
+    from stages.atomic import atomic_write
+
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
     load_table.cache_clear()
 
 

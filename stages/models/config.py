@@ -6,6 +6,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stages.config_loading import Choice
+
+
+class ModelDtype(Choice):
+    """Weights' dtype (:func:`stages.models.device.resolve_dtype`); ``fp32`` / ``fp16`` / ``half`` /
+    ``bf16`` are aliases."""
+
+    auto = "auto"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    half = "half"
+    bf16 = "bf16"
+
 
 @dataclass
 class ModelsConfig:
@@ -27,8 +43,8 @@ class ModelsConfig:
     encoder come from ``mvdream`` itself, whose original checkpoint ships no tokenizer."""
     reference: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """Any diffusers text-to-image pipeline for the reference images."""
-    dtype: str = "auto"
-    """``auto`` (fp16 on CUDA, fp32 on CPU) | ``float32`` | ``float16`` | ``bfloat16``."""
+    dtype: ModelDtype = ModelDtype.auto
+    """``auto``: fp16 on CUDA, fp32 on CPU."""
     device: str = "auto"
     """``auto`` (cuda when available) | ``cpu`` | ``cuda`` | ``cuda:N``."""
     seed: int = 0

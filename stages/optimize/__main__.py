@@ -29,7 +29,9 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from stages.models.config import ModelsConfig
+from stages.asset_layout import ASSET_RECORD, METRICS_FILE
+from stages.atomic import atomic_write
+from stages.models.config import ModelDtype, ModelsConfig
 
 MODEL_KEYS = ("sd", "ip_adapter", "image_encoder", "mvdream", "mvdream_text", "reference")
 MODEL_SHORTCUTS = ("tiny", "toyworld")
@@ -77,17 +79,13 @@ def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str], str
 
 def build_models_config(file_section: Any, overrides: Sequence[str], shortcut: str | None) -> ModelsConfig:
     """ModelsConfig ← ``models=tiny|toyworld`` shortcut ← YAML ``models:`` section ← ``models.<key>`` overrides."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from stages.config_loading import merge_config, to_object
 
     base = ModelsConfig()
     if shortcut:
-        base = ModelsConfig(**{k: shortcut for k in MODEL_KEYS}, device="cpu", dtype="float32")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(base), file_section or {}, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as error:
-        raise ValueError(f"invalid models config: {error}") from error
-    return OmegaConf.to_object(merged)
+        base = ModelsConfig(**{k: shortcut for k in MODEL_KEYS}, device="cpu", dtype=ModelDtype.float32)
+    merged = merge_config(base, file_section, overrides=overrides, source="models config", key_prefix="models.")
+    return to_object(merged, "models config", key_prefix="models.")
 
 
 def build_configs(args: argparse.Namespace) -> tuple[Any, ModelsConfig]:
@@ -95,12 +93,11 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, ModelsConfig]:
     ``--config``'s ``seed`` when not given."""
     from omegaconf import OmegaConf
 
+    from stages.config_loading import read_yaml
     from stages.optimize.config import load_optimize_config
 
     method_overrides, model_overrides, shortcut = split_overrides(args.overrides)
-    if args.config and not Path(args.config).is_file():
-        raise ValueError(f"--config file not found: {args.config}")
-    file_cfg = OmegaConf.load(args.config) if args.config else OmegaConf.create({})
+    file_cfg = read_yaml(args.config, what="--config") if args.config else OmegaConf.create({})
     models_section = file_cfg.get("models", None)
     if args.seed is None:
         args.seed = int(file_cfg.get("seed", 0)) if "method" in file_cfg or "models" in file_cfg else 0
@@ -173,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     files = export_asset(result.scene, out, config, reference)
     metrics = {**result.metrics, "duration_s": time.time() - started}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    with atomic_write(out / METRICS_FILE) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
     asset = {
         "asset_id": asset_id,
         "prompt": args.prompt,
@@ -188,8 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "method_config": asdict(config),
         "files": files,
     }
-    (out / "asset.json").write_text(json.dumps(asset, indent=2, default=str))
-    extra = {"metrics": "metrics.json", "asset": "asset.json"}
+    with atomic_write(out / ASSET_RECORD) as tmp:
+        tmp.write_text(json.dumps(asset, indent=2, default=str))
+    extra = {"metrics": METRICS_FILE, "record": ASSET_RECORD}
     for kind, name in sorted({**files, **extra}.items()):
         print(f"{kind:>10}: {out / name}")
     return 0

@@ -1,16 +1,14 @@
 """Atomic training checkpoints: scene + optimiser + RNG state + iteration.
 
-A checkpoint is written to a temporary file in the same directory, flushed to disk and
-``os.replace``d over the previous one, so a reader sees either the old or the new file, never
-a partial one. The previous checkpoint is kept as ``<name>.prev.pt`` until the next write, and
+A checkpoint is written with :func:`stages.atomic.atomic_write` (a temporary sibling, flushed to
+disk and ``os.replace``d over the previous one), so a reader sees either the old or the new file,
+never a partial one. The previous checkpoint is kept as ``<name>.prev.pt`` until the next write, and
 :func:`load_checkpoint` falls back to it when the newest file cannot be read. Files are read
 with ``torch.load(weights_only=True)``: only tensors and plain containers.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,8 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-CHECKPOINT_NAME = "optimize.pt"
-PREVIOUS_NAME = "optimize.prev.pt"
+from stages.asset_layout import WORK_CHECKPOINT as CHECKPOINT_NAME
+from stages.asset_layout import WORK_PREVIOUS_CHECKPOINT as PREVIOUS_NAME
+from stages.atomic import atomic_write
+
 FORMAT_VERSION = 1
 
 
@@ -27,28 +27,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but does not belong to this run (other config, seed or asset)."""
 
 
-def _write_synced(obj: Any, path: Path) -> None:
-    with open(path, "wb") as handle:
+def atomic_torch_save(obj: Any, path: Path, keep_previous: Path | None = None) -> None:
+    """``torch.save`` through :func:`~stages.atomic.atomic_write` (``keep_previous``: where the
+    file it replaces goes)."""
+    with atomic_write(path, keep_previous=keep_previous) as tmp, open(tmp, "wb") as handle:
         torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _temporary_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary sibling file, fsync, then ``os.replace`` onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_sibling(path)
-    try:
-        _write_synced(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_checkpoint(checkpoint_dir: Path, state: dict[str, Any]) -> Path:
@@ -59,17 +42,8 @@ def save_checkpoint(checkpoint_dir: Path, state: dict[str, Any]) -> Path:
     the old checkpoint untouched.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     path = checkpoint_dir / CHECKPOINT_NAME
-    tmp = _temporary_sibling(path)
-    try:
-        _write_synced({"format_version": FORMAT_VERSION, **state}, tmp)
-        if path.exists():
-            os.replace(path, checkpoint_dir / PREVIOUS_NAME)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_torch_save({"format_version": FORMAT_VERSION, **state}, path, keep_previous=checkpoint_dir / PREVIOUS_NAME)
     return path
 
 

@@ -11,15 +11,13 @@ preset for tests and the quickstart. Build from YAML / dotlist overrides with
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from stages.guidance.losses import LOSS_NAMES, SD_BRANCHES, check_loss_name
+from stages.config_loading import Choice, ConfigError, merge_config, read_yaml, to_object
+from stages.guidance.losses import LOSS_NAMES, check_loss_name
 from stages.guidance.protocol import IPSettings, MVDreamSettings
 from stages.optimize.schedules import ScheduleConfig
 from stages.scene.base import SHADINGS
@@ -27,11 +25,46 @@ from stages.scene.cameras import CameraConfig
 from stages.scene.nerf.config import NeRFConfig
 from stages.scene.splats.config import SplatConfig
 
-REPRESENTATIONS = ("nerf", "splats")
+
+class Representation(Choice):
+    """The 3D representation optimised."""
+
+    nerf = "nerf"
+    splats = "splats"
+
+
+class SdBranch(Choice):
+    """Reading of ε_SD (:data:`stages.guidance.losses.SD_BRANCHES`)."""
+
+    vanilla = "vanilla"
+    ip_null = "ip_null"
+
+
+class VideoFormat(Choice):
+    mp4 = "mp4"
+    gif = "gif"
+
+
+class Backprop(Choice):
+    """How renders are back-propagated (see ``OptimizeConfig.backprop``)."""
+
+    auto = "auto"
+    deferred = "deferred"
+    direct = "direct"
+
+
+class Preset(Choice):
+    """Defaults an optimisation config starts from."""
+
+    paper = "paper"
+    tiny = "tiny"
+
+
 MVDREAM_ONLY = ("mvdream", "sds_mvd")
 """Loss names that use MVDream alone (no SD1.5 / IP-Adapter side)."""
 OPTIMIZE_LOSSES = tuple(n for n in LOSS_NAMES if n != "sds_mvd") + MVDREAM_ONLY
-BACKPROP_MODES = ("auto", "deferred", "direct")
+"""``method.loss`` stays a string checked by :func:`stages.guidance.losses.check_loss_name`, which
+refuses a renamed loss naming its successors (an Enum would only list the current names)."""
 
 
 @dataclass
@@ -39,7 +72,7 @@ class IsdConfig:
     """The SD1.5 + IP-Adapter side (ISD and the other 2D losses); defaults and meaning are
     :class:`~stages.guidance.protocol.IPSettings`' (the loss is ``method.loss``)."""
 
-    sd_branch: str = IPSettings.sd_branch
+    sd_branch: SdBranch = SdBranch(IPSettings.sd_branch)
     """Reading of ε_SD: ``vanilla`` (IP scale 0) | ``ip_null`` (adapter with a zero image embedding)."""
     ip_scale: float = IPSettings.ip_scale
     """IP-Adapter scale of the reference-conditioned branch."""
@@ -118,7 +151,7 @@ class ExportConfig:
     """Frame rate of the turntable video."""
     turntable_resolution: int = 256
     """Pixels per side of each turntable frame."""
-    video_format: str = "mp4"
+    video_format: VideoFormat = VideoFormat.mp4
     """``mp4`` (falls back to ``gif`` when ffmpeg is missing) | ``gif``."""
     mesh: bool = True
     """Write ``mesh.glb`` + ``mesh.obj``/``mesh.mtl``: marching cubes on the NeRF density, or on the
@@ -138,8 +171,8 @@ class ExportConfig:
 class OptimizeConfig:
     """One asset's optimisation: representation, loss, schedules, optimiser, checkpoints, export."""
 
-    representation: str = "nerf"
-    """``nerf`` | ``splats``."""
+    representation: Representation = Representation.nerf
+    """What is optimised: a NeRF (``nerf`` section) or 3D Gaussian splats (``splats`` section)."""
     nerf: NeRFConfig = field(default_factory=NeRFConfig)
     splats: SplatConfig = field(default_factory=SplatConfig)
     iterations: int = 6000
@@ -174,7 +207,7 @@ class OptimizeConfig:
     """``auto`` (cuda when available) | ``cpu`` | ``cuda`` | ``cuda:N``."""
     progress: bool = False
     """Show a tqdm progress bar."""
-    backprop: str = "auto"
+    backprop: Backprop = Backprop.auto
     """How renders are back-propagated: ``deferred`` (render once without autograd, ask the
     guidance, then render again chunk by chunk with autograd, each chunk back-propagated at once:
     the peak graph is one chunk's, NeRF ``renderer.chunk_samples`` samples or splats
@@ -185,7 +218,7 @@ class OptimizeConfig:
     @staticmethod
     def tiny(representation: str = "nerf") -> "OptimizeConfig":
         """CPU-sized preset: 100 iterations at 32² with 4 views, tiny scene, small exports."""
-        cfg = OptimizeConfig(representation=representation, iterations=100)
+        cfg = OptimizeConfig(representation=Representation(representation), iterations=100)
         cfg.nerf = _tiny_or_default(NeRFConfig)
         cfg.splats = _tiny_or_default(SplatConfig)
         cfg.schedule = ScheduleConfig(milestones=[0.5], resolutions=[32, 32], batch_sizes=[4, 4])
@@ -248,16 +281,12 @@ class OptimizeConfig:
     def validate(self) -> "OptimizeConfig":
         """Raise ``ValueError`` naming the first bad key (``method.<key> ...``); returns self."""
         p = "method"
-        if self.representation not in REPRESENTATIONS:
-            raise ValueError(f"{p}.representation must be one of {REPRESENTATIONS}, got {self.representation!r}")
         if int(self.iterations) <= 0:
             raise ValueError(f"{p}.iterations must be > 0, got {self.iterations}")
         try:
             check_loss_name(self.loss, OPTIMIZE_LOSSES)
         except ValueError as error:
             raise ValueError(f"{p}.loss: {error}") from None
-        if self.isd.sd_branch not in SD_BRANCHES:
-            raise ValueError(f"{p}.isd.sd_branch must be one of {SD_BRANCHES}, got {self.isd.sd_branch!r}")
         for key, value in (
             ("isd.ip_scale", self.isd.ip_scale),
             ("isd.guidance_scale", self.isd.guidance_scale),
@@ -291,7 +320,6 @@ class OptimizeConfig:
             _require(value >= 0, f"{p}.shading.{name} must be >= 0, got {value}")
         _require(sum(probs) > 0, f"{p}.shading: albedo + diffuse + textureless must be > 0")
         _require(0 <= self.shading.albedo_only_fraction <= 1, f"{p}.shading.albedo_only_fraction must be in [0, 1], got {self.shading.albedo_only_fraction}")
-        _require(self.backprop in BACKPROP_MODES, f"{p}.backprop must be one of {BACKPROP_MODES}, got {self.backprop!r}")
         _require(self.checkpoint_every >= 0, f"{p}.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _require(self.preview_every >= 0, f"{p}.preview_every must be >= 0, got {self.preview_every}")
         _require(self.preview_resolution > 0, f"{p}.preview_resolution must be > 0, got {self.preview_resolution}")
@@ -299,7 +327,6 @@ class OptimizeConfig:
         for key in ("preview_resolution", "turntable_frames", "turntable_fps", "turntable_resolution", "mesh_resolution", "render_chunk"):
             _require(int(getattr(ex, key)) > 0, f"{p}.export.{key} must be > 0, got {getattr(ex, key)}")
         _require(int(ex.mesh_target_faces) >= 0, f"{p}.export.mesh_target_faces must be >= 0, got {ex.mesh_target_faces}")
-        _require(ex.video_format in ("mp4", "gif"), f"{p}.export.video_format must be 'mp4' or 'gif', got {ex.video_format!r}")
         return self
 
     def _validate_schedule(self, p: str) -> None:
@@ -314,14 +341,13 @@ class OptimizeConfig:
         for batch in s.batch_sizes:
             _require(int(batch) % self.cameras.n_view == 0, f"{p}.schedule.batch_sizes must be multiples of cameras.n_view={self.cameras.n_view}, got {list(s.batch_sizes)}")
 
-    def digest(self) -> str:
-        """Short stable hash of the whole config (for asset ids)."""
-        return _digest(asdict(self))
-
     def resume_digest(self) -> str:
-        """Hash of the fields that change the optimisation result (a checkpoint written under
-        another value of these cannot be resumed); logging, export and device are left out."""
-        return _digest(without_runtime_keys(asdict(self)))
+        """Digest of the fields that change the optimisation result (a checkpoint written under
+        another value of these cannot be resumed); logging, export and device are left out.
+        Asset ids use :func:`stages.optimize.identity.identity_digest`."""
+        from stages.digest import digest
+
+        return digest(without_runtime_keys(asdict(self)), 16, compact=False)
 
 
 RUNTIME_KEYS = (
@@ -345,11 +371,6 @@ def without_runtime_keys(fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _digest(fields: dict[str, Any]) -> str:
-    text = json.dumps(fields, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -367,48 +388,42 @@ def load_optimize_config(
 
     A YAML file may hold the keys at top level or under ``method:``. The special override
     ``preset=tiny`` (or ``preset: tiny`` in the file) starts from :meth:`OptimizeConfig.tiny`.
-    Unknown keys raise ``ValueError`` naming them; the result is validated.
+    Unknown keys and bad values raise :class:`~stages.config_loading.ConfigError` (a
+    ``ValueError``) naming them as ``method.<key>``; the result is validated.
     """
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
+    name = str(source) if isinstance(source, (str, Path)) else "method config"
     if source is None:
         file_cfg = OmegaConf.create({})
     elif isinstance(source, (str, Path)):
-        if not Path(source).is_file():
-            raise ValueError(f"method config file not found: {source}")
-        file_cfg = OmegaConf.load(source)
+        file_cfg = read_yaml(source, what="method config")
     else:
         file_cfg = OmegaConf.create(dict(source)) if not OmegaConf.is_config(source) else source.copy()
     if "method" in file_cfg:
         file_cfg = file_cfg.method
-    dotlist = OmegaConf.from_dotlist(list(overrides))
-    preset = dotlist.pop("preset", None) or file_cfg.pop("preset", None)
+    dotlist = OmegaConf.from_dotlist([o for o in overrides if o.split("=", 1)[0] == "preset"])
+    preset = dotlist.get("preset", None) or file_cfg.pop("preset", None)
+    rest = [o for o in overrides if o.split("=", 1)[0] != "preset"]
     if base is None:
-        if preset not in (None, "tiny", "paper"):
-            raise ValueError(f"method.preset must be 'tiny' or 'paper', got {preset!r}")
-        base = OptimizeConfig.tiny() if preset == "tiny" else OptimizeConfig()
+        base = OptimizeConfig.tiny() if Preset.parse(preset or Preset.paper, "method.preset") == Preset.tiny else OptimizeConfig()
+    merged = merge_config(base, file_cfg, overrides=rest, source=name, key_prefix="method.")
+    config: OptimizeConfig = to_object(merged, name, key_prefix="method.")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(base), file_cfg, dotlist)
-        config = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        raise ValueError(f"invalid optimisation config: {error}") from error
-    except ValueError as error:  # a nested dataclass' __post_init__ validation
-        raise ValueError(str(error).replace("ScheduleConfig.", "method.schedule.")) from error
-    return config.validate()
-
-
-METHOD_FILE = "method.yaml"
-"""Name of the file in an asset dir that holds the asset's ``OptimizeConfig`` (OmegaConf YAML)."""
+        return config.validate()
+    except ValueError as error:
+        raise ConfigError(f"{name}: config key {error}") from None
 
 
 def save_method_config(config: OptimizeConfig, path: Path | str) -> Path:
-    """Write ``config`` as OmegaConf YAML (temp file + ``os.replace``); :func:`load_optimize_config`
-    reads it back, so evaluation can rebuild the scene that ``checkpoint.pt`` belongs to."""
+    """Write ``config`` as OmegaConf YAML (:func:`~stages.atomic.atomic_write`);
+    :func:`load_optimize_config` reads it back, so evaluation can rebuild the scene that
+    ``checkpoint.pt`` belongs to."""
     from omegaconf import OmegaConf
 
+    from stages.atomic import atomic_write
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)), encoding="utf-8")
     return path

@@ -17,11 +17,11 @@ prompt's variant K.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import asdict
 from typing import Any
 
+from stages.digest import digest
 from stages.models.factory import TOYWORLD
 from stages.optimize.config import OptimizeConfig, without_runtime_keys
 
@@ -43,8 +43,7 @@ def identity_digest(method: OptimizeConfig, models: Any, seed: int) -> str:
         from stages.toyworld.world import load_world
 
         payload["toyworld"] = load_world(models.toyworld).digest()
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:DIGEST_HEX]
+    return digest(payload, DIGEST_HEX)
 
 
 def slugify(prompt: str, max_len: int = 40) -> str:
@@ -53,10 +52,10 @@ def slugify(prompt: str, max_len: int = 40) -> str:
     return slug[:max_len].rstrip("_") or "prompt"
 
 
-def asset_id_for(prompt: str, variant: int, digest: str) -> str:
+def asset_id_for(prompt: str, variant: int, config_digest: str) -> str:
     """``<slug>-v<variant>-<10 hex>``: readable, safe as a directory name, unique per
     (prompt, variant, identity digest)."""
-    key = hashlib.sha256(f"{prompt}\x1f{variant}\x1f{digest}".encode()).hexdigest()[:10]
+    key = hashlib.sha256(f"{prompt}\x1f{variant}\x1f{config_digest}".encode()).hexdigest()[:10]
     return f"{slugify(prompt)}-v{variant}-{key}"
 
 

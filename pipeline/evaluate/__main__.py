@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.evaluate.cli import main
+
+sys.exit(main())

@@ -1,0 +1,3 @@
+from pipeline.gallery.cli import main
+
+main()
