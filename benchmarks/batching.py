@@ -35,7 +35,7 @@ from ray import serve
 
 from benchmarks.common import write_json
 from pipeline.actors import IPGuidanceActor
-from stages.guidance.protocol import Guidance, GuidanceRequest, GuidanceResponse
+from stages.guidance.protocol import Guidance, GuidanceRequest, GuidanceResponse, IPSettings
 
 BACKENDS = ("actor", "serve")
 HANDLERS = ("sleep", "tiny-ip")
@@ -50,7 +50,7 @@ class SleepGuidance:
         self.per_item_s = per_item_ms / 1000.0
         self.registered: set[str] = set()
 
-    def register(self, asset_id: str, prompt: str, reference: Any | None = None, negative_prompt: str = "") -> None:
+    def register(self, asset_id: str, prompt: str, reference: Any | None = None, settings: Any | None = None) -> None:
         self.registered.add(asset_id)
 
     def release(self, asset_id: str) -> None:
@@ -83,7 +83,11 @@ def handler_factory(name: str) -> Callable[[], Guidance]:
 def make_request(asset_id: str, index: int) -> GuidanceRequest:
     generator = torch.Generator().manual_seed(index)
     rgb = torch.rand(1, 3, RENDER_SIZE, RENDER_SIZE, generator=generator)
-    return GuidanceRequest(asset_id, rgb, torch.tensor([500]), seed=index, loss="isd")
+    return GuidanceRequest(asset_id, rgb, torch.tensor([500]), seed=index)
+
+
+SETTINGS = IPSettings(loss="isd", view_prompts=False)
+"""Every asset's settings: ISD, one prompt for every view (the requests carry no cameras)."""
 
 
 def reference_image(index: int) -> Any:
@@ -123,8 +127,8 @@ class ServeGuidance:
         self._grad_batch.set_max_batch_size(max_batch)
         self._grad_batch.set_batch_wait_timeout_s(max_wait_ms / 1000.0)
 
-    async def register(self, asset_id: str, prompt: str, reference: Any | None = None) -> None:
-        call = functools.partial(self.guidance.register, asset_id, prompt, reference)
+    async def register(self, asset_id: str, prompt: str, reference: Any | None = None, settings: Any | None = None) -> None:
+        call = functools.partial(self.guidance.register, asset_id, prompt, reference, settings)
         await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     async def grad(self, request: GuidanceRequest) -> GuidanceResponse:
@@ -151,13 +155,13 @@ def measure(backend: str, handler: str, callers: int, requests: int, max_wait_ms
     asset_ids = [f"asset-{i}" for i in range(callers)]
     if backend == "actor":
         handle = IPGuidanceActor.options(num_cpus=0).remote(factory, callers, max_wait_ms)
-        ray.get([handle.register.remote(a, "a prompt", reference_image(i)) for i, a in enumerate(asset_ids)])
+        ray.get([handle.register.remote(a, "a prompt", reference_image(i), SETTINGS) for i, a in enumerate(asset_ids)])
         stats = lambda: ray.get(handle.stats.remote())  # noqa: E731
     else:
         serve.start(proxy_location="Disabled")
         handle = serve.run(_serve_deployment(max(callers, 1) * 2).bind(factory, callers, max_wait_ms), name="bench", route_prefix=None)
         for index, asset_id in enumerate(asset_ids):
-            handle.register.remote(asset_id, "a prompt", reference_image(index)).result()
+            handle.register.remote(asset_id, "a prompt", reference_image(index), SETTINGS).result()
         stats = lambda: handle.stats.remote().result()  # noqa: E731
     clients = [Caller.remote() for _ in asset_ids]
     try:

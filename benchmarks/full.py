@@ -40,7 +40,7 @@ from PIL import Image
 from benchmarks.common import environment, format_table, synchronize, time_call, write_json
 from stages.guidance.ip_guidance import IPComponents, IPGuidance
 from stages.guidance.mvdream_guidance import MVDreamGuidance
-from stages.guidance.protocol import GuidanceRequest
+from stages.guidance.protocol import GuidanceRequest, IPSettings, MVDreamSettings
 from stages.guidance.runtime import GuidanceRuntime
 from stages.models.architecture import MVDREAM_SD21_4VIEW, SD15_IP_BASE, TINY_IP, TINY_MVDREAM, build_ip, build_mvdream
 from stages.models.device import resolve_device
@@ -82,30 +82,31 @@ def build_ip_guidance(
     dtype: torch.dtype,
     seed: int = 0,
     runtime: GuidanceRuntime | None = None,
-    sd_branch: str = "vanilla",
 ) -> IPGuidance:
     """SD1.5 + ``ip-adapter_sd15`` + ViT-H/14 at real size with random weights (``full``), or the tiny preset."""
     sd, ip = build_ip(SD15_IP_BASE if full else TINY_IP, device, dtype, seed)
     resolution = 512 if full else TINY_RENDER_RESOLUTION
-    return IPGuidance(IPComponents(sd, ip), render_resolution=resolution, sd_branch=sd_branch, runtime=runtime)
+    return IPGuidance(IPComponents(sd, ip), render_resolution=resolution, runtime=runtime)
 
 
 def build_mvd_guidance(full: bool, device: torch.device | str, dtype: torch.dtype, seed: int = 0, runtime: GuidanceRuntime | None = None) -> MVDreamGuidance:
     """MVDream (SD2.1-base 4-view UNet with camera embedding) guidance, real size or tiny."""
     parts = build_mvdream(MVDREAM_SD21_4VIEW if full else TINY_MVDREAM, device, dtype, seed)
     resolution = 256 if full else TINY_RENDER_RESOLUTION
-    return MVDreamGuidance(parts, render_resolution=resolution, guidance_scale=None, runtime=runtime)
+    return MVDreamGuidance(parts, render_resolution=resolution, runtime=runtime)
 
 
 # ----------------------------------------------------------------------------- requests
-def register_assets(ip: IPGuidance | None, mvd: MVDreamGuidance | None, count: int) -> list[str]:
+def register_assets(ip: IPGuidance | None, mvd: MVDreamGuidance | None, count: int, sd_branch: str = "vanilla") -> list[str]:
+    """``count`` assets registered as the loop registers them: the method's defaults (ISD with
+    view prompts; MVDream recon loss at CFG 50), ``sd_branch`` on the IP side."""
     ids = [f"bench-{k}" for k in range(count)]
     for k, asset_id in enumerate(ids):
         reference = Image.new("RGB", (64, 64), (40 * k % 256, 90, 160))
         if ip is not None:
-            ip.register(asset_id, f"a ceramic teapot number {k}", reference)
+            ip.register(asset_id, f"a ceramic teapot number {k}", reference, IPSettings(sd_branch=sd_branch))
         if mvd is not None:
-            mvd.register(asset_id, f"a ceramic teapot number {k}")
+            mvd.register(asset_id, f"a ceramic teapot number {k}", None, MVDreamSettings())
     return ids
 
 
@@ -114,14 +115,15 @@ def make_request(asset_id: str, kind: str, views: int, resolution: int, seed: in
     g = torch.Generator().manual_seed(seed)
     cameras = sample_cameras(g, views, CameraConfig())
     rgb = torch.rand(views, 3, resolution, resolution, generator=g)
-    common = dict(asset_id=asset_id, rgb=rgb, seed=seed, c2w=cameras.c2w, elevation=cameras.elevation, azimuth=cameras.azimuth)
+    common = dict(
+        asset_id=asset_id, rgb=rgb, seed=seed, c2w=cameras.c2w, elevation=cameras.elevation, azimuth=cameras.azimuth,
+        fovy=cameras.fovy,
+    )
     if kind == "ip":
         t = torch.randint(20, 980, (views,), generator=g)
-        options = {"sd_branch": "vanilla", "cv_guidance_scale": 100.0, "delta_t": 50, "view_prompts": True, "fovy": cameras.fovy.tolist()}
-        return GuidanceRequest(timesteps=t, loss="isd", guidance_scale=7.5, ip_scale=0.5, options=options, **common)
+        return GuidanceRequest(timesteps=t, family="ip", **common)
     t = torch.randint(20, 980, (views // 4,), generator=g).repeat_interleave(4)
-    options = {"recon_loss": True, "recon_std_rescale": 0.5, "n_view": 4, "fovy": cameras.fovy.tolist()}
-    return GuidanceRequest(timesteps=t, loss="sds_mvd", guidance_scale=50.0, ip_scale=0.0, options=options, **common)
+    return GuidanceRequest(timesteps=t, family="mvd", **common)
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -129,7 +131,7 @@ def iteration_seconds(
     ip: IPGuidance, mvd: MVDreamGuidance, full: bool, device: torch.device, iterations: int
 ) -> list[dict[str, Any]]:
     """Seconds per iteration of the real loop in both resolution phases (median after warm-up)."""
-    from stages.guidance.schedules import ScheduleConfig
+    from stages.optimize.schedules import ScheduleConfig
     from stages.guidance.set import GuidanceSet
     from stages.optimize.config import OptimizeConfig
     from stages.optimize.loop import optimize_asset
@@ -430,8 +432,8 @@ def flops_per_asset(full: bool = True) -> dict[str, Any]:
     samples = sum(its * views * render * render * method.nerf.renderer.num_samples_per_ray for views, render, its in phases)
     rows = []
     for branch in SD_BRANCHES:
-        ip = build_ip_guidance(full, device, torch.float32, sd_branch=branch)
-        register_assets(ip, None, 1)
+        ip = build_ip_guidance(full, device, torch.float32)
+        register_assets(ip, None, 1, sd_branch=branch)
         ip_calls = [guidance_call_flops(ip, "ip", views, render) for views, render, _ in phases]
         guidance = sum(its * (a + b) for (_, _, its), a, b in zip(phases, ip_calls, mvd_calls))
         for representation in Representation.values():

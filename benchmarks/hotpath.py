@@ -180,7 +180,7 @@ class StandInGuidance:
         self.wire = wire
         self.registered: set[str] = set()
 
-    def register(self, asset_id: str, prompt: str, reference: Any = None, negative_prompt: str = "") -> None:
+    def register(self, asset_id: str, prompt: str, reference: Any = None, settings: Any = None) -> None:
         self.registered.add(asset_id)
 
     def release(self, asset_id: str) -> None:

@@ -215,7 +215,7 @@ def gradient_variance(world_name: str, timesteps: Sequence[int], draws: int, ip_
     fixed renders: the world's start blob and each prompt's object 5 seen from 4 cameras."""
     import torch
 
-    from stages.guidance.protocol import GuidanceRequest
+    from stages.guidance.protocol import GuidanceRequest, IPSettings
     from stages.scene.cameras import CameraConfig, sample_cameras
     from stages.toyworld import ToyWorldGuidance, ToyWorldReferenceSampler, load_world
     from stages.toyworld.render import render_objects
@@ -227,17 +227,19 @@ def gradient_variance(world_name: str, timesteps: Sequence[int], draws: int, ip_
     cams = sample_cameras(torch.Generator().manual_seed(0), 4, CameraConfig())
     start = render_objects(primitive_table([ToyObject("start", (world.start,))]), cams.c2w, cams.fovy, 32, 32, world.shading).rgb[0]
     rows = []
+    losses = ("ip_sds", "sds", "isd")
     for prompt in world.prompts:
-        guidance.register(prompt, prompt, sampler.render(prompt, 5))
+        reference = sampler.render(prompt, 5)
+        for name in losses:  # one registration per loss: the loss is an asset's setting
+            guidance.register(f"{prompt}/{name}", prompt, reference, IPSettings(loss=name, ip_scale=ip_scale))
         obj = render_objects(world.prompt_table(prompt).select(torch.tensor([5])), cams.c2w, cams.fovy, 32, 32, world.shading).rgb[0]
         for state, rgb in (("start", start), ("reference", obj)):
             for t in timesteps:
-                grads = {name: [] for name in ("ip_sds", "sds", "isd")}
+                grads = {name: [] for name in losses}
                 for seed in range(draws):
                     for name in grads:
                         request = GuidanceRequest(
-                            prompt, rgb, torch.full((4,), int(t)), seed, loss=name, ip_scale=ip_scale,
-                            c2w=cams.c2w, options={"fovy": cams.fovy.tolist()},
+                            f"{prompt}/{name}", rgb, torch.full((4,), int(t)), seed, c2w=cams.c2w, fovy=cams.fovy
                         )
                         grads[name].append(guidance.grad([request])[0].grad_rgb.double().flatten())
                 a, b, d = (torch.stack(grads[n]) for n in ("ip_sds", "sds", "isd"))

@@ -18,7 +18,7 @@ import ray
 
 from pipeline.batching import MicroBatcher
 from pipeline.clients import fetch_renders
-from stages.guidance.protocol import Guidance, GuidanceRequest, GuidanceResponse, UnknownAssetError
+from stages.guidance.protocol import Guidance, GuidanceRequest, GuidanceResponse, GuidanceSettings, UnknownAssetError
 
 
 class GuidanceServer:
@@ -41,9 +41,11 @@ class GuidanceServer:
             size=request_views,
         )
 
-    async def register(self, asset_id: str, prompt: str, reference: Any | None = None, negative_prompt: str = "") -> None:
-        """Encode the asset's prompt (and reference) once; idempotent."""
-        await _run(self._executor, self.guidance.register, asset_id, prompt, reference, negative_prompt=negative_prompt)
+    async def register(
+        self, asset_id: str, prompt: str, reference: Any | None = None, settings: GuidanceSettings | None = None
+    ) -> None:
+        """Encode the asset's prompt (and reference) once and keep its settings; idempotent."""
+        await _run(self._executor, self.guidance.register, asset_id, prompt, reference, settings)
         self.registered.add(asset_id)
 
     async def release(self, asset_id: str) -> None:

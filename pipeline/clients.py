@@ -1,8 +1,9 @@
 """The :class:`~stages.guidance.protocol.Guidance` protocol over a Ray actor handle.
 
-An optimiser task holds one :class:`ActorGuidance` per model. It remembers what it registered,
-so when the actor was restarted by Ray (``max_restarts``) and lost its registry, the client
-registers the asset again and repeats the request; when the actor is down while restarting
+An optimiser task holds one :class:`ActorGuidance` per model. It remembers what it registered
+(prompt, reference, settings), so when the actor was restarted by Ray (``max_restarts``) and lost
+its registry, the client registers the asset again and repeats the request (the one place that
+re-registers: an in-process guidance never forgets an asset); when the actor is down while restarting
 it waits and retries; when it is dead for good it raises :class:`~pipeline.faults.ModelGoneError`
 at once (the driver stops the run). The optimiser sees an ordinary in-process guidance.
 
@@ -26,7 +27,13 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from torch.profiler import record_function
 
 from pipeline.faults import ModelGoneError, actor_is_dead
-from stages.guidance.protocol import GuidanceRequest, GuidanceResponse, UnknownAssetError, validate_request
+from stages.guidance.protocol import (
+    GuidanceRequest,
+    GuidanceResponse,
+    GuidanceSettings,
+    UnknownAssetError,
+    validate_request,
+)
 
 _ACTOR_DOWN = (RayActorError, ActorUnavailableError)
 
@@ -105,13 +112,15 @@ class ActorGuidance:
         self.retries = retries
         self.backoff_s = backoff_s
         self.renders = renders if renders is not None else RenderShare()
-        self._registrations: dict[str, tuple[str, Any, str]] = {}
+        self._registrations: dict[str, tuple[str, Any, GuidanceSettings | None]] = {}
         self.reregistrations = 0
         """How many times this client re-registered an asset (after an actor restart)."""
 
-    def register(self, asset_id: str, prompt: str, reference: Any | None = None, negative_prompt: str = "") -> None:
-        self._registrations[asset_id] = (prompt, reference, negative_prompt)
-        self._call(lambda: self.handle.register.remote(asset_id, prompt, reference, negative_prompt))
+    def register(
+        self, asset_id: str, prompt: str, reference: Any | None = None, settings: GuidanceSettings | None = None
+    ) -> None:
+        self._registrations[asset_id] = (prompt, reference, settings)
+        self._call(lambda: self.handle.register.remote(asset_id, prompt, reference, settings))
 
     def release(self, asset_id: str) -> None:
         self._registrations.pop(asset_id, None)
@@ -127,8 +136,8 @@ class ActorGuidance:
     def _reregister(self, asset_ids: set[str]) -> None:
         for asset_id in asset_ids:
             if asset_id in self._registrations:
-                prompt, reference, negative = self._registrations[asset_id]
-                ray.get(self.handle.register.remote(asset_id, prompt, reference, negative))
+                prompt, reference, settings = self._registrations[asset_id]
+                ray.get(self.handle.register.remote(asset_id, prompt, reference, settings))
                 self.reregistrations += 1
 
     def _call(self, submit: Any, asset_ids: set[str] | None = None) -> Any:

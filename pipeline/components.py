@@ -63,7 +63,7 @@ def default_components(method: OptimizeConfig, models: ModelsConfig, resources: 
     return Components(
         optimize=optimize_asset,
         export=export_asset,
-        ip_guidance=functools.partial(build_ip_guidance, models, method, ip_runtime) if "ip" in needed else None,
-        mvd_guidance=functools.partial(build_mvd_guidance, models, method, mvd_runtime) if "mvd" in needed else None,
+        ip_guidance=functools.partial(build_ip_guidance, models, ip_runtime) if "ip" in needed else None,
+        mvd_guidance=functools.partial(build_mvd_guidance, models, mvd_runtime) if "mvd" in needed else None,
         reference_sampler=functools.partial(build_reference_sampler, models) if "reference" in needed else None,
     )

@@ -34,10 +34,7 @@ from stages.asset_layout import ASSET_RECORD, METRICS_FILE, REFERENCE_FILE
 from stages.atomic import atomic_write
 from stages.guidance.set import GuidanceSet
 from stages.optimize.config import OptimizeConfig
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The optimisation produced a NaN/inf loss; the asset is recorded as failed."""
+from stages.optimize.loop import NonFiniteLossError
 
 
 @dataclass
@@ -96,18 +93,16 @@ def _stable_reference(work: Path, sampled: Any | None) -> Any | None:
 
 
 def _progress_callback(job: Job, spec: TaskSpec) -> Any:
-    """The optimiser's per-iteration callback: stops on a non-finite loss; batches the curve
-    points and preview images to track and sends them with the iteration count to the progress
-    actor at most once per ``report_every_s`` (one fire-and-forget call)."""
+    """The optimiser's per-iteration callback: batches the curve points and preview images to
+    track and sends them with the iteration count to the progress actor at most once per
+    ``report_every_s`` (one fire-and-forget call). (A non-finite loss already stopped the
+    optimiser: :class:`~stages.optimize.loop.NonFiniteLossError`.)"""
     total = spec.method.iterations
     last = [0.0]
     points: list[Any] = []
     previews: list[Any] = []
 
     def callback(step: int, metrics: dict[str, float], views: Any) -> None:
-        loss = metrics.get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            raise NonFiniteLossError(f"non-finite loss {loss} at iteration {step}")
         if spec.progress is None:
             return
         if spec.track:
@@ -161,9 +156,7 @@ def run_asset(job: Job, reference: Any | None, handles: GuidanceHandles, spec: T
                 _progress_callback(job, spec),
             )
         finally:  # free the actors' embeddings (and their count of active callers)
-            for model in (guidance.ip, guidance.mvd):
-                if model is not None:
-                    model.release(job.asset_id)
+            guidance.release(job.asset_id)
         bad = {k: v for k, v in result.metrics.items() if isinstance(v, float) and math.isnan(v)}
         if bad:
             raise NonFiniteLossError(f"non-finite final metrics {sorted(bad)}")

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from stages.guidance import losses
-from stages.guidance.schedules import loss_weights, sample_timesteps, timestep_range
+from stages.optimize.schedules import loss_weights, sample_timesteps, timestep_range
 from stages.teacher.mixture import GaussianMixture
 from stages.teacher.model import AnalyticTeacher
 

@@ -44,7 +44,7 @@ method:
 
 def tiny_method(iterations: int = 1) -> OptimizeConfig:
     """Tinier-than-tiny NeRF, MVDream-only loss (one guidance), 16² renders, minimal exports."""
-    from stages.guidance.schedules import ScheduleConfig
+    from stages.optimize.schedules import ScheduleConfig
 
     cfg = OptimizeConfig.tiny("nerf")
     cfg.loss = "mvdream"

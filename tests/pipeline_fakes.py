@@ -16,8 +16,9 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from stages.guidance.protocol import GuidanceRequest, GuidanceResponse, UnknownAssetError, request_noise
+from stages.guidance.protocol import SETTINGS, GuidanceRequest, GuidanceResponse, UnknownAssetError, request_noise
 from stages.guidance.set import GuidanceSet
+from stages.optimize.loop import check_finite_loss
 
 
 class FakeGuidance:
@@ -32,7 +33,7 @@ class FakeGuidance:
         self.prompts: dict[str, str] = {}
         self.batch_sizes: list[int] = []
 
-    def register(self, asset_id: str, prompt: str, reference: Any | None = None, negative_prompt: str = "") -> None:
+    def register(self, asset_id: str, prompt: str, reference: Any | None = None, settings: Any | None = None) -> None:
         self.prompts[asset_id] = prompt
 
     def release(self, asset_id: str) -> None:
@@ -97,18 +98,21 @@ def fake_optimize(config, guidance: GuidanceSet, reference, seed, checkpoint_dir
     resumed_from = start
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     (checkpoint_dir / "pid").write_text(str(os.getpid()))
-    models = [g for g in (guidance.ip, guidance.mvd) if g is not None]
-    for model in models:
-        model.register(asset_id, prompt, reference)
+    models = [(family, g) for family, g in (("ip", guidance.ip), ("mvd", guidance.mvd)) if g is not None]
+    for family, model in models:
+        model.register(asset_id, prompt, reference, SETTINGS[family]())
     began = time.perf_counter()
     for step in range(start, config.iterations):
         grads = []
-        for index, model in enumerate(models):
-            request = GuidanceRequest(asset_id, scene.rgb.detach().clone(), torch.tensor([500]), seed=seed * 1000 + step * 2 + index)
+        for index, (family, model) in enumerate(models):
+            request = GuidanceRequest(
+                asset_id, scene.rgb.detach().clone(), torch.tensor([500]), seed=seed * 1000 + step * 2 + index, family=family
+            )
             grads.append(model.grad([request])[0].grad_rgb)
         grad = sum(grads)
         scene.rgb.data -= 0.1 * grad
         loss = float((grad**2).mean())
+        check_finite_loss({"loss": loss}, step, asset_id)  # the optimiser's guard, as in optimize_asset
         history.append({"loss": loss, "step": float(step)})
         if delay:
             time.sleep(delay)

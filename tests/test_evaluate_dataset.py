@@ -33,7 +33,7 @@ from stages.evaluate.clip import to_pil
 from stages.evaluate.config import EvaluateConfig
 from stages.evaluate.evaluator import Evaluator
 from stages.evaluate.render import METHOD_FILE, AssetViewsError, asset_views
-from stages.optimize.loop import render_views
+from stages.scene.views import render_views
 from stages.scene.cameras import orbit_cameras
 from stages.scene.nerf import NeRFScene
 

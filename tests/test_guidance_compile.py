@@ -15,10 +15,10 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from stages.guidance.ip_guidance import IPComponents, IPGuidance
 from stages.guidance.mvdream_guidance import MVDreamGuidance
-from stages.guidance.protocol import GuidanceRequest
+from stages.guidance.protocol import GuidanceRequest, IPSettings, MVDreamSettings
 from stages.guidance.runtime import GuidanceRuntime, bucket_of, buckets
 from stages.models.ip_adapter import load_ip_adapter
-from stages.models.mvdream import load_mvdream
+from stages.models.mvdream_load import load_mvdream
 from stages.models.sd import build_tiny_sd
 from test_mvdream_guidance import request as mvd_request
 
@@ -45,7 +45,7 @@ def test_compiled_ip_guidance_equals_eager_and_shares_one_graph_per_bucket():
     compiled, eager = IPGuidance(components, RES, runtime=runtime), IPGuidance(components, RES)
     reference = np.random.RandomState(0).rand(32, 32, 3)
     for g in (compiled, eager):
-        g.register("car", "a red car", reference)
+        g.register("car", "a red car", reference, IPSettings(view_prompts=False))
 
     def ask(views: int, seed: int) -> GuidanceRequest:
         g = torch.Generator().manual_seed(seed)
@@ -64,10 +64,10 @@ def test_compiled_mvdream_guidance_equals_eager_with_whole_view_groups():
     models = load_mvdream("tiny", seed=0)
     counter = CompileCounterWithBackend("aot_eager")
     runtime = GuidanceRuntime(vae_chunk=4, unet_rows=10, compile=True, compile_backend=counter)
-    compiled = MVDreamGuidance(models, RES, guidance_scale=50.0, runtime=runtime)
-    eager = MVDreamGuidance(models, RES, guidance_scale=50.0)
+    compiled = MVDreamGuidance(models, RES, runtime=runtime)
+    eager = MVDreamGuidance(models, RES)
     for g in (compiled, eager):
-        g.register("chair", "a wooden chair")
+        g.register("chair", "a wooden chair", None, MVDreamSettings(recon_loss=False))
     # The bound 10 rounds down to whole 4-view groups: forwards of 8 rows (buckets 4·2^k: 4, 8).
     # [4 views]: one pass (VAE 4, UNet 8); [4, 4]: two such passes; [8 views]: sliced into two
     # 4-view passes, the same shapes again: no recompile after the first call.

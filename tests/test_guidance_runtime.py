@@ -48,11 +48,13 @@ def test_row_chunks_and_buckets():
 def test_a_slice_is_the_request_restricted_to_its_views_with_its_part_of_the_noise():
     rgb = torch.rand(6, 3, 8, 8)
     request = GuidanceRequest("a", rgb, torch.arange(6) * 100, seed=7, c2w=torch.eye(4).repeat(6, 1, 1),
-                              elevation=torch.arange(6.0), azimuth=-torch.arange(6.0), options={"k": 1})
+                              elevation=torch.arange(6.0), azimuth=-torch.arange(6.0), fovy=torch.arange(6.0) / 10,
+                              family="mvd")
     part = slice_request(request, 2, 5)
     assert torch.equal(part.rgb, rgb[2:5]) and part.timesteps.tolist() == [200, 300, 400]
     assert part.elevation.tolist() == [2.0, 3.0, 4.0] and part.c2w.shape == (3, 4, 4)
-    assert (part.seed, part.options, part.asset_id) == (7, {"k": 1}, "a")
+    assert torch.equal(part.fovy, torch.arange(2.0, 5.0) / 10)
+    assert (part.seed, part.family, part.asset_id) == (7, "mvd", "a")
     assert slice_request(request, 0, 6) is request
     noise = slice_noise(7, 6, (4, 2, 2), ViewSlice(0, 2, 5))
     assert torch.equal(noise, request_noise(7, (6, 4, 2, 2))[2:5])

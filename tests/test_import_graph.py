@@ -10,16 +10,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("stages", "pipeline", "benchmarks")
-
-KNOWN_CYCLES: set[frozenset[str]] = {
-    # Issue 12 §4, owned by the next engineer: break each, then delete its line here.
-    frozenset({"stages.models.mvdream", "stages.models.mvdream_convert"}),
-    frozenset({"stages.optimize.loop", "stages.optimize.checkpoint"}),
-}
 
 
 def module_files() -> dict[str, Path]:
@@ -124,11 +116,5 @@ def test_the_checker_finds_a_circle_and_skips_type_checking_imports():
 def test_no_import_circles():
     graph = import_graph()
     assert "pipeline.config" in graph and "pipeline.prompts" in graph  # the walk found the project
-    unknown = [sorted(c) for c in cycles(graph) if c not in KNOWN_CYCLES]
-    assert not unknown, f"import circles: {unknown}"
-
-
-@pytest.mark.parametrize("cycle", sorted(KNOWN_CYCLES, key=sorted), ids=lambda c: "-".join(sorted(c)))
-def test_known_circles_still_exist(cycle):
-    """Each KNOWN_CYCLES entry is still a circle; when one is broken, delete its entry."""
-    assert cycle in cycles(import_graph()), f"{sorted(cycle)} is no longer a circle: remove it from KNOWN_CYCLES"
+    found = [sorted(c) for c in cycles(graph)]
+    assert not found, f"import circles: {found}"

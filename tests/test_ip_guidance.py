@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.guidance.ip_guidance import IPComponents, IPGuidance
-from stages.guidance.protocol import GuidanceRequest, UnknownAssetError
+from stages.guidance.protocol import GuidanceRequest, IPSettings, UnknownAssetError
 from stages.guidance.runtime import GuidanceRuntime
 from stages.models.ip_adapter import load_ip_adapter, per_sample_ip_scale, set_global_ip_scale
 from stages.models.sd import build_tiny_sd
@@ -28,11 +28,16 @@ def _ref(seed: int) -> np.ndarray:
     return np.random.RandomState(seed).rand(32, 32, 3)
 
 
+def _settings(**fields) -> IPSettings:
+    """An asset's settings; one prompt for every view (the test requests carry no cameras)."""
+    return IPSettings(**{"view_prompts": False, **fields})
+
+
 def _registered(components, runtime: GuidanceRuntime | None = None) -> IPGuidance:
     g = IPGuidance(components, render_resolution=RES, runtime=runtime)
-    g.register("car", "a red car", _ref(0))
-    g.register("boat", "a blue boat", _ref(1))
-    g.register("plain", "a tree")
+    g.register("car", "a red car", _ref(0), _settings())
+    g.register("boat", "a blue boat", _ref(1), _settings())
+    g.register("plain", "a tree", None, _settings(loss="sds"))
     return g
 
 
@@ -143,20 +148,26 @@ def test_isd_grad_matches_autograd_of_independent_latent_gradient(guidance, comp
         assert resp.grad_norm > 0 and resp.loss > 0 and torch.equal(resp.timesteps, req.timesteps)
 
 
-def test_ip_null_branch_is_scale_times_ref_minus_null(components):
-    """(c) sd_branch=ip_null: ε_IP^cfg − ε_SD^cfg = g·(e(y, ref) − e(y, null)), two evaluations."""
-    g = IPGuidance(components, render_resolution=RES, sd_branch="ip_null")
-    g.register("car", "a red car", _ref(0))
-    req = _request("car", seed=9, guidance_scale=5.0, ip_scale=0.7)
-    (resp,) = g.grad([req])
+def test_each_asset_is_answered_with_its_own_sd_branch(components):
+    """(c) The asset's ``sd_branch`` is honoured (it was ignored when it came per request):
+    ``ip_null``: ε_IP^cfg − ε_SD^cfg = g·(e(y, ref) − e(y, null)), two evaluations; ``vanilla``
+    beside it in the same batch: four evaluations, ε_SD at IP scale 0."""
+    g = IPGuidance(components, render_resolution=RES)
+    g.register("null", "a red car", _ref(0), _settings(sd_branch="ip_null", guidance_scale=5.0, ip_scale=0.7))
+    g.register("vanilla", "a red car", _ref(0), _settings(sd_branch="vanilla", guidance_scale=5.0, ip_scale=0.7))
+    null_req, vanilla_req = _request("null", seed=9), _request("vanilla", seed=9)
+    null, vanilla = g.grad([null_req, vanilla_req])
 
     def residual(eps, x_t, t, cond, uncond, ref, null, noise):
         x = x_t(t)
         return 5.0 * (eps(x, t, cond, ref, 0.7) - eps(x, t, cond, null, 0.7))
 
-    expected = _independent_grad(components, req, "a red car", _ref(0), residual)
-    torch.testing.assert_close(resp.grad_rgb, expected, rtol=1e-4, atol=1e-6)
-    assert resp.info["evaluations"] == 2.0
+    expected = _independent_grad(components, null_req, "a red car", _ref(0), residual)
+    torch.testing.assert_close(null.grad_rgb, expected, rtol=1e-4, atol=1e-6)
+    assert null.info["evaluations"] == 2.0
+    expected = _independent_grad(components, vanilla_req, "a red car", _ref(0), _isd_vanilla(0.7, 5.0))
+    torch.testing.assert_close(vanilla.grad_rgb, expected, rtol=1e-4, atol=1e-6)
+    assert vanilla.info["evaluations"] == 4.0 and not torch.allclose(null.grad_rgb, vanilla.grad_rgb, atol=1e-6)
 
 
 def test_other_losses_match_independent_formulas(guidance, components):
@@ -191,18 +202,20 @@ def test_other_losses_match_independent_formulas(guidance, components):
         ip = _cfg(eps(x, t, cond, ref, 0.5), eps(x, t, uncond, null, 0.5), 7.5) - noise
         return ip - (_cfg(eps(x2, t, cond, null, 0.0), eps(x2, t, uncond, null, 0.0), 7.5) - noise2)
 
+    for loss in ("cv_t_delta_ip", "cv_t_delta_sd", "cv_random_cfg100", "cv_independent_noise"):
+        guidance.register(loss, "a red car", _ref(0), _settings(loss=loss, delta_t=30))
     cases = [
-        (_request("plain", seed=11, loss="sds"), "a tree", None, sds),
-        (_request("car", seed=11, t=(100, 980), loss="cv_t_delta_ip", options={"delta_t": 30}), "a red car", _ref(0), t_delta),
-        (_request("car", seed=11, t=(100, 980), loss="cv_t_delta_sd", options={"delta_t": 30}), "a red car", _ref(0), t_delta_sd),
+        (_request("plain", seed=11), "a tree", None, sds),
+        (_request("cv_t_delta_ip", seed=11, t=(100, 980)), "a red car", _ref(0), t_delta),
+        (_request("cv_t_delta_sd", seed=11, t=(100, 980)), "a red car", _ref(0), t_delta_sd),
         # CFG 100 multiplies the UNet's float rounding (batched vs alone) by 100/7.5
-        (_request("car", seed=11, loss="cv_random_cfg100"), "a red car", _ref(0), random_cfg100),
-        (_request("car", seed=11, loss="cv_independent_noise"), "a red car", _ref(0), same_t),
+        (_request("cv_random_cfg100", seed=11), "a red car", _ref(0), random_cfg100),
+        (_request("cv_independent_noise", seed=11), "a red car", _ref(0), same_t),
     ]
     responses = guidance.grad([c[0] for c in cases])
     for resp, (req, prompt, ref, residual) in zip(responses, cases):
         expected = _independent_grad(components, req, prompt, ref, residual)
-        atol = 2e-5 if req.loss == "cv_random_cfg100" else 1e-6
+        atol = 2e-5 if req.asset_id == "cv_random_cfg100" else 1e-6
         torch.testing.assert_close(resp.grad_rgb, expected, rtol=1e-4, atol=atol)
 
 
@@ -217,40 +230,47 @@ def test_other_losses_match_independent_formulas(guidance, components):
 def test_a_request_does_not_depend_on_its_batch_mates(components, runtime, car_pass_rows):
     """(b) same grad alone or batched with other assets (other references, scales, t, sizes),
     whether the batch runs as one pass and one UNet forward or in bounded passes and forwards."""
-    guidance = _registered(components, runtime)
+    def with_mates(guidance: IPGuidance) -> IPGuidance:
+        guidance.register("boat", "a blue boat", _ref(1), _settings(ip_scale=1.0))
+        guidance.register("boat-cv", "a blue boat", _ref(1), _settings(loss="cv_independent_noise", guidance_scale=3.0))
+        return guidance
+
+    guidance = with_mates(_registered(components, runtime))
     req = _request("car", seed=21)
     (alone,) = _registered(components).grad([req])
     mates = [
-        _request("boat", batch=3, seed=5, t=(1, 500, 999), ip_scale=1.0),
-        _request("plain", seed=6, loss="sds", size=32),
-        _request("boat", seed=7, loss="cv_independent_noise", guidance_scale=3.0),
+        _request("boat", batch=3, seed=5, t=(1, 500, 999)),
+        _request("plain", seed=6, size=32),
+        _request("boat-cv", seed=7),
     ]
     batched = guidance.grad([mates[0], req, *mates[1:]])
-    assert [r.asset_id for r in batched] == ["boat", "car", "plain", "boat"]
+    assert [r.asset_id for r in batched] == ["boat", "car", "plain", "boat-cv"]
     assert batched[1].info["unet_batch"] == car_pass_rows
     assert max(guidance.denoiser.calls) <= runtime.unet_rows
     torch.testing.assert_close(batched[1].grad_rgb, alone.grad_rgb, rtol=1e-4, atol=1e-6)
     assert batched[1].loss == pytest.approx(alone.loss, rel=1e-4)
-    (boat_alone,) = _registered(components).grad([mates[0]])  # the 3-view request, chunked or not
+    (boat_alone,) = with_mates(_registered(components)).grad([mates[0]])  # the 3-view request, chunked or not
     torch.testing.assert_close(batched[0].grad_rgb, boat_alone.grad_rgb, rtol=1e-4, atol=1e-6)
 
 
 def test_view_prompts_use_the_view_dependent_embedding(components):
     g = IPGuidance(components, render_resolution=RES)
-    g.register("viewed", "a red car", _ref(0))
-    g.register("suffixed", "a red car, back view", _ref(0))
+    g.register("viewed", "a red car", _ref(0), IPSettings(view_prompts=True))
+    g.register("suffixed", "a red car, back view", _ref(0), _settings())
+    g.register("unviewed", "a red car", _ref(0), _settings())
     back = dict(elevation=torch.tensor([10.0, 5.0]), azimuth=torch.tensor([180.0, -170.0]))
-    viewed = _request("viewed", seed=2, options={"view_prompts": True}, **back)
-    (a, b, c) = g.grad([viewed, _request("suffixed", seed=2, **back), _request("viewed", seed=2, **back)])
+    (a, b, c) = g.grad([_request(name, seed=2, **back) for name in ("viewed", "suffixed", "unviewed")])
     torch.testing.assert_close(a.grad_rgb, b.grad_rgb, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(a.grad_rgb, c.grad_rgb, atol=1e-6)
 
 
 def test_register_is_idempotent_and_release_forgets(guidance):
     before = guidance._assets["car"]
-    guidance.register("car", "a red car", _ref(0))
+    guidance.register("car", "a red car", _ref(0), _settings())
     assert guidance._assets["car"] is before
-    guidance.register("car", "a green car", _ref(0))
+    guidance.register("car", "a red car", _ref(0), _settings(ip_scale=0.9))  # new settings, same embeddings
+    assert guidance._assets["car"].cond is before.cond and guidance._assets["car"].settings.ip_scale == 0.9
+    guidance.register("car", "a green car", _ref(0), _settings())
     assert not torch.equal(guidance._assets["car"].cond, before.cond)
     guidance.release("car")
     guidance.release("never-registered")
@@ -261,8 +281,9 @@ def test_register_is_idempotent_and_release_forgets(guidance):
 def test_bad_requests_name_the_problem(guidance, components):
     with pytest.raises(UnknownAssetError, match="ghost"):
         guidance.grad([_request("ghost")])
-    with pytest.raises(ValueError, match=r"loss 'isd' needs a reference image.*'plain'"):
-        guidance.grad([_request("plain")])
+    guidance.register("plain-isd", "a tree", None, _settings())
+    with pytest.raises(ValueError, match=r"loss 'isd' needs a reference image.*'plain-isd'"):
+        guidance.grad([_request("plain-isd")])
     bad = _request("car")
     bad.rgb = torch.rand(2, 4, RES, RES)
     with pytest.raises(ValueError, match=r"GuidanceRequest\.rgb"):
@@ -271,16 +292,13 @@ def test_bad_requests_name_the_problem(guidance, components):
     bad.timesteps = torch.tensor([5, 1000])
     with pytest.raises(ValueError, match=r"timesteps out of range"):
         guidance.grad([bad])
-    with pytest.raises(ValueError, match=r"options\['delta_t'\]"):
-        guidance.grad([_request("car", loss="cv_t_delta_sd", options={"delta_t": -3})])
-    with pytest.raises(ValueError, match=r"view_prompts.*elevation"):
-        guidance.grad([_request("car", options={"view_prompts": True})])
-    bad = _request("car")
-    bad.loss = "nope"
-    with pytest.raises(ValueError, match=r"unknown loss 'nope'"):
-        guidance.grad([bad])
-    with pytest.raises(ValueError, match="sd_branch"):
-        IPGuidance(components, sd_branch="maybe")
+    guidance.register("viewed", "a red car", _ref(0), IPSettings(view_prompts=True))
+    with pytest.raises(ValueError, match=r"view_prompts.*'viewed'.*elevation"):
+        guidance.grad([_request("viewed")])
+    with pytest.raises(ValueError, match=r"family 'ip'.*'mvd'"):
+        guidance.grad([_request("car", family="mvd")])
+    with pytest.raises(TypeError, match="IPSettings"):
+        guidance.register("car", "a red car", _ref(0), settings=object())
     with pytest.raises(ValueError, match="render_resolution"):
         IPGuidance(components, render_resolution=60)
 
@@ -293,7 +311,7 @@ def test_cuda_fp16_grad_agrees_with_cpu_fp32(guidance):
     sd = load_sd("tiny", dtype=torch.float16, device="cuda", seed=0)
     ip = load(sd.unet, "tiny", "tiny", dtype=torch.float16, device="cuda", seed=0)
     cuda = IPGuidance(IPComponents(sd, ip), render_resolution=RES)
-    cuda.register("car", "a red car", _ref(0))
+    cuda.register("car", "a red car", _ref(0), _settings())
     req = _request("car", seed=3)
     (on_gpu,) = cuda.grad([req])
     (on_cpu,) = guidance.grad([req])
@@ -308,30 +326,32 @@ def test_plus_adapter_runs_the_same_protocol():
     sd = build_tiny_sd(0)
     ip = load_ip_adapter(sd.unet, "tiny", "tiny", tiny_layout="plus")
     g = IPGuidance(IPComponents(sd, ip), render_resolution=RES)
-    g.register("car", "a red car", _ref(0))
-    g.register("boat", "a blue boat", _ref(1))
+    g.register("car", "a red car", _ref(0), _settings())
+    g.register("boat", "a blue boat", _ref(1), _settings(ip_scale=0.9))
     req = _request("car", seed=3)
     (alone,) = g.grad([req])
-    batched = g.grad([_request("boat", seed=4, ip_scale=0.9), req])
+    batched = g.grad([_request("boat", seed=4), req])
     torch.testing.assert_close(batched[1].grad_rgb, alone.grad_rgb, rtol=1e-4, atol=1e-6)
     assert alone.grad_norm > 0 and g._assets["car"].reference.shape == (1, 17, 32)
 
 
-def test_negative_prompt_default_and_override(components):
-    g = IPGuidance(components, render_resolution=RES, negative_prompt="blurry")
-    g.register("a", "a red car", _ref(0))
+def test_negative_prompt_comes_with_the_settings(components):
+    g = IPGuidance(components, render_resolution=RES)
+    g.register("a", "a red car", _ref(0), _settings(negative_prompt="blurry"))
     first = g._assets["a"]
-    g.register("a", "a red car", _ref(0), negative_prompt="")  # protocol default: same registration
+    g.register("a", "a red car", _ref(0), _settings(negative_prompt="blurry"))  # a re-registration: same embeddings
     assert g._assets["a"] is first
     torch.testing.assert_close(first.uncond, components.sd.encode_prompts(["blurry"]))
-    g.register("a", "a red car", _ref(0), negative_prompt="low quality")
+    g.register("a", "a red car", _ref(0), _settings(negative_prompt="low quality"))
     torch.testing.assert_close(g._assets["a"].uncond, components.sd.encode_prompts(["low quality"]))
+    g.register("b", "a red car", _ref(0))  # no settings: the method's defaults (empty negative prompt)
+    assert g._assets["b"].settings == IPSettings()
+    torch.testing.assert_close(g._assets["b"].uncond, components.sd.encode_prompts([""]))
 
 
-def test_from_config_picks_the_resolution_of_the_models_and_keeps_the_method_settings():
+def test_from_config_picks_the_resolution_of_the_models():
     from stages.models.config import ModelsConfig
 
     tiny = ModelsConfig(sd="tiny", ip_adapter="tiny", image_encoder="tiny", device="cpu", dtype="float32")
-    g = IPGuidance.from_config(tiny, sd_branch="ip_null", negative_prompt="blurry")
-    assert (g.render_resolution, g.sd_branch, g.negative_prompt) == (32, "ip_null", "blurry")
+    assert IPGuidance.from_config(tiny).render_resolution == 32
     assert IPGuidance.from_config(tiny, render_resolution=64).render_resolution == 64

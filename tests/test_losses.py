@@ -95,7 +95,7 @@ def test_ip_null_equals_vanilla_when_uncond_is_shared():
 def test_independent_noise_and_t_delta_flags():
     assert loss_spec("cv_independent_noise").needs_independent_noise
     assert not loss_spec("isd").needs_independent_noise
-    assert loss_spec("cv_t_delta_ip").needs_t_delta
+    assert any(e.timestep == "t_delta" for e in loss_spec("cv_t_delta_ip").evaluations)
     assert Evaluation("cond", "ref", "t_delta") in loss_spec("cv_t_delta_ip").evaluations
     with pytest.raises(ValueError, match="independent noise"):
         loss_spec("cv_independent_noise").residual(_preds(4), _preds(1)[0], None, LossParams())

@@ -105,17 +105,19 @@ def _real_guidance(spec: ActorSpec):
 
     from stages.guidance.ip_guidance import IPComponents, IPGuidance
     from stages.guidance.mvdream_guidance import MVDreamGuidance
+    from stages.guidance.protocol import IPSettings, MVDreamSettings
     from stages.guidance.runtime import GuidanceRuntime
 
     runtime = GuidanceRuntime(vae_chunk=spec.vae_chunk, unet_rows=spec.unet_rows)
     if spec.kind == "ip":
         sd, ip = build_ip(spec.architecture, "cpu", torch.float32)
         guidance = IPGuidance(IPComponents(sd, ip), spec.model_resolution, runtime=runtime)
-        guidance.register("asset", "a ceramic teapot", Image.new("RGB", (64, 64), (200, 120, 40)))
+        settings = IPSettings(loss=spec.loss, sd_branch=spec.sd_branch, view_prompts=True)
+        guidance.register("asset", "a ceramic teapot", Image.new("RGB", (64, 64), (200, 120, 40)), settings)
         return guidance, (sd.unet, sd.vae, sd.text_encoder, ip.image_encoder)
     parts = build_mvdream(spec.architecture, "cpu", torch.float32)
-    guidance = MVDreamGuidance(parts, spec.model_resolution, guidance_scale=None, runtime=runtime)
-    guidance.register("asset", "a ceramic teapot")
+    guidance = MVDreamGuidance(parts, spec.model_resolution, runtime=runtime)
+    guidance.register("asset", "a ceramic teapot", None, MVDreamSettings(guidance_scale=50.0, recon_loss=True))
     return guidance, (parts.unet, parts.vae, parts.text_encoder)
 
 

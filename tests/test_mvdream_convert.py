@@ -12,12 +12,12 @@ import torch.nn.functional as F
 
 from stages.models.mvdream import (
     MARKER_FILE,
-    load_mvdream,
     mvdream_forward,
     mvdream_unet_config,
     normalize_camera,
     encode_prompts,
 )
+from stages.models.mvdream_load import load_mvdream
 from stages.models.mvdream_convert import (
     CheckpointKeyError,
     components_from_converted,

@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from stages.guidance.mvdream_guidance import MVDreamGuidance
-from stages.guidance.protocol import Guidance, GuidanceRequest, UnknownAssetError
+from stages.guidance.protocol import MVDREAM_NEGATIVE_PROMPT, Guidance, GuidanceRequest, MVDreamSettings, UnknownAssetError
 from stages.guidance.runtime import GuidanceRuntime
-from stages.models.mvdream import load_mvdream
+from stages.models.mvdream_load import load_mvdream
 from test_splats_helpers import look_at_c2w
 
 RES = 32  # tiny VAE (factor 8): 32² renders → 4² latents
+SDS = MVDreamSettings(recon_loss=False)
+"""Plain SDS at CFG 50 with MVDream's negative prompt."""
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +27,11 @@ def models():
 
 @pytest.fixture(scope="module")
 def guidance(models):
-    g = MVDreamGuidance(models, render_resolution=RES, guidance_scale=50.0)
-    g.register("chair", "a wooden chair")
-    g.register("lamp", "a desk lamp", negative_prompt="")
+    g = MVDreamGuidance(models, render_resolution=RES)
+    g.register("chair", "a wooden chair", None, SDS)
+    g.register("lamp", "a desk lamp", None, MVDreamSettings(recon_loss=False, negative_prompt=""))
+    g.register("lamp-recon", "a desk lamp", None, MVDreamSettings(recon_loss=True, negative_prompt=""))
+    g.register("chair-recon0", "a wooden chair", None, MVDreamSettings(recon_loss=True, recon_std_rescale=0.0))
     return g
 
 
@@ -49,8 +53,7 @@ def request(asset: str, views: int, t_per_group: list[int], seed: int, size: int
         rgb=torch.rand(views, 3, size, size, generator=g),
         timesteps=torch.tensor(t_per_group).repeat_interleave(4),
         seed=seed,
-        loss=kw.pop("loss", "sds_mvd"),
-        guidance_scale=kw.pop("guidance_scale", 50.0),
+        family=kw.pop("family", "mvd"),
         c2w=orbit(views),
         **kw,
     )
@@ -72,9 +75,9 @@ def test_is_a_guidance(guidance):
     ids=["unbounded", "bounded"],
 )
 def test_batched_equals_separate_and_uses_bounded_unet_forwards(guidance, models, runtime, forwards, atol):
-    bounded = MVDreamGuidance(models, render_resolution=RES, guidance_scale=50.0, runtime=runtime)
-    bounded.register("chair", "a wooden chair")
-    bounded.register("lamp", "a desk lamp", negative_prompt="")
+    bounded = MVDreamGuidance(models, render_resolution=RES, runtime=runtime)
+    bounded.register("chair", "a wooden chair", None, SDS)
+    bounded.register("lamp", "a desk lamp", None, MVDreamSettings(recon_loss=False, negative_prompt=""))
     a = request("chair", 8, [700, 200], seed=1)
     b = request("lamp", 4, [500], seed=2, size=RES)
     batches = []
@@ -97,8 +100,6 @@ def test_batched_equals_separate_and_uses_bounded_unet_forwards(guidance, models
 
 def _reference_grad(models, req: GuidanceRequest, prompt: str, negative: str, recon: bool, rescale: float = 0.5):
     """SDS / recon gradient written out with plain autograd and a direct UNet call."""
-    from stages.guidance.mvdream_guidance import MVDREAM_NEGATIVE_PROMPT
-
     negative = MVDREAM_NEGATIVE_PROMPT if negative is None else negative
     tok = models.tokenizer([prompt, negative], padding="max_length", max_length=77, truncation=True,
                            return_tensors="pt")
@@ -139,7 +140,7 @@ def _reference_grad(models, req: GuidanceRequest, prompt: str, negative: str, re
 
 @pytest.mark.parametrize("recon", [False, True])
 def test_grad_rgb_matches_direct_autograd(guidance, models, recon):
-    req = request("lamp", 8, [650, 90], seed=5, options={"recon_loss": recon})
+    req = request("lamp-recon" if recon else "lamp", 8, [650, 90], seed=5)
     got = guidance.grad([req])[0]
     expected = _reference_grad(models, req, "a desk lamp", "", recon)
     scale = float(expected.abs().max())
@@ -152,8 +153,7 @@ def test_recon_without_rescale_is_rescaled_sds(guidance):
     """latents − x̂0(ε_cfg) = √((1−ᾱ)/ᾱ)·(ε_cfg − ε): recon (rescale 0) and SDS differ by a
     per-t factor √((1−ᾱ)/ᾱ)/(1−ᾱ) on the latent gradient, hence on grad_rgb for one t."""
     sds = guidance.grad([request("chair", 4, [300], seed=9)])[0]
-    recon = guidance.grad([request("chair", 4, [300], seed=9,
-                                   options={"recon_loss": True, "recon_std_rescale": 0.0})])[0]
+    recon = guidance.grad([request("chair-recon0", 4, [300], seed=9)])[0]
     a = float(guidance.models.alphas_cumprod[300])
     ratio = math.sqrt((1 - a) / a) / (1 - a)
     torch.testing.assert_close(recon.grad_rgb, sds.grad_rgb * ratio,
@@ -163,7 +163,7 @@ def test_recon_without_rescale_is_rescaled_sds(guidance):
 def test_bad_requests_are_rejected_with_the_reason(guidance):
     with pytest.raises(ValueError, match="groups of 4 views.*batch 6"):
         guidance.grad([GuidanceRequest("chair", torch.rand(6, 3, 16, 16), torch.full((6,), 100), 0,
-                                       loss="sds_mvd", guidance_scale=50.0, c2w=orbit(6))])
+                                       family="mvd", c2w=orbit(6))])
     with pytest.raises(ValueError, match=r"equal within each group of 4.*groups \[1\]"):
         bad_t = request("chair", 8, [100, 100], seed=0)
         bad_t.timesteps[5] = 101
@@ -171,35 +171,36 @@ def test_bad_requests_are_rejected_with_the_reason(guidance):
     with pytest.raises(UnknownAssetError, match="sofa"):
         guidance.grad([request("sofa", 4, [100], seed=0)])
     with pytest.raises(ValueError, match="needs GuidanceRequest.c2w"):
-        guidance.grad([GuidanceRequest("chair", torch.rand(4, 3, 16, 16), torch.full((4,), 100), 0,
-                                       loss="sds_mvd", guidance_scale=50.0)])
-    with pytest.raises(ValueError, match="guidance_scale 7.5 differs"):
-        guidance.grad([request("chair", 4, [100], seed=0, guidance_scale=7.5)])
-    with pytest.raises(ValueError, match="request.loss='isd'"):
-        guidance.grad([request("chair", 4, [100], seed=0, loss="isd")])
+        guidance.grad([GuidanceRequest("chair", torch.rand(4, 3, 16, 16), torch.full((4,), 100), 0, family="mvd")])
+    with pytest.raises(ValueError, match=r"family 'mvd'.*'ip'"):
+        guidance.grad([request("chair", 4, [100], seed=0, family="ip")])
+    with pytest.raises(TypeError, match="MVDreamSettings"):
+        guidance.register("chair", "a wooden chair", None, object())
 
 
 def test_register_is_idempotent_and_release_forgets(models):
     g = MVDreamGuidance(models, render_resolution=RES)
     g.register("a", "a red car")
+    assert g._assets["a"].settings == MVDreamSettings()  # no settings: the method's defaults
     first = g._assets["a"].cond
-    g.register("a", "a red car")
-    assert g._assets["a"].cond is first
+    g.register("a", "a red car", None, SDS)  # new settings, same prompts: nothing encoded again
+    assert g._assets["a"].cond is first and g._assets["a"].settings == SDS
     g.release("a")
     g.release("never-registered")
     with pytest.raises(UnknownAssetError):
         g.grad([request("a", 4, [10], seed=0)])
 
 
-def test_from_config_takes_scale_and_recon_from_each_request():
+def test_each_asset_is_answered_with_its_own_settings():
     from stages.models.config import ModelsConfig
 
     g = MVDreamGuidance.from_config(ModelsConfig(mvdream="tiny", mvdream_text="tiny", device="cpu", dtype="float32"))
-    assert g.render_resolution == 32 and g.guidance_scale is None
-    g.register("cup", "a mug")
-    low, high = g.grad([request("cup", 4, [400], seed=3, guidance_scale=7.5),
-                        request("cup", 4, [400], seed=3, guidance_scale=50.0)])
+    assert g.render_resolution == 32
+    g.register("low", "a mug", None, MVDreamSettings(guidance_scale=7.5))
+    g.register("high", "a mug", None, MVDreamSettings(guidance_scale=50.0))
+    low, high = g.grad([request("low", 4, [400], seed=3), request("high", 4, [400], seed=3)])
     assert (low.info["guidance_scale"], high.info["guidance_scale"]) == (7.5, 50.0)
     assert (low.grad_rgb - high.grad_rgb).abs().max() > 0
-    with pytest.raises(ValueError, match=r"n_view'\]=8"):
-        g.grad([request("cup", 8, [400, 400], seed=3, options={"n_view": 8})])
+    g.register("eight", "a mug", None, MVDreamSettings(n_view=8))
+    with pytest.raises(ValueError, match=r"n_view=8"):
+        g.grad([request("eight", 8, [400, 400], seed=3)])

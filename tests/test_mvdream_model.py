@@ -11,10 +11,10 @@ import torch
 from stages.models.mvdream import (
     MultiViewAttnProcessor,
     build_tiny_mvdream,
-    load_mvdream,
     mvdream_forward,
     normalize_camera,
 )
+from stages.models.mvdream_load import load_mvdream
 
 
 @pytest.fixture(scope="module")

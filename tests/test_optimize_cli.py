@@ -72,6 +72,23 @@ def test_bad_input_exits_with_a_clear_message(tmp_path, capsys, extra, message):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_non_finite_loss_stops_the_run_naming_the_iteration(tmp_path, capsys, monkeypatch):
+    """The optimiser's guard stops the one-asset CLI too (it was only the pipeline's callback)."""
+    import torch
+
+    import stages.optimize.__main__ as cli
+    from stages.guidance.image_target import ImageTargetGuidance
+    from stages.guidance.set import GuidanceSet
+
+    nan = ImageTargetGuidance(lambda cameras, height, width: torch.full((len(cameras), 3, height, width), float("nan")))
+    monkeypatch.setattr(cli, "build_guidance", lambda config, models: GuidanceSet(ip=nan, mvd=nan))
+    out = tmp_path / "ring"
+    code = main(["--prompt", "a ring", "--out", str(out), "--no-progress", "models=toyworld", *SMALL])
+    err = capsys.readouterr().err
+    assert code == 1 and "non-finite loss nan at iteration 0" in err, err
+    assert not (out / "asset.json").exists()
+
+
 def test_overrides_may_come_before_and_after_options():
     from stages.optimize.__main__ import parse_args
 

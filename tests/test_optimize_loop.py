@@ -1,5 +1,5 @@
-"""The per-asset loop on a toy scene: what it asks the guidance, how it weights the answers,
-determinism, re-registration, checkpoints and exact resume after a kill."""
+"""The per-asset loop on a toy scene: what it registers and asks the guidance, how it weights the
+answers, determinism, the non-finite loss guard, checkpoints and exact resume after a kill."""
 
 import math
 
@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from stages.guidance.protocol import GuidanceResponse, UnknownAssetError
+from stages.guidance.protocol import GuidanceResponse, IPSettings, MVDreamSettings, UnknownAssetError
 from stages.guidance.set import GuidanceSet
 from stages.optimize.checkpoint import CheckpointError, load_checkpoint
 from stages.optimize.config import OptimizeConfig
-from stages.optimize.loop import optimize_asset
+from stages.optimize.loop import NonFiniteLossError, optimize_asset
 
 REFERENCE = Image.new("RGB", (8, 8), (200, 30, 30))
 
@@ -23,7 +23,8 @@ class ColourScene(nn.Module):
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         self.logits = nn.Parameter(torch.randn(3, generator=torch.Generator().manual_seed(seed)))
-        self.grads: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []  # dL/dlogits of each iteration, as back-propagated
+        self.logits.register_hook(lambda grad: self.grads.append(grad.detach().clone()))
         self.hooks: list[tuple[str, int]] = []
 
     def render(self, cameras, height, width, shading="albedo"):
@@ -45,18 +46,19 @@ class ColourScene(nn.Module):
 
     def step_post_backward(self, step, out, optimizer):
         self.hooks.append(("post", step))
-        self.grads.append(self.logits.grad.detach().clone())
 
 
 class Recorder:
-    """A guidance returning a constant gradient and recording every request."""
+    """A guidance returning a constant gradient and recording every registration and request."""
 
-    def __init__(self, value: float = 0.0, forget_at: int | None = None) -> None:
-        self.value, self.forget_at = value, forget_at
+    def __init__(self, value: float = 0.0, forget_at: int | None = None, loss: float = 0.5) -> None:
+        self.value, self.forget_at, self.loss = value, forget_at, loss
         self.requests, self.registered, self.registrations = [], set(), 0
+        self.settings: dict = {}
 
-    def register(self, asset_id, prompt, reference=None, negative_prompt=""):
+    def register(self, asset_id, prompt, reference=None, settings=None):
         self.registered.add(asset_id)
+        self.settings[asset_id, settings.family] = settings
         self.registrations += 1
 
     def release(self, asset_id):
@@ -71,7 +73,7 @@ class Recorder:
             if r.asset_id not in self.registered:
                 raise UnknownAssetError(r.asset_id)
             self.requests.append(r)
-            out.append(GuidanceResponse(r.asset_id, torch.full_like(r.rgb, self.value), 0.5, 1.0, r.timesteps))
+            out.append(GuidanceResponse(r.asset_id, torch.full_like(r.rgb, self.value), self.loss, 1.0, r.timesteps))
         return out
 
 
@@ -101,15 +103,18 @@ def test_one_render_feeds_both_terms_with_their_timestep_layout(tmp_path):
         batch, res = (8, 4) if step < 2 else (4, 6)
         assert a.rgb.shape == (batch, 3, res, res)
         assert torch.equal(a.rgb, b.rgb) and torch.equal(a.c2w, b.c2w)
-        assert (a.loss, b.loss) == ("isd", "sds_mvd")
-        assert (a.guidance_scale, a.ip_scale, b.guidance_scale) == (7.5, 0.5, 50.0)
+        assert (a.family, b.family) == ("ip", "mvd")
         groups = b.timesteps.view(-1, 4)
         assert (groups == groups[:, :1]).all()  # one t per 4-view group on the MVDream side
         assert a.timesteps.shape == (batch,)
         if step >= 2:  # once the bounds have opened: one t per image on the IP side
             assert len(set(a.timesteps.tolist())) > 1
-        assert len(a.options["fovy"]) == batch and a.seed != b.seed
+        assert a.fovy.shape == (batch,) and a.seed != b.seed
     assert len({r.seed for r in ip.requests}) == 4
+    # the settings came once, at registration: the method's, each family to its guidance
+    assert (ip.registrations, mvd.registrations) == (1, 1)
+    assert ip.settings == {("asset-1", "ip"): IPSettings(loss="isd", guidance_scale=7.5, ip_scale=0.5)}
+    assert mvd.settings == {("asset-1", "mvd"): MVDreamSettings(guidance_scale=50.0, recon_loss=True)}
     # annealed bounds: t starts at 0.98·1000
     assert set(ip.requests[0].timesteps.tolist()) == {980}
 
@@ -155,7 +160,15 @@ def test_loss_selection_uses_only_the_needed_guidance(tmp_path):
     cfg = _config(iterations=2, loss="sds")
     cfg.mvd.enabled = False
     result, _ = _run(cfg, GuidanceSet(ip=ip, mvd=None), tmp_path / "b", reference=None)
-    assert [r.loss for r in ip.requests] == ["sds", "sds"] and result.history[0]["beta"] == 0.0
+    assert len(ip.requests) == 2 and result.history[0]["beta"] == 0.0
+    assert ip.settings == {("asset-1", "ip"): IPSettings(loss="sds")}
+
+
+def test_one_guidance_in_both_slots_is_registered_once_per_family(tmp_path):
+    both = Recorder()
+    _run(_config(iterations=1), GuidanceSet(ip=both, mvd=both), tmp_path)
+    assert set(both.settings) == {("asset-1", "ip"), ("asset-1", "mvd")}
+    assert [r.family for r in both.requests] == ["ip", "mvd"]
 
 
 @pytest.mark.parametrize(
@@ -172,10 +185,29 @@ def test_missing_guidance_or_reference_is_a_clear_error(tmp_path, loss, guidance
         _run(_config(iterations=1, loss=loss), guidance, tmp_path, reference=reference)
 
 
-def test_reregisters_when_the_guidance_forgot_the_asset(tmp_path):
+def test_an_in_process_guidance_that_forgot_the_asset_is_an_error(tmp_path):
+    """Re-registering after a restart is the actor client's job (``pipeline.clients``); the loop
+    registers once and lets the error through."""
     ip, mvd = Recorder(forget_at=2), Recorder()
-    _run(_config(iterations=4), GuidanceSet(ip=ip, mvd=mvd), tmp_path)
-    assert ip.registrations == 2 and len(ip.requests) == 4
+    with pytest.raises(UnknownAssetError):
+        _run(_config(iterations=4), GuidanceSet(ip=ip, mvd=mvd), tmp_path)
+    assert ip.registrations == 1 and len(ip.requests) == 2
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_iteration(tmp_path):
+    """The guard is the optimiser's (so the one-asset CLI stops too); the NaN iteration is not
+    checkpointed."""
+    cfg = _config(iterations=4)
+    cfg.checkpoint_every = 1
+
+    class NaNAt(Recorder):
+        def grad(self, requests):
+            self.loss = float("nan") if len(self.requests) == 2 else 0.5
+            return super().grad(requests)
+
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at iteration 2 .*loss_ip=nan"):
+        _run(cfg, GuidanceSet(ip=NaNAt(), mvd=Recorder()), tmp_path)
+    assert load_checkpoint(tmp_path)["iteration"] == 2
 
 
 def test_deterministic_for_a_seed(tmp_path):
@@ -255,14 +287,13 @@ def test_image_target_guidance_and_sphere_target():
     assert torch.equal(image[:, :, 0, 0], torch.tensor([[0.0, 0.0, 1.0]] * 2))  # corners miss the ball
     guidance = ImageTargetGuidance(target, scale=2.0)
     rgb = torch.rand(2, 3, 9, 9)
-    request = GuidanceRequest("a", rgb, torch.tensor([10, 10]), seed=0, c2w=cams.c2w,
-                              options={"fovy": cams.fovy.tolist()})
+    request = GuidanceRequest("a", rgb, torch.tensor([10, 10]), seed=0, c2w=cams.c2w, fovy=cams.fovy)
     with pytest.raises(UnknownAssetError):
         guidance.grad([request])
     guidance.register("a", "a ball")
     (response,) = guidance.grad([request])
     assert torch.allclose(response.grad_rgb, 2.0 * (rgb - image))
-    request.options = {}
+    request.fovy = None
     with pytest.raises(ValueError, match="fovy"):
         guidance.grad([request])
 

@@ -14,7 +14,7 @@ from stages.scene.factory import build_scene
 
 
 class ConstantGuidance:
-    def register(self, asset_id, prompt, reference=None, negative_prompt=""):
+    def register(self, asset_id, prompt, reference=None, settings=None):
         pass
 
     def release(self, asset_id):

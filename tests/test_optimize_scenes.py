@@ -8,7 +8,8 @@ from stages.guidance.image_target import ImageTargetGuidance, SphereTarget
 from stages.guidance.set import GuidanceSet
 from stages.optimize.checkpoint import load_checkpoint
 from stages.optimize.config import OptimizeConfig
-from stages.optimize.loop import optimize_asset, psnr, render_views
+from stages.optimize.loop import optimize_asset, psnr
+from stages.scene.views import render_views
 from stages.scene.cameras import t3bench_cameras
 from stages.scene.factory import build_scene
 from stages.teacher import AnalyticGuidance, reference_image
@@ -132,3 +133,21 @@ def test_isd_in_3d_reaches_the_reference_mode(tmp_path, reference_mode):
 def test_sds_in_3d_ignores_the_reference(tmp_path):
     modes = _teacher_run(tmp_path, "sds", 3)
     assert (modes == 3).float().mean() < 0.5, torch.bincount(modes.flatten(), minlength=4)
+
+
+def test_densification_runs_after_the_optimizer_step_as_in_gsplat(tmp_path):
+    """gsplat's trainer (examples/simple_trainer.py) runs backward → optimizer.step() →
+    strategy.step_post_backward. The other way round, a refine step replaces the Gaussian tensors
+    before the step and they miss that iteration's Adam update; in gsplat's order every
+    parameter gets exactly one update per iteration, refine steps included."""
+    pytest.importorskip("gsplat")
+    cfg = _resume_config("splats")  # grows on every other step
+    cfg.iterations, cfg.checkpoint_every = 5, 0
+    guidance = GuidanceSet(ip=ImageTargetGuidance(SphereTarget(0.5)))
+    result = optimize_asset(cfg, guidance, None, 3, tmp_path, "a ball", "ball")
+    assert result.scene.num_gaussians > cfg.splats.init_num_points  # refine steps did run
+    optimizer = load_checkpoint(tmp_path)["optimizer"]
+    names = {index: group["name"] for group in optimizer["param_groups"] for index in group["params"]}
+    steps = {names[index]: float(state["step"]) for index, state in optimizer["state"].items()}
+    assert set(steps) >= {"means", "scales", "quats", "opacities", "colors"}
+    assert steps == {name: float(cfg.iterations) for name in steps}

@@ -101,7 +101,7 @@ def test_guidance_server_bounds_its_batches_by_views():
         def __init__(self):
             self.batches: list[list[int]] = []
 
-        def register(self, asset_id, prompt, reference=None, negative_prompt=""):
+        def register(self, asset_id, prompt, reference=None, settings=None):
             pass
 
         def grad(self, requests):

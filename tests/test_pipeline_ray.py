@@ -112,6 +112,7 @@ def test_actor_batches_concurrent_requests_and_matches_unbatched(head):
 def test_real_tiny_ip_guidance_batched_across_assets_matches_in_process(head):
     """The real IPGuidance (tiny preset) in its actor: three assets' concurrent ISD requests
     share forwards, and each answer equals the in-process, one-request-at-a-time answer."""
+    import dataclasses
     import functools
 
     import numpy as np
@@ -121,18 +122,19 @@ def test_real_tiny_ip_guidance_batched_across_assets_matches_in_process(head):
     from stages.optimize.config import OptimizeConfig
 
     models = ModelsConfig(sd="tiny", ip_adapter="tiny", image_encoder="tiny", device="cpu", dtype="float32")
-    method = OptimizeConfig.tiny()
-    factory = functools.partial(build_ip_guidance, models, method)
+    settings = OptimizeConfig.tiny().ip_settings()
+    settings = dataclasses.replace(settings, view_prompts=False)  # the requests carry no cameras
+    factory = functools.partial(build_ip_guidance, models)
     actor = IPGuidanceActor.remote(factory, 8, 300.0)
     local = factory()
     assets = {f"asset{i}": (f"a prompt number {i}", np.random.RandomState(i).rand(32, 32, 3)) for i in range(3)}
     for asset_id, (prompt, image) in assets.items():
-        local.register(asset_id, prompt, image)
-    ray.get([actor.register.remote(asset_id, prompt, image) for asset_id, (prompt, image) in assets.items()])
+        local.register(asset_id, prompt, image, settings)
+    ray.get([actor.register.remote(asset_id, prompt, image, settings) for asset_id, (prompt, image) in assets.items()])
 
     def isd_request(asset_id: str, seed: int) -> GuidanceRequest:
         g = torch.Generator().manual_seed(seed)
-        return GuidanceRequest(asset_id, torch.rand(1, 3, 64, 64, generator=g), torch.tensor([300 + 100 * seed]), seed=seed, loss="isd")
+        return GuidanceRequest(asset_id, torch.rand(1, 3, 64, 64, generator=g), torch.tensor([300 + 100 * seed]), seed=seed)
 
     requests = [isd_request(asset_id, seed) for seed, asset_id in enumerate(assets)]
     batched = ray.get([actor.grad.remote([r]) for r in requests])

@@ -17,11 +17,11 @@ from stages.guidance.protocol import GuidanceRequest
 from stages.scene.cameras import CameraConfig, sample_cameras
 
 
-def _request(rgb: torch.Tensor, seed: int, loss: str = "isd") -> GuidanceRequest:
+def _request(rgb: torch.Tensor, seed: int) -> GuidanceRequest:
     cams = sample_cameras(torch.Generator().manual_seed(seed), rgb.shape[0], CameraConfig())
     t = torch.full((rgb.shape[0],), 300 + seed)
-    return GuidanceRequest("a", rgb, t, seed=seed, loss=loss, c2w=cams.c2w, elevation=cams.elevation,
-                           azimuth=cams.azimuth, options={"fovy": cams.fovy.tolist(), "n_view": 4})
+    return GuidanceRequest("a", rgb, t, seed=seed, c2w=cams.c2w, elevation=cams.elevation,
+                           azimuth=cams.azimuth, fovy=cams.fovy)
 
 
 def test_both_clients_put_each_render_once_and_send_refs():
@@ -31,7 +31,7 @@ def test_both_clients_put_each_render_once_and_send_refs():
         for client in (clients.ip, clients.mvd):
             client.register("a", "a prompt")
         for step in range(3):
-            rgb = torch.rand(4, 3, 16, 16)
+            rgb = torch.rand(4, 3, 32, 32)  # 48 KiB: six requests' cameras, timesteps and seeds weigh less
             answers = [client.grad([_request(rgb, step)])[0] for client in (clients.ip, clients.mvd)]
             for answer in answers:
                 torch.testing.assert_close(answer.grad_rgb, 1e-3 * (rgb - 0.5))

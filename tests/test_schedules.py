@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from stages.guidance.schedules import (
+from stages.optimize.schedules import (
     ScheduleConfig,
     loss_weights,
     milestone_value,

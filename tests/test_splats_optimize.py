@@ -65,8 +65,8 @@ def densify_step(scene, optimizer, cams, step, size=24):
     loss = ((out["rgb"] - 0.0) ** 2).mean() * 1e3  # large gradients on purpose
     optimizer.zero_grad()
     loss.backward()
+    optimizer.step()  # gsplat's order (examples/simple_trainer.py): step, then densify
     scene.step_post_backward(step, out, optimizer)
-    optimizer.step()
     return out
 
 

@@ -21,6 +21,11 @@ from stages.teacher import (
 from teacher_fixtures import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
+def _teacher(prompt, config, reference=None):
+    """The teacher of ``prompt`` (empty negative prompt), tilted toward ``reference``."""
+    return AnalyticTeacher(prompt_mixture(prompt, config), prompt_mixture("", config), reference, config.tilt, config.null_flatten)
+
+
 def _mixture(d=2, k=3, seed=0):
     gen = torch.Generator().manual_seed(seed)
     means = torch.rand((k, d), generator=gen, dtype=torch.float64) * 2 - 1
@@ -72,7 +77,7 @@ def test_eps_is_the_posterior_mean_of_the_noise():
 
 
 def test_image_eps_is_per_pixel():
-    teacher = AnalyticTeacher.from_prompt("a chair", TeacherConfig())
+    teacher = _teacher("a chair", TeacherConfig())
     x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([100, 800])
     eps = teacher.eps(x, t, "cond", "none")
@@ -140,7 +145,7 @@ def test_teacher_config_errors_name_field(field, value):
 
 
 def _setup():
-    teacher = AnalyticTeacher.from_prompt("a vase", TeacherConfig(), prompt_mixture("a vase", TeacherConfig()).means[2])
+    teacher = _teacher("a vase", TeacherConfig(), prompt_mixture("a vase", TeacherConfig()).means[2])
     gen = torch.Generator().manual_seed(0)
     x0 = torch.rand(2, 3, 4, 4, generator=gen) * 2 - 1
     noise = torch.randn(x0.shape, generator=gen)

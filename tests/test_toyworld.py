@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from stages.guidance import losses
-from stages.guidance.protocol import GuidanceRequest, UnknownAssetError
+from stages.guidance.protocol import GuidanceRequest, IPSettings, MVDreamSettings, UnknownAssetError
 from stages.scene.cameras import CameraConfig, make_cameras, orbit_cameras, sample_cameras
 from stages.teacher.mixture import GaussianMixture, alphas_cumprod
 from stages.toyworld import ToyWorldGuidance, ToyWorldReferenceSampler, WorldError, load_world, nearest_object
@@ -159,20 +159,28 @@ def test_tempered_group_responsibilities_sum_the_views():
 
 
 # ------------------------------------------------------------------ guidance
-def _request(asset, rgb, cams, t, seed=0, loss="isd", **kwargs):
-    return GuidanceRequest(
-        asset, rgb, torch.as_tensor(t), seed, loss=loss, c2w=cams.c2w, options={"fovy": cams.fovy.tolist(), **kwargs.pop("options", {})},
-        **kwargs,
-    )
+REFERENCES: dict = {}
+"""The test assets and their references (None: registered without one)."""
+
+
+def _request(guidance, asset, rgb, cams, t, seed=0, loss="isd", **fields):
+    """A request of ``asset``, registered first with the settings ``loss`` and ``fields`` name
+    (settings come with the registration; ``sds_mvd`` is the multi-view family, at CFG 7.5 and
+    plain SDS unless given)."""
+    if loss == "sds_mvd":
+        fields = {"guidance_scale": 7.5, "recon_loss": False, **fields}
+        settings = MVDreamSettings(**fields)
+    else:
+        settings = IPSettings(loss=loss, **fields)
+    if asset in REFERENCES:
+        guidance.register(asset, PROMPT, REFERENCES[asset], settings)
+    return GuidanceRequest(asset, rgb, torch.as_tensor(t), seed, family=settings.family, c2w=cams.c2w, fovy=cams.fovy)
 
 
 @pytest.fixture(scope="module")
 def guidance():
-    g = ToyWorldGuidance(WORLD)
-    sampler = ToyWorldReferenceSampler(WORLD)
-    g.register("ref5", PROMPT, sampler.render(PROMPT, 5))
-    g.register("plain", PROMPT)
-    return g
+    REFERENCES.update(ref5=ToyWorldReferenceSampler(WORLD).render(PROMPT, 5), plain=None)
+    return ToyWorldGuidance(WORLD)
 
 
 def test_reference_images_identify_their_objects():
@@ -188,10 +196,10 @@ def test_sds_on_one_view_equals_the_exact_teacher_with_cfg():
     renders of the request's camera (independent: the teacher's GaussianMixture)."""
     exact = dataclasses.replace(WORLD, model=dataclasses.replace(WORLD.model, evidence_dims=3 * 8 * 8))
     g = ToyWorldGuidance(exact)
-    g.register("a", PROMPT)
+    g.register("a", PROMPT, None, IPSettings(loss="sds"))
     cams = _cams(4, seed=5)[:1]
     rgb = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    response = g.grad([_request("a", rgb, cams, [400], seed=9, loss="sds")])[0]
+    response = g.grad([_request(g, "a", rgb, cams, [400], seed=9, loss="sds")])[0]
     mu = render_objects(exact.prompt_table(PROMPT), cams.c2w, cams.fovy, 8, 8, exact.shading).rgb[:, 0].reshape(12, -1) * 2 - 1
     acp = alphas_cumprod()
     noise = torch.randn((1, 3, 8, 8), generator=torch.Generator().manual_seed(9)).double().reshape(1, -1)
@@ -206,10 +214,10 @@ def test_sds_on_one_view_equals_the_exact_teacher_with_cfg():
 def test_a_response_does_not_depend_on_its_batch_mates(guidance):
     cams = _cams(4)
     rgb = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    mine = _request("ref5", rgb, cams, [500, 300, 800, 100], seed=3)
+    mine = _request(guidance, "ref5", rgb, cams, [500, 300, 800, 100], seed=3)
     alone = guidance.grad([mine])[0]
-    mates = guidance.grad([_request("plain", rgb.flip(0), cams, [200] * 4, seed=1, loss="sds"), mine,
-                           _request("ref5", rgb, cams, [900] * 4, seed=3, loss="sds_mvd", guidance_scale=50.0)])
+    mates = guidance.grad([_request(guidance, "plain", rgb.flip(0), cams, [200] * 4, seed=1, loss="sds"), mine,
+                           _request(guidance, "ref5", rgb, cams, [900] * 4, seed=3, loss="sds_mvd", guidance_scale=50.0)])
     assert torch.equal(alone.grad_rgb, mates[1].grad_rgb)
     assert not torch.equal(mates[0].grad_rgb, alone.grad_rgb)
 
@@ -218,11 +226,11 @@ def test_isd_vanishes_at_ip_scale_zero_and_pulls_toward_the_reference(guidance):
     cams = _cams(4, seed=2)
     objects = render_objects(WORLD.prompt_table(PROMPT), cams.c2w, cams.fovy, 16, 16, WORLD.shading).rgb
     start = objects.mean(0)  # between all objects
-    zero = guidance.grad([_request("ref5", start, cams, [600] * 4, ip_scale=0.0)])[0]
+    zero = guidance.grad([_request(guidance, "ref5", start, cams, [600] * 4, ip_scale=0.0)])[0]
     assert zero.grad_rgb.abs().max() < 1e-6
     pulls = []
     for seed in range(8):
-        grad = guidance.grad([_request("ref5", start, cams, [600] * 4, seed=seed)])[0].grad_rgb
+        grad = guidance.grad([_request(guidance, "ref5", start, cams, [600] * 4, seed=seed)])[0].grad_rgb
         pulls.append(float((-grad * (objects[5] - start)).sum()))
     assert sum(p > 0 for p in pulls) >= 7  # gradient descent moves the renders toward object 5
 
@@ -237,7 +245,7 @@ def test_the_tilt_and_the_prior_set_the_responsibilities(guidance):
     acp = alphas_cumprod()
     mu = render_objects(WORLD.prompt_table(PROMPT), cams.c2w, cams.fovy, 16, 16, WORLD.shading).rgb * 2 - 1
     for t, loss, asset, index in ((999, "ip_sds", "ref5", 5), (700, "ip_sds", "ref5", 5), (700, "sds", "plain", 0)):
-        info = guidance.grad([_request(asset, rgb, cams, [t] * 4, seed=7, loss=loss, ip_scale=0.5)])[0].info
+        info = guidance.grad([_request(guidance, asset, rgb, cams, [t] * 4, seed=7, loss=loss, ip_scale=0.5)])[0].info
         log_w = WORLD.log_weights(PROMPT).clone()
         if loss == "ip_sds":
             log_w = (1 - 0.3 * 0.5) * log_w
@@ -251,7 +259,7 @@ def test_the_tilt_and_the_prior_set_the_responsibilities(guidance):
         assert info[key] == pytest.approx(float(expected), rel=1e-6), (t, loss)
     # at t = 999 the evidence is small: the reference's weight is about its prior share
     prior = torch.softmax((1 - 0.15) * WORLD.log_weights(PROMPT) + 2.5 * (torch.arange(12) == 5), 0)[5]
-    assert guidance.grad([_request("ref5", rgb, cams, [999] * 4, seed=7, loss="ip_sds")])[0].info["resp_reference"] == pytest.approx(float(prior), abs=0.06)
+    assert guidance.grad([_request(guidance, "ref5", rgb, cams, [999] * 4, seed=7, loss="ip_sds")])[0].info["resp_reference"] == pytest.approx(float(prior), abs=0.06)
 
 
 def test_the_multiview_branch_ties_the_views_to_one_object(guidance):
@@ -262,13 +270,13 @@ def test_the_multiview_branch_ties_the_views_to_one_object(guidance):
     rgb = objects[4].clone()
     rgb[3] = objects[9, 3]
     toward = lambda grad, k: float((-grad[3] * (objects[k, 3] - rgb[3])).sum())  # noqa: E731
-    per_image = guidance.grad([_request("plain", rgb, cams, [250] * 4, loss="sds", guidance_scale=1.0)])[0]
-    joint = guidance.grad([_request("plain", rgb, cams, [250] * 4, loss="sds_mvd", guidance_scale=1.0)])[0]
+    per_image = guidance.grad([_request(guidance, "plain", rgb, cams, [250] * 4, loss="sds", guidance_scale=1.0)])[0]
+    joint = guidance.grad([_request(guidance, "plain", rgb, cams, [250] * 4, loss="sds_mvd", guidance_scale=1.0)])[0]
     # per image, view 3 already is object 9: only noise moves it (|pull| ~0.1); jointly it is
     # pulled to object 4 by about 2·w(t)·ᾱ-weighted |μ_4 − μ_9|² (≈ 120 here)
     assert abs(toward(per_image.grad_rgb, 4)) < 1.0 and per_image.info["top_object"] == 4
     assert toward(joint.grad_rgb, 4) > 50.0
-    recon = guidance.grad([_request("plain", rgb, cams, [250] * 4, loss="sds_mvd", options={"recon_loss": True})])[0]
+    recon = guidance.grad([_request(guidance, "plain", rgb, cams, [250] * 4, loss="sds_mvd", recon_loss=True)])[0]
     assert recon.info["recon_loss"] == 1.0 and recon.info["view_group"] == 4.0
 
 
@@ -276,13 +284,14 @@ def test_bad_requests_and_prompts_name_the_problem(guidance):
     cams = _cams(4)
     rgb = torch.rand(4, 3, 8, 8)
     with pytest.raises(UnknownAssetError):
-        guidance.grad([_request("ghost", rgb, cams, [1] * 4)])
+        guidance.grad([_request(guidance, "ghost", rgb, cams, [1] * 4)])
     with pytest.raises(ValueError, match="registered without a reference"):
-        guidance.grad([_request("plain", rgb, cams, [1] * 4)])
-    with pytest.raises(ValueError, match=r"options\['fovy'\]"):
-        guidance.grad([GuidanceRequest("plain", rgb, torch.ones(4, dtype=torch.long), 0, loss="sds", c2w=cams.c2w)])
+        guidance.grad([_request(guidance, "plain", rgb, cams, [1] * 4)])
+    guidance.register("plain", PROMPT, None, IPSettings(loss="sds"))
+    with pytest.raises(ValueError, match=r"GuidanceRequest.fovy"):
+        guidance.grad([GuidanceRequest("plain", rgb, torch.ones(4, dtype=torch.long), 0, c2w=cams.c2w)])
     with pytest.raises(ValueError, match="equal within each group"):
-        guidance.grad([_request("plain", rgb, cams, [1, 2, 3, 4], loss="sds_mvd")])
+        guidance.grad([_request(guidance, "plain", rgb, cams, [1, 2, 3, 4], loss="sds_mvd")])
     with pytest.raises(ValueError, match="'a purple chair' is not in the toy world"):
         guidance.register("x", "a purple chair")
 

@@ -109,7 +109,7 @@ def render_asset_views(
     asset_dir: Path, config: EvaluateConfig, method: Any, device: torch.device, scene: nn.Module | None = None
 ) -> AssetViews:
     """Render the evaluation views of the asset's final scene at ``config.resolution``."""
-    from stages.optimize.loop import render_views
+    from stages.scene.views import render_views
 
     scene = load_asset_scene(asset_dir, method, device, scene)
     cameras = evaluation_cameras(config, method.cameras)

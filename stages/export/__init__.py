@@ -27,7 +27,7 @@ class EmptySceneError(ValueError):
 
 
 def _render(scene: torch.nn.Module, cameras: Any, resolution: int, chunk: int) -> dict[str, torch.Tensor]:
-    from stages.optimize.loop import render_views
+    from stages.scene.views import render_views
 
     return render_views(scene, cameras, resolution, chunk=chunk)
 

@@ -21,14 +21,12 @@ TargetFn = Callable[[Cameras, int, int], Tensor]
 
 
 def cameras_from_request(request: GuidanceRequest) -> Cameras:
-    """Rebuild the request's cameras: ``c2w``, elevation, azimuth, and ``options["fovy"]`` (radians)."""
-    if request.c2w is None or "fovy" not in request.options:
-        raise ValueError("image-target guidance needs GuidanceRequest.c2w and options['fovy']")
+    """Rebuild the request's cameras: ``c2w``, ``fovy`` (radians), elevation, azimuth."""
+    if request.c2w is None or request.fovy is None:
+        raise ValueError("image-target guidance needs GuidanceRequest.c2w and fovy")
     c2w = request.c2w.float().cpu()
     batch = c2w.shape[0]
-    fovy = torch.as_tensor(request.options["fovy"], dtype=torch.float32).reshape(-1)
-    if fovy.numel() == 1:
-        fovy = fovy.expand(batch)
+    fovy = request.fovy.float().cpu()
     zeros = torch.zeros(batch)
     return Cameras(
         c2w=c2w,
@@ -53,7 +51,8 @@ class ImageTargetGuidance:
         self.registered: dict[str, str] = {}
         self.calls = 0
 
-    def register(self, asset_id: str, prompt: str, reference: Any | None = None, negative_prompt: str = "") -> None:
+    def register(self, asset_id: str, prompt: str, reference: Any | None = None, settings: Any | None = None) -> None:
+        """Remember the asset (the target does not depend on prompt, reference or settings)."""
         self.registered[asset_id] = prompt
 
     def release(self, asset_id: str) -> None:

@@ -20,14 +20,16 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from stages.guidance import losses
 from stages.guidance.protocol import (
-    NUM_TRAIN_TIMESTEPS,
     GuidanceRequest,
     GuidanceResponse,
+    IPSettings,
     UnknownAssetError,
+    settings_for,
     validate_request,
 )
 from stages.guidance.runtime import GuidanceRuntime, RowBounded, ViewSlice, passes, slice_noise, slice_request, view_slices
@@ -38,10 +40,6 @@ from stages.models.device import resolve_device, resolve_dtype
 from stages.models.ip_adapter import IPAdapter, load_ip_adapter, per_sample_ip_scale, to_pil
 from stages.models.sd import SDComponents, load_sd
 from stages.scene.cameras import VIEW_DIRECTIONS, view_directions, view_prompt
-
-DEFAULT_DELTA_T = 50
-"""δt of ``cv_t_delta_sd`` / ``cv_t_delta_ip`` when the request's ``options["delta_t"]`` is not set."""
-
 
 @dataclass
 class IPComponents:
@@ -74,10 +72,11 @@ class _Asset:
     """Cached embeddings of one registered asset (all on the model device/dtype)."""
 
     key: tuple[str, str, str]
-    cond: Tensor  # (1, 77, C)
-    uncond: Tensor  # (1, 77, C)
-    views: dict[str, Tensor]  # direction -> (1, 77, C)
-    reference: Tensor | None  # (1, D) / (1, T, D) image embedding, None without a reference
+    cond: Float[Tensor, "1 tokens channels"]
+    uncond: Float[Tensor, "1 tokens channels"]
+    views: dict[str, Float[Tensor, "1 tokens channels"]]  # by view direction
+    reference: Float[Tensor, "1 ..."] | None  # (1, D) / (1, T, D) image embedding, None without a reference
+    settings: IPSettings
 
 
 @dataclass
@@ -96,20 +95,17 @@ class IPGuidance:
 
     ``models``: a :class:`ModelsConfig` (loaded here) or prebuilt :class:`IPComponents`.
     ``render_resolution``: renders are resized to this square size before the VAE (512 for
-    SD1.5; smaller values are for tiny models). ``sd_branch``: ``vanilla`` (ε_SD = IP scale 0)
-    or ``ip_null`` (ε_SD = adapter with the null image embedding), see DESIGN.md.
+    SD1.5; smaller values are for tiny models). How an asset is answered (loss, scales,
+    ``sd_branch``, δt, view prompts, negative prompt) is its :class:`IPSettings`, given at
+    :meth:`register`.
     """
 
     def __init__(
         self,
         models: ModelsConfig | IPComponents,
         render_resolution: int = 512,
-        sd_branch: str = "vanilla",
-        negative_prompt: str = "",
         runtime: GuidanceRuntime | None = None,
     ) -> None:
-        if sd_branch not in losses.SD_BRANCHES:
-            raise ValueError(f"unknown isd.sd_branch {sd_branch!r}; expected one of {losses.SD_BRANCHES}")
         components = models if isinstance(models, IPComponents) else load_ip_components(models)
         self.sd = components.sd
         self.ip = components.ip
@@ -119,8 +115,6 @@ class IPGuidance:
                 f"render_resolution must be a positive multiple of the VAE factor {factor}, got {render_resolution}"
             )
         self.render_resolution = int(render_resolution)
-        self.sd_branch = sd_branch
-        self.negative_prompt = negative_prompt
         self.alphas_cumprod = self.sd.alphas_cumprod
         self._null = self.ip.null_embedding().to(self.sd.dtype)
         self._assets: dict[str, _Asset] = {}
@@ -131,34 +125,30 @@ class IPGuidance:
 
     @classmethod
     def from_config(
-        cls,
-        models: ModelsConfig,
-        sd_branch: str = "vanilla",
-        negative_prompt: str = "",
-        render_resolution: int | None = None,
-        runtime: GuidanceRuntime | None = None,
+        cls, models: ModelsConfig, render_resolution: int | None = None, runtime: GuidanceRuntime | None = None
     ) -> "IPGuidance":
         """Load ``models`` (SD1.5, IP-Adapter, image encoder). ``render_resolution`` defaults
         to SD1.5's 512, and to ``TINY_RENDER_RESOLUTION`` (32) for ``tiny``."""
         if render_resolution is None:
             render_resolution = ip_render_resolution(models)
-        return cls(models, render_resolution, sd_branch, negative_prompt, runtime)
+        return cls(models, render_resolution, runtime)
 
     # ------------------------------------------------------------------ registry
 
     def register(
-        self, asset_id: str, prompt: str, reference: Any | None = None, negative_prompt: str | None = None
+        self, asset_id: str, prompt: str, reference: Any | None = None, settings: IPSettings | None = None
     ) -> None:
-        """Encode prompt, negative prompt, view-dependent prompts and the reference once.
+        """Encode prompt, the settings' negative prompt, view-dependent prompts and the reference once.
 
-        Idempotent: registering the same (prompt, negative prompt, reference) again is a no-op;
-        different inputs replace the cached embeddings. ``negative_prompt`` None or ``""`` means
-        the guidance's own ``negative_prompt`` (so a re-registration with the protocol's default
-        ``""`` after an actor restart gives the same embeddings as the first registration).
+        Idempotent: registering the same (prompt, negative prompt, reference) again encodes
+        nothing (new ``settings`` replace the old); different inputs replace the cached embeddings.
         """
-        negative = negative_prompt or self.negative_prompt
+        settings = settings_for("ip", settings)
+        negative = settings.negative_prompt
         key = (prompt, negative, _fingerprint(reference))
-        if asset_id in self._assets and self._assets[asset_id].key == key:
+        known = self._assets.get(asset_id)
+        if known is not None and known.key == key:
+            known.settings = settings
             return
         texts = [prompt, negative] + [view_prompt(prompt, d) for d in VIEW_DIRECTIONS]
         embeds = self.sd.encode_prompts(texts)
@@ -166,7 +156,7 @@ class IPGuidance:
         image = None
         if reference is not None:
             image = self.ip.encode_reference(reference).to(self.sd.dtype)
-        self._assets[asset_id] = _Asset(key, embeds[0:1], embeds[1:2], views, image)
+        self._assets[asset_id] = _Asset(key, embeds[0:1], embeds[1:2], views, image, settings)
 
     def release(self, asset_id: str) -> None:
         """Forget an asset; unknown ids are ignored."""
@@ -196,6 +186,7 @@ class IPGuidance:
         responses = []
         for req, spec, g_latent, g_rgb, rows in zip(requests, specs, latent_parts, rgb_parts, unet_batch):
             g_latent = torch.cat(g_latent)
+            settings = self._assets[req.asset_id].settings
             responses.append(
                 GuidanceResponse(
                     asset_id=req.asset_id,
@@ -205,8 +196,8 @@ class IPGuidance:
                     timesteps=req.timesteps.detach().cpu(),
                     info={
                         "evaluations": float(len(spec.evaluations)),
-                        "ip_scale": float(req.ip_scale),
-                        "guidance_scale": float(req.guidance_scale),
+                        "ip_scale": float(settings.ip_scale),
+                        "guidance_scale": float(settings.guidance_scale),
                         "t_mean": float(req.timesteps.float().mean()),
                         "unet_batch": float(rows),
                     },
@@ -249,9 +240,9 @@ class IPGuidance:
         for (_, spec, _), part, (noise, noise2) in zip(pieces, parts, noises):
             preds = per_row[start : start + len(spec.evaluations)]
             start += len(spec.evaluations)
+            settings = self._assets[part.asset_id].settings
             params = losses.LossParams(
-                guidance_scale=float(part.guidance_scale),
-                cv_guidance_scale=float(part.options.get("cv_guidance_scale", 100.0)),
+                guidance_scale=float(settings.guidance_scale), cv_guidance_scale=float(settings.cv_guidance_scale)
             )
             weight = losses.sds_weight(self.alphas_cumprod, part.timesteps.cpu()).to(device)
             grads.append(losses.latent_gradient(spec, preds, noise, weight, params, noise2))
@@ -264,34 +255,33 @@ class IPGuidance:
 
     def _check(self, req: GuidanceRequest) -> losses.LossSpec:
         validate_request(req)
-        if req.asset_id not in self._assets:
+        if req.family != "ip":
+            raise ValueError(f"IPGuidance answers family 'ip', got GuidanceRequest.family={req.family!r}")
+        asset = self._assets.get(req.asset_id)
+        if asset is None:
             raise UnknownAssetError(req.asset_id)
-        try:
-            losses.check_loss_name(req.loss)
-        except ValueError as error:
-            raise ValueError(f"GuidanceRequest.loss: {error}") from None
-        spec = losses.loss_spec(req.loss, self.sd_branch)
-        if spec.uses_image_prompt and self._assets[req.asset_id].reference is None:
+        settings = asset.settings
+        spec = losses.loss_spec(settings.loss, settings.sd_branch)
+        if spec.uses_image_prompt and asset.reference is None:
             raise ValueError(
-                f"GuidanceRequest.loss {req.loss!r} needs a reference image, but asset {req.asset_id!r} "
-                "was registered without one"
+                f"loss {settings.loss!r} needs a reference image, but asset {req.asset_id!r} was registered without one"
             )
-        if req.options.get("view_prompts") and (req.elevation is None or req.azimuth is None):
-            raise ValueError("GuidanceRequest.options['view_prompts'] needs elevation and azimuth")
-        delta_t = req.options.get("delta_t", DEFAULT_DELTA_T)
-        if not isinstance(delta_t, (int, np.integer)) or not 0 <= int(delta_t) < NUM_TRAIN_TIMESTEPS:
-            raise ValueError(f"GuidanceRequest.options['delta_t'] must be an int in [0, 1000), got {delta_t!r}")
+        if settings.view_prompts and (req.elevation is None or req.azimuth is None):
+            raise ValueError(
+                f"IPSettings.view_prompts of asset {req.asset_id!r} needs GuidanceRequest.elevation and azimuth"
+            )
         return spec
 
     def _rows(
         self, req: GuidanceRequest, spec: losses.LossSpec, x0: Tensor, noise: Tensor, noise2: Tensor | None
     ) -> list[_Rows]:
         asset = self._assets[req.asset_id]
+        settings = asset.settings
         batch = x0.shape[0]
         device = x0.device
         t = req.timesteps.to(device=device, dtype=torch.long)
-        t_delta = losses.shifted_timesteps(t, int(req.options.get("delta_t", DEFAULT_DELTA_T)))
-        if req.options.get("view_prompts"):
+        t_delta = losses.shifted_timesteps(t, settings.delta_t)
+        if settings.view_prompts:
             names = view_directions(req.elevation.cpu(), req.azimuth.cpu())
             cond = torch.cat([asset.views[n] for n in names])
         else:
@@ -303,7 +293,7 @@ class IPGuidance:
             eps = noise if ev.noise == "shared" else noise2
             x_t = losses.add_noise(x0.float(), eps, self.alphas_cumprod, steps)
             image = asset.reference if ev.image == "ref" else self._null
-            scale = 0.0 if ev.image == "none" else float(req.ip_scale)
+            scale = 0.0 if ev.image == "none" else float(settings.ip_scale)
             rows.append(
                 _Rows(
                     x=x_t,

@@ -38,7 +38,7 @@ Renamed losses are refused with the new names (:data:`RENAMED_LOSSES`): ``cv_cfg
 ε_SD in every control variate follows ``sd_branch`` (``vanilla``: IP scale 0; ``ip_null``: the
 adapter with the null image embedding).
 
-``isd`` has two readings of ε_SD (DESIGN.md): ``sd_branch="vanilla"`` (IP scale 0: four
+``isd`` has two readings of ε_SD (docs/ARCHITECTURE.md "The method"): ``sd_branch="vanilla"`` (IP scale 0: four
 evaluations) and ``sd_branch="ip_null"`` (the adapter with a zero image embedding, sharing
 the unconditional branch, so ε_IP^cfg − ε_SD^cfg = s·(e(y, ref) − e(y, null)): two
 evaluations).
@@ -95,10 +95,6 @@ class LossSpec:
     @property
     def needs_independent_noise(self) -> bool:
         return any(e.noise == "independent" for e in self.evaluations)
-
-    @property
-    def needs_t_delta(self) -> bool:
-        return any(e.timestep == "t_delta" for e in self.evaluations)
 
 
 def cfg(eps_cond: Tensor, eps_uncond: Tensor, scale: float) -> Tensor:

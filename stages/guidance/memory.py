@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from stages.guidance.losses import loss_spec
-from stages.guidance.protocol import GuidanceRequest
+from stages.guidance.protocol import GuidanceRequest, IPSettings, MVDreamSettings
 from stages.guidance.runtime import UNBOUNDED, GuidanceRuntime
 from stages.models.architecture import (
     IPArchitecture,
@@ -171,14 +171,15 @@ def _guidance(spec: ActorSpec) -> tuple[Any, tuple[torch.nn.Module, ...]]:
         from stages.guidance.ip_guidance import IPComponents, IPGuidance
 
         sd, ip = _built_ip(spec.architecture, spec.dtype)
-        guidance = IPGuidance(IPComponents(sd, ip), spec.model_resolution, spec.sd_branch, runtime=runtime)
-        guidance.register("asset", "a ceramic teapot", _reference_image())
+        guidance = IPGuidance(IPComponents(sd, ip), spec.model_resolution, runtime=runtime)
+        settings = IPSettings(loss=spec.loss, sd_branch=spec.sd_branch, view_prompts=True)
+        guidance.register("asset", "a ceramic teapot", _reference_image(), settings)
         return guidance, (sd.unet, sd.vae, sd.text_encoder, ip.image_encoder)
     from stages.guidance.mvdream_guidance import MVDreamGuidance
 
     parts = _built_mvdream(spec.architecture, spec.dtype)
-    guidance = MVDreamGuidance(parts, spec.model_resolution, guidance_scale=None, runtime=runtime)
-    guidance.register("asset", "a ceramic teapot")
+    guidance = MVDreamGuidance(parts, spec.model_resolution, runtime=runtime)
+    guidance.register("asset", "a ceramic teapot", None, MVDreamSettings(guidance_scale=50.0, recon_loss=True, recon_std_rescale=0.5))
     return guidance, (parts.unet, parts.vae, parts.text_encoder)
 
 
@@ -207,15 +208,15 @@ def _request(spec: ActorSpec, index: int) -> GuidanceRequest:
     cameras = sample_cameras(g, spec.views, CameraConfig())
     rgb = torch.rand(spec.views, 3, spec.render, spec.render, generator=g)
     common = dict(
-        asset_id="asset", rgb=rgb, seed=index, c2w=cameras.c2w, elevation=cameras.elevation, azimuth=cameras.azimuth
+        asset_id="asset", rgb=rgb, seed=index, c2w=cameras.c2w, elevation=cameras.elevation, azimuth=cameras.azimuth,
+        fovy=cameras.fovy,
     )
     if spec.kind == "ip":
         loss_spec(spec.loss, spec.sd_branch)  # a bad name fails here, not inside the measurement
         t = torch.randint(20, 980, (spec.views,), generator=g)
-        return GuidanceRequest(timesteps=t, loss=spec.loss, options={"view_prompts": True}, **common)
+        return GuidanceRequest(timesteps=t, family="ip", **common)
     t = torch.randint(20, 980, (spec.views // 4,), generator=g).repeat_interleave(4)
-    options = {"recon_loss": True, "recon_std_rescale": 0.5, "n_view": 4}
-    return GuidanceRequest(timesteps=t, loss="sds_mvd", guidance_scale=50.0, options=options, **common)
+    return GuidanceRequest(timesteps=t, family="mvd", **common)
 
 
 def _measure_reference(spec: ActorSpec) -> ActorMemory:
@@ -232,10 +233,3 @@ def _measure_reference(spec: ActorSpec) -> ActorMemory:
             pipeline(prompt=["a ceramic teapot"] * spec.requests, generator=generators, num_inference_steps=1, height=size, width=size)
 
     return ActorMemory(module_bytes(sd.unet, sd.vae, sd.text_encoder), measure_peak(sample))
-
-
-def spec_fields(spec: ActorSpec) -> dict[str, Any]:
-    """The spec as plain data (architecture by name), for JSON reports."""
-    fields = asdict(spec)
-    fields["architecture"] = spec.architecture.name
-    return fields

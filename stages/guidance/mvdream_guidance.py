@@ -1,7 +1,8 @@
 """MVDream SDS guidance (ModeDreamer Eq. 8) implementing the guidance protocol.
 
 Per request: B = 4·k renders of one asset (k groups of 4 views, each group with one t),
-their camera-to-world matrices, a noise seed. The requests of a call are cut into slices of
+their camera-to-world matrices, a noise seed; the CFG scale, the loss form and the negative
+prompt are the asset's :class:`~stages.guidance.protocol.MVDreamSettings`, given at ``register``. The requests of a call are cut into slices of
 whole 4-view groups and answered in passes of at most ``runtime.vae_chunk`` images
 (:class:`~stages.guidance.runtime.GuidanceRuntime`): a pass is VAE-encoded at ``render_resolution`` (256 → 32² latents) with grad, noised with each
 request's own noise, and goes through the multi-view UNet as one batch of 2·ΣB rows (text-cond
@@ -9,7 +10,7 @@ and text-uncond halves, camera repeated, ``num_frames`` = 4), in forwards of at 
 ``runtime.unet_rows`` rows (whole 4-view groups). The latent gradient is
 
 - SDS (default): w(t)·(ε_cfg − ε) with w(t) = 1 − ᾱ_t (``losses.loss_spec("sds_mvd")``);
-- ``recon_loss``: latents − x̂0, where x̂0 is predicted from ε_cfg and, per group of 4 views,
+- ``recon_loss`` (the default): latents − x̂0, where x̂0 is predicted from ε_cfg and, per group of 4 views,
   its std is rescaled towards the no-CFG x̂0's and blended with weight ``recon_std_rescale``
   (MVDream-threestudio's x0-reconstruction loss; its gradient of
   ``0.5·||latents − x̂0||²``, without threestudio's extra 1/B, like the SDS branch here),
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from stages.guidance.losses import (
@@ -36,7 +38,7 @@ from stages.guidance.losses import (
     sds_weight,
     surrogate_loss,
 )
-from stages.guidance.protocol import GuidanceRequest, GuidanceResponse, UnknownAssetError
+from stages.guidance.protocol import GuidanceRequest, GuidanceResponse, MVDreamSettings, UnknownAssetError, settings_for
 from stages.guidance.runtime import GuidanceRuntime, RowBounded, ViewSlice, passes, slice_noise, slice_request, view_slices
 from stages.guidance.vae_bridge import backprop_to_renders, bounded_encoder, encode_renders
 from stages.models.config import ModelsConfig
@@ -44,61 +46,36 @@ from stages.models.device import resolve_device, resolve_dtype
 from stages.models.mvdream import (
     MVDreamComponents,
     encode_prompts,
-    load_mvdream,
     mvdream_forward,
     normalize_camera,
 )
+from stages.models.mvdream_load import load_mvdream
 from stages.models.tiny import TINY_RENDER_RESOLUTION
-
-MVDREAM_NEGATIVE_PROMPT = (
-    "ugly, bad anatomy, blurry, pixelated obscure, unnatural colors, poor lighting, dull, and unclear, "
-    "cropped, lowres, low quality, artifacts, duplicate, morbid, mutilated, poorly drawn face, deformed, "
-    "dehydrated, bad proportions"
-)
-"""MVDream-threestudio's ``configs/mvdream-sd21.yaml`` negative prompt."""
-LOSSES = ("sds_mvd", "sds")
-"""Request ``loss`` names this guidance serves (both mean SDS with the MVDream UNet)."""
 
 
 @dataclass
 class _Asset:
     prompt: str
-    negative_prompt: str
-    cond: Tensor
-    """(1, L, D) text embedding on the model's device/dtype."""
-    uncond: Tensor
+    settings: MVDreamSettings
+    cond: Float[Tensor, "1 tokens channels"]
+    """Text embedding on the model's device/dtype."""
+    uncond: Float[Tensor, "1 tokens channels"]
 
 
 class MVDreamGuidance:
     """Multi-view SDS from the MVDream UNet for batches of requests from different assets.
 
-    ``guidance_scale``: MVDream's CFG (50). When not None, a request whose ``guidance_scale``
-    differs is rejected (so a request built with the 7.5 default does not silently run at
-    the wrong scale); ``None`` uses each request's own ``guidance_scale``.
-    ``recon_loss`` / ``recon_std_rescale`` can be overridden per request through
-    ``request.options["recon_loss"]`` / ``["recon_std_rescale"]``.
+    Each asset is answered with the :class:`MVDreamSettings` it was registered with (CFG scale,
+    SDS or ``recon_loss`` and its rescale, negative prompt).
     """
 
     def __init__(
-        self,
-        models: MVDreamComponents,
-        render_resolution: int = 256,
-        guidance_scale: float | None = 50.0,
-        recon_loss: bool = False,
-        recon_std_rescale: float = 0.5,
-        negative_prompt: str = MVDREAM_NEGATIVE_PROMPT,
-        runtime: GuidanceRuntime | None = None,
+        self, models: MVDreamComponents, render_resolution: int = 256, runtime: GuidanceRuntime | None = None
     ) -> None:
         if render_resolution <= 0 or render_resolution % 8:
             raise ValueError(f"render_resolution must be a positive multiple of 8, got {render_resolution}")
-        if not 0.0 <= recon_std_rescale <= 1.0:
-            raise ValueError(f"recon_std_rescale must be in [0, 1], got {recon_std_rescale}")
         self.models = models
         self.render_resolution = int(render_resolution)
-        self.guidance_scale = guidance_scale
-        self.recon_loss = bool(recon_loss)
-        self.recon_std_rescale = float(recon_std_rescale)
-        self.negative_prompt = negative_prompt
         self.num_frames = int(models.num_frames)
         self.spec: LossSpec = loss_spec("sds_mvd")
         for evaluation in self.spec.evaluations:
@@ -118,10 +95,8 @@ class MVDreamGuidance:
     ) -> "MVDreamGuidance":
         """Load ``models.mvdream`` (+ tokenizer from ``models.mvdream_text``) on ``models.device``/``dtype``.
 
-        The CFG scale, ``recon_loss`` and its rescale then come from each request (the
-        optimiser's ``method.mvd`` settings), so this guidance is built with
-        ``guidance_scale=None``. ``render_resolution`` defaults to MVDream's 256, and to
-        ``TINY_RENDER_RESOLUTION`` (32) for ``tiny``.
+        ``render_resolution`` defaults to MVDream's 256, and to ``TINY_RENDER_RESOLUTION`` (32)
+        for ``tiny``.
         """
         device = resolve_device(models.device)
         dtype = resolve_dtype(models.dtype, device)
@@ -130,28 +105,24 @@ class MVDreamGuidance:
         )
         if render_resolution is None:
             render_resolution = mvd_render_resolution(models)
-        return cls(components, render_resolution=render_resolution, guidance_scale=None, runtime=runtime)
+        return cls(components, render_resolution=render_resolution, runtime=runtime)
 
     # ------------------------------------------------------------------ registry
 
     def register(
-        self,
-        asset_id: str,
-        prompt: str,
-        reference: Any | None = None,
-        negative_prompt: str | None = None,
+        self, asset_id: str, prompt: str, reference: Any | None = None, settings: MVDreamSettings | None = None
     ) -> None:
-        """Encode ``prompt`` and the negative prompt (SD2.1 text encoder) once per asset.
+        """Encode ``prompt`` and the settings' negative prompt (SD2.1 text encoder) once per asset.
 
         ``reference`` is accepted for protocol compatibility and unused (MVDream is text-only).
-        ``negative_prompt=None`` uses the guidance's default.
         """
-        negative = self.negative_prompt if negative_prompt is None else negative_prompt
+        settings = settings_for("mvd", settings)
         known = self._assets.get(asset_id)
-        if known is not None and known.prompt == prompt and known.negative_prompt == negative:
+        if known is not None and known.prompt == prompt and known.settings.negative_prompt == settings.negative_prompt:
+            self._assets[asset_id] = _Asset(prompt, settings, known.cond, known.uncond)
             return
-        cond, uncond = encode_prompts(self.models, [prompt, negative]).chunk(2)
-        self._assets[asset_id] = _Asset(prompt, negative, cond, uncond)
+        cond, uncond = encode_prompts(self.models, [prompt, settings.negative_prompt]).chunk(2)
+        self._assets[asset_id] = _Asset(prompt, settings, cond, uncond)
 
     def release(self, asset_id: str) -> None:
         self._assets.pop(asset_id, None)
@@ -159,10 +130,11 @@ class MVDreamGuidance:
     # ---------------------------------------------------------------------- grad
 
     def _check(self, request: GuidanceRequest) -> None:
-        if request.asset_id not in self._assets:
+        if request.family != "mvd":
+            raise ValueError(f"MVDreamGuidance answers family 'mvd', got GuidanceRequest.family={request.family!r}")
+        asset = self._assets.get(request.asset_id)
+        if asset is None:
             raise UnknownAssetError(request.asset_id)
-        if request.loss not in LOSSES:
-            raise ValueError(f"MVDreamGuidance serves loss {LOSSES}, got request.loss={request.loss!r}")
         if request.c2w is None:
             raise ValueError(f"MVDreamGuidance needs GuidanceRequest.c2w (asset {request.asset_id!r})")
         batch = request.rgb.shape[0]
@@ -172,10 +144,10 @@ class MVDreamGuidance:
                 f"MVDreamGuidance needs groups of {f} views: GuidanceRequest.rgb has batch {batch} "
                 f"(asset {request.asset_id!r})"
             )
-        n_view = request.options.get("n_view", f)
-        if int(n_view) != f:
+        if asset.settings.n_view != f:
             raise ValueError(
-                f"GuidanceRequest.options['n_view']={n_view} but the MVDream model attends across {f} views"
+                f"MVDreamSettings.n_view={asset.settings.n_view} of asset {request.asset_id!r}, but the MVDream "
+                f"model attends across {f} views"
             )
         groups = request.timesteps.reshape(-1, f)
         unequal = (groups != groups[:, :1]).any(dim=1).nonzero().flatten().tolist()
@@ -183,12 +155,6 @@ class MVDreamGuidance:
             raise ValueError(
                 f"GuidanceRequest.timesteps must be equal within each group of {f} views; groups "
                 f"{unequal} of asset {request.asset_id!r} are not: {groups[unequal].tolist()}"
-            )
-        if self.guidance_scale is not None and request.guidance_scale != self.guidance_scale:
-            raise ValueError(
-                f"GuidanceRequest.guidance_scale {request.guidance_scale} differs from "
-                f"MVDreamGuidance.guidance_scale {self.guidance_scale} (asset {request.asset_id!r}); "
-                "set the request's scale or build the guidance with guidance_scale=None"
             )
 
     def grad(self, requests: Sequence[GuidanceRequest]) -> list[GuidanceResponse]:
@@ -265,10 +231,11 @@ class MVDreamGuidance:
         grads: list[Tensor] = []
         infos: list[dict[str, float]] = []
         for i, request in enumerate(requests):
-            scale = float(request.guidance_scale if self.guidance_scale is None else self.guidance_scale)
+            settings = self._assets[request.asset_id].settings
+            scale = float(settings.guidance_scale)
             t = request.timesteps.long().cpu()
             preds = [predictions[e][i] for e in range(n_eval)]
-            recon = bool(request.options.get("recon_loss", self.recon_loss))
+            recon = settings.recon_loss
             if recon:
                 cond_index = [e.text for e in self.spec.evaluations].index("cond")
                 uncond_index = [e.text for e in self.spec.evaluations].index("uncond")
@@ -279,7 +246,7 @@ class MVDreamGuidance:
                     preds[cond_index],
                     preds[uncond_index],
                     scale,
-                    float(request.options.get("recon_std_rescale", self.recon_std_rescale)),
+                    float(settings.recon_std_rescale),
                     self.num_frames,
                 )
             else:

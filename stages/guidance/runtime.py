@@ -72,7 +72,7 @@ def view_slices(views: Sequence[int], limit: int, group: int = 1) -> list[ViewSl
 
 
 def slice_request(request: GuidanceRequest, start: int, stop: int) -> GuidanceRequest:
-    """The request for views ``[start, stop)`` (renders, timesteps, cameras sliced; same seed)."""
+    """The request for views ``[start, stop)`` (renders, timesteps, cameras sliced; same seed and family)."""
     if start == 0 and stop == request.rgb.shape[0]:
         return request
     part = slice(start, stop)
@@ -87,6 +87,7 @@ def slice_request(request: GuidanceRequest, start: int, stop: int) -> GuidanceRe
         c2w=cut(request.c2w),
         elevation=cut(request.elevation),
         azimuth=cut(request.azimuth),
+        fovy=cut(request.fovy),
     )
 
 

@@ -38,36 +38,28 @@ def check_toyworld_keys(models: ModelsConfig) -> None:
             )
 
 
-def toyworld_guidance(models: ModelsConfig, method: Any | None = None) -> Guidance:
+def toyworld_guidance(models: ModelsConfig) -> Guidance:
     from stages.toyworld import ToyWorldGuidance
 
-    if method is None:
-        return ToyWorldGuidance(models.toyworld)
-    return ToyWorldGuidance(
-        models.toyworld, sd_branch=method.isd.sd_branch, delta_t=method.isd.delta_t,
-        cv_guidance_scale=method.isd.cv_guidance_scale, recon_loss=method.mvd.recon_loss,
-        recon_std_rescale=method.mvd.recon_std_rescale, n_view=method.cameras.n_view,
-    )
+    return ToyWorldGuidance(models.toyworld)
 
 
-def build_ip_guidance(models: ModelsConfig, method: Any, runtime: GuidanceRuntime | None = None) -> Guidance:
+def build_ip_guidance(models: ModelsConfig, runtime: GuidanceRuntime | None = None) -> Guidance:
     """The SD1.5 + IP-Adapter side: ``IPGuidance`` (renders resized to 512 for SD1.5, 32 for
-    ``tiny``) with the method's ``isd.sd_branch`` and negative prompt, answering in passes bounded
-    by ``runtime``; or the toy world (exact and small: ``runtime`` does not apply)."""
+    ``tiny``) answering in passes bounded by ``runtime``; or the toy world (exact and small:
+    ``runtime`` does not apply). The method's settings come with each asset's registration."""
     if uses_toyworld(models, "ip"):
-        return toyworld_guidance(models, method)
+        return toyworld_guidance(models)
     from stages.guidance.ip_guidance import IPGuidance
 
-    return IPGuidance.from_config(
-        models, sd_branch=method.isd.sd_branch, negative_prompt=method.isd.negative_prompt, runtime=runtime
-    )
+    return IPGuidance.from_config(models, runtime=runtime)
 
 
-def build_mvd_guidance(models: ModelsConfig, method: Any | None = None, runtime: GuidanceRuntime | None = None) -> Guidance:
-    """The multi-view side: ``MVDreamGuidance`` (CFG and recon loss come with each request from
-    ``method.mvd``; passes bounded by ``runtime``), or the toy world's multi-view branch."""
+def build_mvd_guidance(models: ModelsConfig, runtime: GuidanceRuntime | None = None) -> Guidance:
+    """The multi-view side: ``MVDreamGuidance`` (passes bounded by ``runtime``), or the toy world's
+    multi-view branch. The method's settings come with each asset's registration."""
     if uses_toyworld(models, "mvd"):
-        return toyworld_guidance(models, method)
+        return toyworld_guidance(models)
     from stages.guidance.mvdream_guidance import MVDreamGuidance
 
     return MVDreamGuidance.from_config(models, runtime=runtime)

@@ -404,7 +404,7 @@ def components_from_checkpoint(path: str | Path, tokenizer: CLIPTokenizer, **con
 
 
 def save_components(components: MVDreamComponents, out_dir: str | Path, source: str = "") -> Path:
-    """Write a directory :func:`stages.models.mvdream.load_mvdream` reads (safetensors)."""
+    """Write a directory :func:`stages.models.mvdream_load.load_mvdream` reads (safetensors)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)

@@ -120,8 +120,8 @@ def build_guidance(config: Any, models: ModelsConfig) -> Any:
     from stages.guidance.set import GuidanceSet
     from stages.models.factory import build_ip_guidance, build_mvd_guidance
 
-    ip = build_ip_guidance(models, config) if config.uses_ip else None
-    mvd = build_mvd_guidance(models, config) if config.uses_mvd else None
+    ip = build_ip_guidance(models) if config.uses_ip else None
+    mvd = build_mvd_guidance(models) if config.uses_mvd else None
     return GuidanceSet(ip=ip, mvd=mvd)
 
 
@@ -158,12 +158,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from stages.export import export_asset
-    from stages.optimize.loop import optimize_asset
+    from stages.optimize.loop import NonFiniteLossError, optimize_asset
 
     started = time.time()
     guidance = build_guidance(config, models)
     print(f"optimising {asset_id!r}: {config.representation}, loss {config.loss}, {config.iterations} iterations -> {out}", file=sys.stderr)
-    result = optimize_asset(config, guidance, reference, seed, out / "work", args.prompt, asset_id)
+    try:
+        result = optimize_asset(config, guidance, reference, seed, out / "work", args.prompt, asset_id)
+    except NonFiniteLossError as error:
+        print(f"error: {error}; the last checkpoint is in {out / 'work'}", file=sys.stderr)
+        return 1
     files = export_asset(result.scene, out, config, reference)
     metrics = {**result.metrics, "duration_s": time.time() - started}
     with atomic_write(out / METRICS_FILE) as tmp:

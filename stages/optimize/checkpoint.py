@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from stages.asset_layout import WORK_CHECKPOINT as CHECKPOINT_NAME
 from stages.asset_layout import WORK_PREVIOUS_CHECKPOINT as PREVIOUS_NAME
@@ -68,10 +69,19 @@ def load_checkpoint(checkpoint_dir: Path) -> dict[str, Any] | None:
     return max(states, key=lambda s: int(s["iteration"]))
 
 
+def to_cpu(obj: Any) -> Any:
+    """Tensors (also inside dicts / lists, e.g. a module's extra state) detached onto the CPU."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def save_scene_state(scene: torch.nn.Module, path: Path) -> None:
     """The final scene parameters as plain tensors (``checkpoint.pt`` of an asset), atomically."""
-    from stages.optimize.loop import to_cpu
-
     atomic_torch_save(to_cpu(scene.state_dict()), Path(path))
 
 

@@ -18,7 +18,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 from stages.config_loading import Choice, ConfigError, merge_config, read_yaml, to_object
 from stages.guidance.losses import LOSS_NAMES, check_loss_name
-from stages.guidance.schedules import ScheduleConfig
+from stages.guidance.protocol import IPSettings, MVDreamSettings
+from stages.optimize.schedules import ScheduleConfig
+from stages.scene.base import SHADINGS
 from stages.scene.cameras import CameraConfig
 from stages.scene.nerf.config import NeRFConfig
 from stages.scene.splats.config import SplatConfig
@@ -63,52 +65,46 @@ MVDREAM_ONLY = ("mvdream", "sds_mvd")
 OPTIMIZE_LOSSES = tuple(n for n in LOSS_NAMES if n != "sds_mvd") + MVDREAM_ONLY
 """``method.loss`` stays a string checked by :func:`stages.guidance.losses.check_loss_name`, which
 refuses a renamed loss naming its successors (an Enum would only list the current names)."""
-SHADINGS = ("albedo", "diffuse", "textureless")
-
-MVDREAM_NEGATIVE_PROMPT = (
-    "ugly, bad anatomy, blurry, pixelated obscure, unnatural colors, poor lighting, dull, and unclear, "
-    "cropped, lowres, low quality, artifacts, duplicate, morbid, mutilated, poorly drawn face, deformed, "
-    "dehydrated, bad proportions"
-)
-"""MVDream-threestudio's negative prompt (``configs/mvdream-sd21.yaml``)."""
 
 
 @dataclass
 class IsdConfig:
-    """The SD1.5 + IP-Adapter side (ISD and the other 2D losses)."""
+    """The SD1.5 + IP-Adapter side (ISD and the other 2D losses); defaults and meaning are
+    :class:`~stages.guidance.protocol.IPSettings`' (the loss is ``method.loss``)."""
 
-    sd_branch: SdBranch = SdBranch.vanilla
+    sd_branch: SdBranch = SdBranch(IPSettings.sd_branch)
     """Reading of ε_SD: ``vanilla`` (IP scale 0) | ``ip_null`` (adapter with a zero image embedding)."""
-    ip_scale: float = 0.5
+    ip_scale: float = IPSettings.ip_scale
     """IP-Adapter scale of the reference-conditioned branch."""
-    guidance_scale: float = 7.5
+    guidance_scale: float = IPSettings.guidance_scale
     """CFG scale of the SD1.5 / IP-Adapter predictions."""
-    cv_guidance_scale: float = 100.0
+    cv_guidance_scale: float = IPSettings.cv_guidance_scale
     """The second CFG scale of the CFG-100 ablations: of the IP prediction in ``cv_random_cfg100``
     (the paper's "Rand. noise (CFG 100)"), of the SD control variate in ``cv_sd_cfg100``."""
-    delta_t: int = 50
+    delta_t: int = IPSettings.delta_t
     """Timestep offset δt of the ``cv_t_delta_sd`` / ``cv_t_delta_ip`` ablations."""
-    view_prompts: bool = True
+    view_prompts: bool = IPSettings.view_prompts
     """Append threestudio's view suffix (", front view", ...) to the prompt per view."""
-    negative_prompt: str = ""
+    negative_prompt: str = IPSettings.negative_prompt
     """Negative prompt of the SD1.5 side (threestudio's default: empty)."""
 
 
 @dataclass
 class MvdConfig:
-    """The MVDream side (SDS-MVD, Eq. 8)."""
+    """The MVDream side (SDS-MVD, Eq. 8); defaults and meaning are
+    :class:`~stages.guidance.protocol.MVDreamSettings`' (``n_view`` is ``method.cameras.n_view``)."""
 
     enabled: bool = True
     """Add β·SDS-MVD to the IP-side loss (ignored for ``loss: mvdream``, which is MVDream alone)."""
-    guidance_scale: float = 50.0
+    guidance_scale: float = MVDreamSettings.guidance_scale
     """MVDream CFG (MVDream-threestudio: 50)."""
-    recon_loss: bool = True
+    recon_loss: bool = MVDreamSettings.recon_loss
     """MVDream-threestudio's x0-reconstruction form of SDS."""
-    recon_std_rescale: float = 0.5
+    recon_std_rescale: float = MVDreamSettings.recon_std_rescale
     """Blend of the std-rescaled x0 estimate (their default 0.5)."""
     weight: float = 1.0
     """Weight of the MVDream term for ``loss: mvdream`` (threestudio ``lambda_sds``)."""
-    negative_prompt: str = MVDREAM_NEGATIVE_PROMPT
+    negative_prompt: str = MVDreamSettings.negative_prompt
     """Negative prompt of the MVDream side (its unconditional CFG branch); ``""`` uses an empty prompt."""
 
 
@@ -254,6 +250,33 @@ class OptimizeConfig:
     def uses_mvd(self) -> bool:
         """Whether the MVDream guidance is needed."""
         return self.loss in MVDREAM_ONLY or self.mvd.enabled
+
+    def ip_settings(self) -> IPSettings:
+        """What the IP-side guidance answers this asset with (``method.loss`` + ``method.isd``)."""
+        isd = self.isd
+        return IPSettings(
+            loss=str(self.loss), guidance_scale=float(isd.guidance_scale), ip_scale=float(isd.ip_scale),
+            sd_branch=str(isd.sd_branch), cv_guidance_scale=float(isd.cv_guidance_scale), delta_t=int(isd.delta_t),
+            view_prompts=bool(isd.view_prompts), negative_prompt=str(isd.negative_prompt),
+        )
+
+    def mvd_settings(self) -> MVDreamSettings:
+        """What the MVDream guidance answers this asset with (``method.mvd`` + ``cameras.n_view``)."""
+        mvd = self.mvd
+        return MVDreamSettings(
+            guidance_scale=float(mvd.guidance_scale), recon_loss=bool(mvd.recon_loss),
+            recon_std_rescale=float(mvd.recon_std_rescale), n_view=int(self.cameras.n_view),
+            negative_prompt=str(mvd.negative_prompt),
+        )
+
+    def guidance_settings(self) -> dict[str, IPSettings | MVDreamSettings]:
+        """The settings of each guidance family this method uses (registered once per asset)."""
+        settings: dict[str, IPSettings | MVDreamSettings] = {}
+        if self.uses_ip:
+            settings["ip"] = self.ip_settings()
+        if self.uses_mvd:
+            settings["mvd"] = self.mvd_settings()
+        return settings
 
     def validate(self) -> "OptimizeConfig":
         """Raise ``ValueError`` naming the first bad key (``method.<key> ...``); returns self."""

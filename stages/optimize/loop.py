@@ -2,7 +2,10 @@
 
 Every iteration renders ONE batch of views (groups of ``cameras.n_view``) and uses that same
 render for both terms: the IP side (one t per image) and MVDream (one t per view group). The
-renders receive ``α·grad_ip + β·grad_mvd`` (DESIGN.md), plus the weighted scene regularisers.
+renders receive ``α·grad_ip + β·grad_mvd`` (docs/ARCHITECTURE.md "The method"), plus the weighted
+scene regularisers. The asset is registered once with each guidance family's settings
+(``OptimizeConfig.guidance_settings``); each request carries only the step's renders, timesteps,
+noise seed and cameras.
 
 Back-propagation (``method.backprop``): a :class:`~stages.scene.base.DeferredScene` renders from
 a per-iteration plan. In deferred mode the render runs without autograd, the guidance answers,
@@ -25,7 +28,6 @@ import math
 import resource
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -35,15 +37,16 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from stages.guidance.losses import loss_spec
-from stages.guidance.protocol import GuidanceRequest, GuidanceResponse
-from stages.guidance.schedules import sample_timesteps
-from stages.guidance.set import GuidanceSet, Registration, grad_with_reregister
+from stages.guidance.protocol import Family, GuidanceRequest, GuidanceResponse
+from stages.guidance.set import GuidanceSet
 from stages.models.device import resolve_device
-from stages.optimize.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from stages.optimize.config import MVDREAM_ONLY, SHADINGS, OptimizeConfig
-from stages.scene.base import Cameras, DeferredScene, image_rows
+from stages.optimize.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, to_cpu
+from stages.optimize.config import MVDREAM_ONLY, OptimizeConfig
+from stages.optimize.schedules import sample_timesteps
+from stages.scene.base import SHADINGS, Cameras, DeferredScene, image_rows
 from stages.scene.cameras import preview_cameras, sample_cameras
 from stages.scene.factory import build_scene
+from stages.scene.views import render_views
 
 NORMAL_REGULARIZERS = ("orient", "normal_smooth")
 """Terms a scene offers only for renders with normals (non-albedo shading, or NeRF
@@ -53,6 +56,11 @@ Callback = Callable[[int, dict[str, float], "Tensor | None"], None]
 """``callback(step, metrics, previews)``: ``previews`` is (V, 3, H, W) in [0, 1] every
 ``preview_every`` iterations, else ``None``. An exception raised here stops the run (the last
 checkpoint stays valid)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """An iteration's loss is NaN or infinite: the run stops before checkpointing it (the last
+    checkpoint stays valid)."""
 
 
 @dataclass
@@ -161,107 +169,36 @@ def _response_metrics(asks: dict[str, GuidanceRequest], responses: dict[str, Gui
     return metrics
 
 
-def render_views(scene: torch.nn.Module, cameras: Cameras, resolution: int, chunk: int = 8, shading: str = "albedo") -> dict[str, Tensor]:
-    """Eval-mode renders of ``cameras`` in chunks, no grad, on the CPU: rgb / opacity (V, C, R, R)."""
-    device = next(iter(scene.parameters())).device
-    was_training = scene.training
-    scene.eval()
-    outputs: dict[str, list[Tensor]] = {"rgb": [], "opacity": []}
-    try:
-        with torch.no_grad():
-            for start in range(0, len(cameras), chunk):
-                out = scene.render(cameras[start : start + chunk].to(device), resolution, resolution, shading=shading)
-                for key in outputs:
-                    outputs[key].append(out[key].detach().float().cpu())
-    finally:
-        scene.train(was_training)
-    return {k: torch.cat(v).clamp(0, 1) for k, v in outputs.items()}
-
-
-def to_cpu(obj: Any) -> Any:
-    """Tensors (also inside dicts / lists, e.g. a module's extra state) detached onto the CPU."""
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
 class _Run:
     """State of one optimisation call (kept small: everything persistent is in the checkpoint)."""
 
     def __init__(self, config: OptimizeConfig, guidance: GuidanceSet, seed: int, asset_id: str, prompt: str, reference: Any | None, scene: torch.nn.Module, device: torch.device) -> None:
         self.config, self.guidance, self.seed, self.asset_id = config, guidance, int(seed), asset_id
+        self.prompt, self.reference = prompt, reference
         self.scene, self.device = scene, device
-        self.ip_registration = Registration(asset_id, prompt, reference, config.isd.negative_prompt)
-        self.mvd_registration = Registration(asset_id, prompt, None, config.mvd.negative_prompt)
         self.optimizer = make_optimizer(scene, config)
         self.deferred = use_deferred_backprop(config, scene)
-        self._pool: ThreadPoolExecutor | None = None
-
-    def _registration(self, slot: str) -> Registration:
-        # one object serving both slots keeps the IP registration (it carries the reference)
-        shared = self.config.uses_ip and self.guidance.ip is self.guidance.mvd
-        return self.ip_registration if slot == "ip" or shared else self.mvd_registration
 
     def register(self) -> None:
-        if self.config.uses_ip:
-            self._registration("ip").apply(self.guidance.ip)
-        if self.config.uses_mvd and not (self.config.uses_ip and self.guidance.ip is self.guidance.mvd):
-            self._registration("mvd").apply(self.guidance.mvd)
+        """Register the asset once with each guidance family's settings."""
+        self.guidance.register(self.asset_id, self.prompt, self.reference, self.config.guidance_settings())
 
-    def _request(self, rgb: Tensor, cameras: Cameras, timesteps: Tensor, step: int, stream: str, **kwargs: Any) -> GuidanceRequest:
-        options = dict(kwargs.pop("options", {}))
-        options["fovy"] = cameras.fovy.tolist()
+    def _request(self, family: Family, rgb: Tensor, cameras: Cameras, timesteps: Tensor, step: int) -> GuidanceRequest:
         return GuidanceRequest(
             asset_id=self.asset_id,
             rgb=rgb,
             timesteps=timesteps,
-            seed=derive_seed(self.seed, step, stream),
+            seed=derive_seed(self.seed, step, f"noise_{family}"),
+            family=family,
             c2w=cameras.c2w,
             elevation=cameras.elevation,
             azimuth=cameras.azimuth,
-            options=options,
-            **kwargs,
+            fovy=cameras.fovy,
         )
 
-    def _ask(self, slot: str, request: GuidanceRequest) -> GuidanceResponse:
-        guidance = self.guidance.ip if slot == "ip" else self.guidance.mvd
-        registration = self._registration(slot)
-        (response,) = grad_with_reregister(guidance, [request], registration)
-        if tuple(response.grad_rgb.shape) != tuple(request.rgb.shape):
-            raise ValueError(
-                f"{slot} guidance returned grad_rgb of shape {tuple(response.grad_rgb.shape)} for rgb {tuple(request.rgb.shape)}"
-            )
-        return response
-
-    def _ask_all(self, asks: dict[str, GuidanceRequest]) -> dict[str, GuidanceResponse]:
-        """Every slot's response. Two remote guidances (``concurrent_calls``, e.g. Ray actors) are
-        asked at once, so an iteration waits for the slower one instead of both in turn; local
-        ones are asked one after the other (they would only compete for the same device)."""
-        if len(asks) < 2 or not self._concurrent():
-            return {slot: self._ask(slot, request) for slot, request in asks.items()}
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"guidance-{self.asset_id}")
-        (first, first_request), *rest = asks.items()
-        pending = self._pool.submit(self._ask, first, first_request)
-        try:
-            answered = {slot: self._ask(slot, request) for slot, request in rest}
-        finally:
-            first_response = pending.result()  # waits (and raises) even when the other call failed
-        return {first: first_response, **answered}
-
-    def _concurrent(self) -> bool:
-        ip, mvd = self.guidance.ip, self.guidance.mvd
-        return ip is not mvd and all(getattr(g, "concurrent_calls", False) for g in (ip, mvd))
-
     def close(self) -> None:
-        """Stop the helper thread of :meth:`_ask_all` (if one was started)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        """Stop the guidance set's helper thread (if one was started)."""
+        self.guidance.close()
 
     def _regularizer_loss(self, out: dict[str, Tensor], values: dict[str, Tensor]) -> Tensor | None:
         """Σ weight · term over the configured regularisers; their values go to ``values``."""
@@ -342,25 +279,14 @@ class _Run:
             "resolution": float(resolution), "batch": float(batch), "shading": float(SHADINGS.index(shading)),
         }
         rgb_detached = out["rgb"].detach()
-        asks: dict[str, GuidanceRequest] = {}
+        asks: dict[Family, GuidanceRequest] = {}
         if alpha > 0:
             timesteps = sample_timesteps(_generator(self.seed, step, "t_ip"), batch, t_min, t_max, group=1)
-            asks["ip"] = self._request(
-                rgb_detached, cameras, timesteps, step, "noise_ip", loss=cfg.loss,
-                guidance_scale=cfg.isd.guidance_scale, ip_scale=cfg.isd.ip_scale,
-                options={
-                    "sd_branch": cfg.isd.sd_branch, "cv_guidance_scale": float(cfg.isd.cv_guidance_scale),
-                    "delta_t": int(cfg.isd.delta_t), "view_prompts": bool(cfg.isd.view_prompts),
-                },
-            )
+            asks["ip"] = self._request("ip", rgb_detached, cameras, timesteps, step)
         if beta > 0:
             timesteps = sample_timesteps(_generator(self.seed, step, "t_mvd"), batch, t_min, t_max, group=cfg.cameras.n_view)
-            asks["mvd"] = self._request(
-                rgb_detached, cameras, timesteps, step, "noise_mvd", loss="sds_mvd",
-                guidance_scale=cfg.mvd.guidance_scale, ip_scale=0.0,
-                options={"recon_loss": bool(cfg.mvd.recon_loss), "recon_std_rescale": float(cfg.mvd.recon_std_rescale), "n_view": int(cfg.cameras.n_view)},
-            )
-        responses = self._ask_all(asks)
+            asks["mvd"] = self._request("mvd", rgb_detached, cameras, timesteps, step)
+        responses = self.guidance.ask(asks)
         grad = torch.zeros_like(rgb_detached, dtype=torch.float32)
         for slot, weight in (("ip", alpha), ("mvd", beta)):
             if slot in responses:
@@ -372,12 +298,14 @@ class _Run:
             self._backward_deferred(step, plan, out, grad, values)
         else:
             self._backward_direct(step, out, grad, values)
-        self.scene.step_post_backward(step, out, self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if cfg.optimizer.grad_clip > 0 and params:
             values["grad_norm_params"] = torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # after the step, as gsplat's trainer: refined (cloned / split / pruned) Gaussians have had
+        # this iteration's update, and their Adam moments move with them
+        self.scene.step_post_backward(step, out, self.optimizer)
         values["opacity_mean"] = out["opacity"].detach().float().mean()
         metrics.update(to_host_floats(values))
         return metrics
@@ -438,8 +366,9 @@ def optimize_asset(
 
     ``reference`` is the PIL reference image for the IP side (``None`` for losses without
     image prompt). ``scene`` overrides the scene built from ``config`` (tests, benchmarks).
-    Registers the asset with the guidance, and re-registers when a guidance answers
-    :class:`~stages.guidance.protocol.UnknownAssetError`.
+    Registers the asset with each guidance family's settings once. Stops with
+    :class:`NonFiniteLossError` (naming the iteration) when the loss is NaN or infinite, before
+    that iteration is checkpointed.
     """
     config.validate()
     check_guidance(config, guidance, reference)
@@ -465,6 +394,7 @@ def optimize_asset(
             with torch.random.fork_rng(devices=rng_devices):
                 torch.manual_seed(derive_seed(seed, step, "global"))
                 metrics = run.iteration(step)  # ends with one device-to-host transfer: no extra sync needed
+            check_finite_loss(metrics, step, asset_id)
             elapsed = time.perf_counter() - tick
             metrics.update(seconds=elapsed, its=1.0 / max(elapsed, 1e-9), peak_memory_mb=peak_memory_mb(device))
             history.append(metrics)
@@ -492,6 +422,15 @@ def optimize_asset(
         seconds=seconds,
         resumed_from=start,
     )
+
+
+def check_finite_loss(metrics: dict[str, float], step: int, asset_id: str) -> None:
+    """Raise :class:`NonFiniteLossError` naming the iteration and the loss terms when the loss is NaN / inf."""
+    loss = metrics.get("loss")
+    if loss is None or math.isfinite(loss):
+        return
+    terms = ", ".join(f"{k}={v}" for k, v in sorted(metrics.items()) if k.startswith("loss_"))
+    raise NonFiniteLossError(f"asset {asset_id!r}: non-finite loss {loss} at iteration {step} ({terms})")
 
 
 def _progress_bar(enabled: bool, start: int, total: int, asset_id: str) -> Any:

@@ -67,10 +67,6 @@ class TaskMemory:
     breakdown: str
     """One line: the terms in GiB and what bounds them."""
 
-    @property
-    def peak_gib(self) -> float:
-        return self.peak_bytes / GiB
-
 
 # ----------------------------------------------------------------------------- measuring helpers
 def peak_live_bytes(fn: Callable[[], Any]) -> tuple[int, int, Any]:

@@ -14,6 +14,11 @@ from typing import Any, Iterator, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+SHADINGS = ("albedo", "diffuse", "textureless")
+"""How a render is shaded (threestudio's diffuse-with-point-light material): ``albedo`` (the
+colour alone), ``diffuse`` (lambertian under a random point light), ``textureless`` (white
+material under that light)."""
+
 
 @dataclass
 class Cameras:

@@ -17,7 +17,16 @@ import torch
 from torch import Tensor
 
 from stages.guidance import losses
-from stages.guidance.protocol import GuidanceRequest, GuidanceResponse, UnknownAssetError, request_noise
+from stages.guidance.protocol import (
+    Family,
+    GuidanceRequest,
+    GuidanceResponse,
+    GuidanceSettings,
+    IPSettings,
+    UnknownAssetError,
+    request_noise,
+    settings_for,
+)
 from stages.teacher.mixture import GaussianMixture
 from stages.teacher.model import AnalyticTeacher, TeacherConfig, prompt_mixture, reference_component
 
@@ -68,7 +77,7 @@ def reference_image(colour: Sequence[float] | Tensor, size: int = 64):
 @dataclass
 class _Asset:
     prompt: str
-    negative_prompt: str
+    settings: GuidanceSettings
     teacher: AnalyticTeacher
     has_reference: bool
 
@@ -77,48 +86,51 @@ class _Asset:
 class AnalyticGuidance:
     """Guidance protocol over :class:`AnalyticTeacher` (identity VAE, D = 3 colours).
 
-    Request ``options`` read here: ``sd_branch`` ("vanilla" | "ip_null", default the
-    field below), ``delta_t`` (int, for ``cv_t_delta_sd`` / ``cv_t_delta_ip``),
-    ``cv_guidance_scale`` (float, for ``cv_random_cfg100`` / ``cv_sd_cfg100``). Noise:
-    ``request_noise(seed, shape)`` (and ``seed + 1`` for the independent draw of
-    ``cv_independent_noise``). ``info`` of a response holds ``residual_norm``.
+    An asset is answered with the settings it was registered with (:class:`IPSettings`: loss,
+    CFG and IP scales, ``sd_branch``, ``delta_t``, ``cv_guidance_scale``, negative prompt; an
+    asset registered with :class:`~stages.guidance.protocol.MVDreamSettings` too answers that
+    family's requests with plain SDS at its CFG scale). Noise: ``request_noise(seed, shape)``
+    (and ``seed + 1`` for the independent draw of ``cv_independent_noise``). ``info`` of a
+    response holds ``residual_norm``.
     """
 
     config: TeacherConfig = field(default_factory=TeacherConfig)
-    sd_branch: str = "vanilla"
-    delta_t: int = 20
-    cv_guidance_scale: float = 100.0
-    _assets: dict[str, _Asset] = field(default_factory=dict, init=False, repr=False)
+    _assets: dict[tuple[str, Family], _Asset] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.config.dim != 3:
             raise ValueError(f"AnalyticGuidance works on RGB: TeacherConfig.dim must be 3, got {self.config.dim}")
-        if self.sd_branch not in losses.SD_BRANCHES:
-            raise ValueError(f"unknown sd_branch {self.sd_branch!r}; expected one of {losses.SD_BRANCHES}")
 
     def register(
-        self, asset_id: str, prompt: str, reference: Any | None = None, negative_prompt: str = ""
+        self, asset_id: str, prompt: str, reference: Any | None = None, settings: GuidanceSettings | None = None
     ) -> None:
-        """Build the asset's teacher (prompt mixture, reference component); idempotent."""
+        """Build the asset's teacher (prompt mixture, the settings' negative prompt as the
+        unconditional mixture, reference component) for the settings' family (None: IP defaults)."""
+        settings = settings if settings is not None else IPSettings()
+        settings = settings_for(settings.family, settings)
         cond = prompt_mixture(prompt, self.config)
-        uncond = prompt_mixture(negative_prompt, self.config)
+        uncond = prompt_mixture(settings.negative_prompt, self.config)
         points = None
         if reference is not None:
             # The reference image selects the cond component most of its pixels belong to;
             # its mean is the point both mixtures are tilted toward.
             points = cond.means[reference_component(cond, reference_points(reference))]
         teacher = AnalyticTeacher(cond, uncond, points, self.config.tilt, self.config.null_flatten)
-        self._assets[asset_id] = _Asset(prompt, negative_prompt, teacher, reference is not None)
+        self._assets[(asset_id, settings.family)] = _Asset(prompt, settings, teacher, reference is not None)
 
     def release(self, asset_id: str) -> None:
-        self._assets.pop(asset_id, None)
+        for key in [key for key in self._assets if key[0] == asset_id]:
+            del self._assets[key]
 
-    def teacher(self, asset_id: str) -> AnalyticTeacher:
+    def teacher(self, asset_id: str, family: Family = "ip") -> AnalyticTeacher:
         """The registered asset's teacher (raises :class:`UnknownAssetError`)."""
-        asset = self._assets.get(asset_id)
+        return self._asset(asset_id, family).teacher
+
+    def _asset(self, asset_id: str, family: Family) -> _Asset:
+        asset = self._assets.get((asset_id, family))
         if asset is None:
             raise UnknownAssetError(asset_id)
-        return asset.teacher
+        return asset
 
     def mixture(self, asset_id: str) -> GaussianMixture:
         """The prompt's mixture of a registered asset (data space, colours in [−1, 1])."""
@@ -147,28 +159,24 @@ class AnalyticGuidance:
         return [self._grad_one(request) for request in requests]
 
     def _grad_one(self, request: GuidanceRequest) -> GuidanceResponse:
-        asset = self._assets.get(request.asset_id)
-        if asset is None:
-            raise UnknownAssetError(request.asset_id)
-        options = request.options or {}
-        spec = losses.loss_spec(request.loss, str(options.get("sd_branch", self.sd_branch)))
+        asset = self._asset(request.asset_id, request.family)
+        settings = asset.settings
+        if not isinstance(settings, IPSettings):  # the multi-view family: plain SDS at its CFG scale
+            settings = IPSettings(loss="sds", guidance_scale=settings.guidance_scale, ip_scale=0.0)
+        spec = losses.loss_spec(settings.loss, settings.sd_branch)
         if spec.uses_image_prompt and not asset.has_reference:
             raise ValueError(
-                f"loss {request.loss!r} uses the image prompt but asset {request.asset_id!r} "
+                f"loss {settings.loss!r} uses the image prompt but asset {request.asset_id!r} "
                 "was registered without a reference"
             )
         latents = request.rgb.detach().cpu().float() * 2.0 - 1.0
         noise = request_noise(request.seed, latents.shape)
         # the independent draw of cv_independent_noise comes from seed + 1, as in IPGuidance
         independent = request_noise(request.seed + 1, latents.shape) if spec.needs_independent_noise else None
-        params = losses.LossParams(
-            guidance_scale=float(request.guidance_scale),
-            cv_guidance_scale=float(options.get("cv_guidance_scale", self.cv_guidance_scale)),
-        )
+        params = losses.LossParams(guidance_scale=float(settings.guidance_scale), cv_guidance_scale=float(settings.cv_guidance_scale))
         timesteps = request.timesteps.detach().cpu().long()
         grad_latent = asset.teacher.latent_gradient(
-            spec, latents, timesteps, noise, params, float(request.ip_scale), independent,
-            int(options.get("delta_t", self.delta_t)),
+            spec, latents, timesteps, noise, params, float(settings.ip_scale), independent, settings.delta_t
         )
         weight = losses.sds_weight(asset.teacher.alphas_cumprod, timesteps).float()
         residual_norm = float((grad_latent / weight.clamp_min(1e-12).view(-1, 1, 1, 1)).norm())

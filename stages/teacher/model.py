@@ -39,6 +39,7 @@ from torch import Tensor
 
 from stages.guidance import losses
 from stages.guidance.losses import Evaluation, LossParams, LossSpec
+from stages.guidance.protocol import IPSettings
 from stages.teacher.mixture import GaussianMixture, alphas_cumprod
 
 
@@ -193,15 +194,6 @@ class AnalyticTeacher:
                 "uncond": reference_component(uncond, self.reference),
             }
 
-    @classmethod
-    def from_prompt(
-        cls, prompt: str, config: TeacherConfig, reference: Tensor | None = None, negative_prompt: str = ""
-    ) -> "AnalyticTeacher":
-        return cls(
-            prompt_mixture(prompt, config), prompt_mixture(negative_prompt, config), reference,
-            config.tilt, config.null_flatten,
-        )
-
     @property
     def dim(self) -> int:
         return self.cond.dim
@@ -251,7 +243,7 @@ class AnalyticTeacher:
         noise: Tensor,
         ip_scale: float,
         independent_noise: Tensor | None = None,
-        delta_t: int = 20,
+        delta_t: int = IPSettings.delta_t,
     ) -> list[Tensor]:
         """ε̂ of each of ``spec.evaluations`` for clean x0 (B, D, ...) and shared ``noise``."""
         shifted = losses.shifted_timesteps(timesteps, delta_t, self.alphas_cumprod.shape[0])
@@ -289,7 +281,7 @@ class AnalyticTeacher:
         params: LossParams = LossParams(),
         ip_scale: float = 0.5,
         independent_noise: Tensor | None = None,
-        delta_t: int = 20,
+        delta_t: int = IPSettings.delta_t,
     ) -> Tensor:
         """w(t)·r of ``spec`` at x0 (B, D, ...), exactly as a UNet guidance would compute it."""
         preds = self.predictions(spec, x0, timesteps, noise, ip_scale, independent_noise, delta_t)

@@ -143,7 +143,7 @@ def score_scene(
     fovy: float = 40.0,
 ) -> Fidelity:
     """All scores of a scene made for ``prompt`` (with ``reference_image``, the IMAGE it was made from)."""
-    from stages.optimize.loop import render_views
+    from stages.scene.views import render_views
 
     cameras = heldout_cameras(distance, fovy)
     views = render_views(scene, cameras, resolution)["rgb"]

@@ -2,14 +2,14 @@
 
 One class serves both sides of the optimiser:
 
-- **IP side** (any loss of :func:`stages.guidance.losses.loss_spec`: ISD, SDS, IP-SDS, the
+- **IP side** (family ``ip``, any loss of :func:`stages.guidance.losses.loss_spec`: ISD, SDS, IP-SDS, the
   control-variate ablations): every evaluation (text cond/uncond × image ref/null/none × t or
   t+δt × shared or independent noise) is the posterior-mean ε of the mixture over the prompt's
   objects rendered from the request's cameras, one set of responsibilities per image. Branches
   are weight changes (:func:`stages.teacher.model.branch_log_weights`): text = the prompt's
   π_k ∝ ρ^k, unconditional = equal weights (over the prompt's or the world's objects), image
   prompt = the analytic teacher's null flattening and tilt toward the reference's object.
-- **Multi-view side** (request loss ``sds_mvd``, MVDream's role): text cond / uncond at the
+- **Multi-view side** (family ``mvd``, MVDream's role): text cond / uncond at the
   request's CFG, one set of responsibilities per group of ``n_view`` views (summed
   log-likelihoods), as SDS or as MVDream-threestudio's ``recon_loss``
   (:func:`stages.guidance.losses.recon_latent_gradient`).
@@ -33,7 +33,18 @@ import torch
 from torch import Tensor
 
 from stages.guidance import losses
-from stages.guidance.protocol import NUM_TRAIN_TIMESTEPS, GuidanceRequest, GuidanceResponse, UnknownAssetError, request_noise
+from stages.guidance.protocol import (
+    NUM_TRAIN_TIMESTEPS,
+    Family,
+    GuidanceRequest,
+    GuidanceResponse,
+    GuidanceSettings,
+    IPSettings,
+    MVDreamSettings,
+    UnknownAssetError,
+    request_noise,
+    settings_for,
+)
 from stages.teacher.guidance import identity_vae_response
 from stages.teacher.mixture import alphas_cumprod
 from stages.teacher.model import branch_log_weights
@@ -41,10 +52,8 @@ from stages.toyworld.mixture import posterior_eps
 from stages.toyworld.render import PrimitiveTable, render_objects
 from stages.toyworld.world import World, load_world
 
-DEFAULT_DELTA_T = 50
-"""δt of ``cv_t_delta_sd`` / ``cv_t_delta_ip`` when a request does not set ``options["delta_t"]``
-(the optimiser always sends ``method.isd.delta_t``)."""
 MULTIVIEW_LOSS = "sds_mvd"
+"""The loss of the multi-view family (SDS over groups of views)."""
 
 
 def reference_camera(world: World) -> tuple[Tensor, Tensor]:
@@ -97,55 +106,44 @@ class _Asset:
     prompt: str
     reference_index: int | None
     """The reference's object among the prompt's objects (None: registered without reference)."""
+    settings: GuidanceSettings
 
 
 class ToyWorldGuidance:
     """The :class:`~stages.guidance.protocol.Guidance` of a toy world (both optimiser slots).
 
-    ``sd_branch``, ``delta_t``, ``cv_guidance_scale``, ``recon_loss``, ``recon_std_rescale``,
-    ``n_view`` are defaults that a request's ``options`` override (the optimiser sends the
-    method's values). Request ``options["fovy"]`` (radians per view) and ``c2w`` are required:
-    they are the cameras the objects are rendered from.
+    An asset may be registered once per family (:class:`IPSettings`: the IP side;
+    :class:`MVDreamSettings`: the multi-view side); a request is answered with the settings of its
+    ``family``. Requests need ``c2w`` and ``fovy``: the cameras the objects are rendered from.
     """
 
-    def __init__(
-        self,
-        world: World | str | Path = "default",
-        sd_branch: str = "vanilla",
-        delta_t: int = DEFAULT_DELTA_T,
-        cv_guidance_scale: float = 100.0,
-        recon_loss: bool = False,
-        recon_std_rescale: float = 0.5,
-        n_view: int = 4,
-    ) -> None:
-        if sd_branch not in losses.SD_BRANCHES:
-            raise ValueError(f"unknown isd.sd_branch {sd_branch!r}; expected one of {losses.SD_BRANCHES}")
+    def __init__(self, world: World | str | Path = "default") -> None:
         self.world = world if isinstance(world, World) else load_world(world)
-        self.sd_branch = sd_branch
-        self.delta_t = int(delta_t)
-        self.cv_guidance_scale = float(cv_guidance_scale)
-        self.recon_loss = bool(recon_loss)
-        self.recon_std_rescale = float(recon_std_rescale)
-        self.n_view = int(n_view)
         self.alphas_cumprod = alphas_cumprod(NUM_TRAIN_TIMESTEPS)
-        self._assets: dict[str, _Asset] = {}
+        self._assets: dict[tuple[str, Family], _Asset] = {}
 
     # ------------------------------------------------------------------ registry
-    def register(self, asset_id: str, prompt: str, reference: Any | None = None, negative_prompt: str | None = None) -> None:
-        """Check the prompt is in the world and read the reference image's object; idempotent."""
+    def register(
+        self, asset_id: str, prompt: str, reference: Any | None = None, settings: GuidanceSettings | None = None
+    ) -> None:
+        """Check the prompt is in the world and read the reference image's object; keep the
+        settings of their family (None: the IP side's defaults)."""
+        settings = settings if settings is not None else IPSettings()
+        settings = settings_for(settings.family, settings)
         self.world.check_prompt(prompt, f"asset {asset_id!r}")
         index = None if reference is None else nearest_object(self.world, prompt, reference)[0]
-        self._assets[asset_id] = _Asset(prompt, index)
+        self._assets[(asset_id, settings.family)] = _Asset(prompt, index, settings)
 
     def release(self, asset_id: str) -> None:
-        self._assets.pop(asset_id, None)
+        for key in [key for key in self._assets if key[0] == asset_id]:
+            del self._assets[key]
 
-    def reference_index(self, asset_id: str) -> int | None:
+    def reference_index(self, asset_id: str, family: Family = "ip") -> int | None:
         """The registered reference's object index among its prompt's objects."""
-        return self._asset(asset_id).reference_index
+        return self._asset(asset_id, family).reference_index
 
-    def _asset(self, asset_id: str) -> _Asset:
-        asset = self._assets.get(asset_id)
+    def _asset(self, asset_id: str, family: Family) -> _Asset:
+        asset = self._assets.get((asset_id, family))
         if asset is None:
             raise UnknownAssetError(asset_id)
         return asset
@@ -159,12 +157,9 @@ class ToyWorldGuidance:
         batch = request.rgb.shape[0]
         if request.c2w is None:
             raise ValueError(f"ToyWorldGuidance needs GuidanceRequest.c2w (asset {request.asset_id!r})")
-        fovy = request.options.get("fovy")
-        if fovy is None or len(fovy) != batch:
-            raise ValueError(
-                f"ToyWorldGuidance needs GuidanceRequest.options['fovy'] with {batch} values (radians), got {fovy!r}"
-            )
-        return request.c2w.float().cpu(), torch.as_tensor(fovy, dtype=torch.float32)
+        if request.fovy is None:
+            raise ValueError(f"ToyWorldGuidance needs GuidanceRequest.fovy ({batch} values, radians; asset {request.asset_id!r})")
+        return request.c2w.float().cpu(), request.fovy.float().cpu()
 
     def _components(self, prompt: str, text: str) -> tuple[PrimitiveTable, Tensor, slice]:
         """The objects of a text branch, their log-weights, and where the prompt's objects sit among them."""
@@ -176,25 +171,25 @@ class ToyWorldGuidance:
         return world.table, torch.zeros(len(world.objects), dtype=torch.float64), world.prompt_slice(prompt)
 
     def _grad_one(self, request: GuidanceRequest) -> GuidanceResponse:
-        asset = self._asset(request.asset_id)
-        options = request.options or {}
-        multiview = request.loss == MULTIVIEW_LOSS
-        sd_branch = str(options.get("sd_branch", self.sd_branch))
-        spec = losses.loss_spec(request.loss, sd_branch)
+        asset = self._asset(request.asset_id, request.family)
+        settings = asset.settings
+        multiview = isinstance(settings, MVDreamSettings)
+        ip = settings if isinstance(settings, IPSettings) else IPSettings(loss=MULTIVIEW_LOSS, guidance_scale=settings.guidance_scale, ip_scale=0.0)
+        spec = losses.loss_spec(ip.loss, ip.sd_branch)
         if spec.uses_image_prompt and asset.reference_index is None:
             raise ValueError(
-                f"loss {request.loss!r} uses the image prompt but asset {request.asset_id!r} was registered without a reference"
+                f"loss {ip.loss!r} uses the image prompt but asset {request.asset_id!r} was registered without a reference"
             )
         c2w, fovy = self._cameras(request)
         batch, _, height, width = request.rgb.shape
-        group = int(options.get("n_view", self.n_view)) if multiview else 1
+        group = settings.n_view if multiview else 1
         if multiview:
             _check_groups(request, group)
         x0 = request.rgb.detach().cpu().double() * 2.0 - 1.0
         noise = request_noise(request.seed, x0.shape).double()
         noise2 = request_noise(request.seed + 1, x0.shape).double() if spec.needs_independent_noise else None
         timesteps = request.timesteps.detach().cpu().long()
-        shifted = losses.shifted_timesteps(timesteps, int(options.get("delta_t", self.delta_t)), NUM_TRAIN_TIMESTEPS)
+        shifted = losses.shifted_timesteps(timesteps, ip.delta_t, NUM_TRAIN_TIMESTEPS)
         acp = self.alphas_cumprod
         model = self.world.model
 
@@ -214,22 +209,19 @@ class ToyWorldGuidance:
             x_t = losses.add_noise(x0, eps, acp, t)
             mu, log_w, span = means[evaluation.text]
             ref = None if asset.reference_index is None else span.start + asset.reference_index
-            weights = branch_log_weights(log_w, evaluation.image, float(request.ip_scale), ref, model.tilt, model.null_flatten)
+            weights = branch_log_weights(log_w, evaluation.image, float(ip.ip_scale), ref, model.tilt, model.null_flatten)
             eps_hat, r = posterior_eps(
                 x_t.reshape(batch, -1), acp[t], mu, weights, model.component_std, model.evidence_dims, group
             )
             predictions.append(eps_hat.reshape(x0.shape))
             if resp is None and evaluation.text == "cond":
                 resp = r
-        params = losses.LossParams(
-            guidance_scale=float(request.guidance_scale),
-            cv_guidance_scale=float(options.get("cv_guidance_scale", self.cv_guidance_scale)),
-        )
-        recon = multiview and bool(options.get("recon_loss", self.recon_loss))
+        params = losses.LossParams(guidance_scale=float(ip.guidance_scale), cv_guidance_scale=float(ip.cv_guidance_scale))
+        recon = multiview and settings.recon_loss
         if recon:
             grad_latent = losses.recon_latent_gradient(
                 x0, losses.add_noise(x0, noise, acp, timesteps), acp[timesteps], predictions[0], predictions[1],
-                params.guidance_scale, float(options.get("recon_std_rescale", self.recon_std_rescale)), group,
+                params.guidance_scale, float(settings.recon_std_rescale), group,
             ).double()
         else:
             weight = losses.sds_weight(acp, timesteps)

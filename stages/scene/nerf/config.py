@@ -16,7 +16,6 @@ DENSITY_ACTIVATIONS = ("softplus", "exp")
 DENSITY_BIASES = ("blob_magic3d", "blob_dreamfusion", "none")
 BACKGROUNDS = ("neural", "solid")
 NORMAL_TYPES = ("finite_difference", "analytic")
-SHADINGS = ("albedo", "diffuse", "textureless")
 
 
 @dataclass

@@ -71,18 +71,6 @@ def init_grid_params(config: HashGridConfig, generator: torch.Generator) -> Tens
     return (torch.rand(n_grid_params(config), generator=generator) * 2.0 - 1.0) * 1e-4
 
 
-def corner_indices(corners: Tensor, layout: LevelLayout) -> Tensor:
-    """Table index of integer corners (..., 3) int64 within one level (before adding offset)."""
-    if layout.dense:
-        r = layout.resolution
-        index = corners[..., 0] + corners[..., 1] * r + corners[..., 2] * (r * r)
-    else:
-        index = (corners[..., 0] * PRIMES[0]) & _MASK32
-        index = index ^ ((corners[..., 1] * PRIMES[1]) & _MASK32)
-        index = index ^ ((corners[..., 2] * PRIMES[2]) & _MASK32)
-    return index % layout.size
-
-
 LEVELS_PER_SCATTER = 4
 """Levels whose table gradients are scattered at once in the hash grid's backward."""
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import Cameras, RenderChunk, RenderOutput, grid_points, rows_image
+from ..base import SHADINGS, Cameras, RenderChunk, RenderOutput, grid_points, rows_image
 from .background import Background
-from .config import SHADINGS, NeRFConfig
+from .config import NeRFConfig
 from .field import NeRFField
 from .renderer import SamplePlan, camera_rays, march_chunk, plan_samples, sphere_bounds
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import Cameras, RenderChunk, RenderOutput, image_rows
+from ..base import SHADINGS, Cameras, RenderChunk, RenderOutput, image_rows
 from . import densify as densify_ops
 from .cameras import intrinsics_from_fovy, viewmats_from_c2w
 from .config import SplatConfig
@@ -21,7 +21,6 @@ from .rasterize_gsplat import gsplat_available, gsplat_cuda_ready, rasterize_gsp
 from .rasterize_torch import quat_to_rotmat, rasterize_torch
 from .sh import eval_sh, num_sh_bases, rgb_to_sh
 
-SHADINGS = ("albedo", "diffuse", "textureless")
 GAUSSIAN_PARAMS = ("means", "scales", "quats", "opacities", "colors", "colors_rest")
 AMBIENT, DIFFUSE = 0.1, 0.9  # MVDream-threestudio's point-light material colours
 
