@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from stages.guidance import losses
 from stages.guidance.protocol import GuidanceRequest, IPSettings, MVDreamSettings, UnknownAssetError
 from stages.scene.cameras import CameraConfig, make_cameras, orbit_cameras, sample_cameras
 from stages.teacher.mixture import GaussianMixture, alphas_cumprod

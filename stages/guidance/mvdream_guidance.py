@@ -31,7 +31,6 @@ from stages.guidance.losses import (
     LossParams,
     LossSpec,
     add_noise,
-    cfg,
     latent_gradient,
     loss_spec,
     recon_latent_gradient,
