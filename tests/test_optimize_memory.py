@@ -122,3 +122,21 @@ def test_splat_model_scales_with_the_gaussian_cap_and_chunk_views():
     assert large.optimizer_bytes == pytest.approx(2 * large.gradient_bytes, rel=0.01)
     cfg.splats.chunk_views = 4
     assert task_memory(cfg)[0].graph_bytes > 3 * large.graph_bytes
+
+
+def test_measuring_leaves_no_profiler_trace_on_stderr(capfd):
+    """torch's profiler writes a ``USDT: … profiler_start`` line to fd 2 per session; a dry run
+    measures dozens of them. Only that trace is dropped: other stderr output still comes through."""
+    import sys
+
+    from stages.optimize.memory import peak_live_bytes
+
+    def allocate_and_warn():
+        sys.stderr.write("a real warning\n")
+        return torch.ones(1024).sum()
+
+    peak, _, _ = peak_live_bytes(allocate_and_warn)
+    err = capfd.readouterr().err
+    assert peak >= 4096
+    assert "USDT:" not in err
+    assert "a real warning" in err

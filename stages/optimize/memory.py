@@ -30,8 +30,12 @@ CUDA's caching allocator rounds blocks up and keeps freed blocks; allow ~10 % on
 from __future__ import annotations
 
 import copy
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -69,12 +73,32 @@ class TaskMemory:
 
 
 # ----------------------------------------------------------------------------- measuring helpers
+@contextmanager
+def _without_profiler_trace() -> Iterator[None]:
+    """Drop the ``USDT: … profiler_start/stop`` lines torch's profiler writes to fd 2 for every
+    session (a dry run measures dozens); anything else written to stderr meanwhile is kept."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors="replace").splitlines(keepends=True) if not line.startswith("USDT:")]
+            if kept:
+                sys.stderr.write("".join(kept))
+
+
 def peak_live_bytes(fn: Callable[[], Any]) -> tuple[int, int, Any]:
     """(peak, net) bytes of CPU allocations while ``fn()`` runs, above what was live before it,
     from ``torch.profiler`` allocation events (temporaries included); and ``fn``'s result."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_trace(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     events = sorted(
         ((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
@@ -421,7 +445,6 @@ def format_task_memory(phases: Sequence[TaskMemory]) -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover - a quick look: python -m stages.optimize.memory [key=value ...]
-    import sys
     import time
 
     from stages.optimize.config import load_optimize_config
