@@ -26,12 +26,55 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+START_ATTEMPTS = 3
+"""A head that exits while starting (a port taken between choosing and binding it, a slow
+machine) is started again on fresh ports; its own log names the cause when every attempt fails."""
+
+
+def _stop(process: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _start_head(num_cpus: int, temp_dir: str, env: dict[str, str], ready_timeout_s: float) -> tuple[subprocess.Popen, int, int]:
+    """(process, GCS port, dashboard port) of a head whose GCS port accepts connections."""
+    log = Path(temp_dir) / "head.log"
+    for attempt in range(1, START_ATTEMPTS + 1):
+        port, dashboard = free_port(), free_port()
+        agent, agent_grpc, runtime_env, metrics = (free_port() for _ in range(4))
+        cmd = [
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+            "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}", f"--num-cpus={num_cpus}", "--include-dashboard=true", "--disable-usage-stats",
+            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}", f"--temp-dir={temp_dir}",
+        ]
+        with log.open("ab") as out:
+            process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + ready_timeout_s
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                    return process, port, dashboard
+            except OSError:
+                time.sleep(0.5)
+        _stop(process)
+    tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
+    raise RuntimeError(f"the Ray head did not start in {START_ATTEMPTS} attempts; its log ends:\n{tail}")
+
+
 @contextlib.contextmanager
 def local_head(num_cpus: int = 2, ready_timeout_s: float = 90.0) -> Iterator[dict[str, Any]]:
     """Start ``ray start --head --block`` with the dashboard (job and state API); yields
     ``{"address", "dashboard", "env", "pid"}`` once the GCS port accepts connections."""
-    port, dashboard = free_port(), free_port()
-    agent, agent_grpc, runtime_env, metrics = (free_port() for _ in range(4))
     # Short: Ray's socket paths must stay under 108 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")
     # Token auth off for this throw-away head: it listens on 127.0.0.1 only, and a pytest
@@ -39,38 +82,16 @@ def local_head(num_cpus: int = 2, ready_timeout_s: float = 90.0) -> Iterator[dic
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     # a job's `python` entrypoint must be this interpreter, also when the venv is not activated
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    cmd = [
-        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-        "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}", f"--num-cpus={num_cpus}", "--include-dashboard=true", "--disable-usage-stats",
-        f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}", f"--temp-dir={temp_dir}",
-    ]
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    process = port = None
     try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError(f"the Ray head on port {port} did not start") from None
-                time.sleep(0.5)
+        process, port, dashboard = _start_head(num_cpus, temp_dir, env, ready_timeout_s)
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env, "pid": process.pid}
     finally:
-        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
+        if process is not None:
+            _stop(process)
         # `ray start` recorded this head as the machine's default cluster; forget it so later
         # ray.init() calls (ours or anyone's) do not try to join a dead head.
         for current in (Path("/tmp/ray/ray_current_cluster"), Path(temp_dir) / "ray_current_cluster"):
-            if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            if port is not None and current.is_file() and current.read_text().strip().endswith(f":{port}"):
                 current.unlink()
         shutil.rmtree(temp_dir, ignore_errors=True)
