@@ -31,8 +31,10 @@ START_ATTEMPTS = 3
 machine) is started again on fresh ports; its own log names the cause when every attempt fails."""
 
 
-def _stop(process: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+def stop_process_group(process: subprocess.Popen, term_wait_s: float = 5.0) -> None:
+    """SIGTERM the process group started with ``start_new_session=True``, SIGKILL it when it is
+    still there after ``term_wait_s`` (never ``ray stop``: that stops every Ray on the machine)."""
+    for sig, wait in ((signal.SIGTERM, term_wait_s), (signal.SIGKILL, 5)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
@@ -66,7 +68,7 @@ def _start_head(num_cpus: int, temp_dir: str, env: dict[str, str], ready_timeout
                     return process, port, dashboard
             except OSError:
                 time.sleep(0.5)
-        _stop(process)
+        stop_process_group(process)
     tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
     raise RuntimeError(f"the Ray head did not start in {START_ATTEMPTS} attempts; its log ends:\n{tail}")
 
@@ -88,7 +90,7 @@ def local_head(num_cpus: int = 2, ready_timeout_s: float = 90.0) -> Iterator[dic
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env, "pid": process.pid}
     finally:
         if process is not None:
-            _stop(process)
+            stop_process_group(process)
         # `ray start` recorded this head as the machine's default cluster; forget it so later
         # ray.init() calls (ours or anyone's) do not try to join a dead head.
         for current in (Path("/tmp/ray/ray_current_cluster"), Path(temp_dir) / "ray_current_cluster"):

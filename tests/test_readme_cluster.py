@@ -14,7 +14,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from benchmarks.ray_head import stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTED_ADDRESS = "http://127.0.0.1:8265"
@@ -55,19 +56,6 @@ def _wait_http(url: str, timeout_s: float = 300.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(1.0)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def test_readme_block_is_the_documented_path():
@@ -127,7 +115,7 @@ def test_readme_cluster_commands_run_as_written(tmp_path):
         assert tasks.returncode == 0 and json.loads(tasks.stdout)[0]["name"] == f"optimise[{asset_id}]", tasks.stdout + tasks.stderr
     finally:
         if head is not None:
-            _stop(head)
+            stop_process_group(head, term_wait_s=10)
         # `ray start` recorded this head as the machine's default cluster: forget it (see the
         # `head` fixture of test_pipeline_ray.py)
         current = Path("/tmp/ray/ray_current_cluster")
@@ -148,4 +136,4 @@ def test_readme_cluster_commands_run_as_written(tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/get-artifact?path=thumbnail.jpg&run_uuid={run_id}", timeout=30) as response:
             assert response.headers["Content-Type"] == "image/jpeg" and response.read(3) == b"\xff\xd8\xff"
     finally:
-        _stop(ui)
+        stop_process_group(ui, term_wait_s=10)
